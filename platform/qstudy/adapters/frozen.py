@@ -1,0 +1,26 @@
+"""Frozen base, projector only: the cheapest arm, and the floor any adapter must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qstudy.adapters.base import AdapterConfig, register
+from qstudy.model.dims import ModelDims
+
+
+@register
+@dataclass
+class FrozenConfig(AdapterConfig):
+    """No hyperparameters: both towers stay frozen, the projector trains."""
+
+    method = "frozen"
+
+    @property
+    def starts_at_base(self) -> bool:
+        return True
+
+    def extra_trainable(self, dims: ModelDims) -> int:
+        return 0
+
+    def inject(self, captioner) -> None:
+        """Nothing to add: apply_adapter already froze all but the projector."""

@@ -1,0 +1,73 @@
+"""LoRA through ``peft`` on the vision encoder, the language model, or both.
+
+Target modules are matched by name suffix, as peft does; names a model lacks are ignored,
+so one default list serves CLIP/SigLIP (q_proj, v_proj), GPT-2 (c_attn) and Llama-style LMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qstudy.adapters.base import AdapterConfig, register
+from qstudy.config import ConfigError
+from qstudy.model.dims import ModelDims
+
+
+def _matching_shapes(shapes: dict[str, tuple[int, ...]], modules: list[str]) -> list[tuple[int, ...]]:
+    """Weight shapes of the 2-D weights whose module name ends with one of ``modules``."""
+    matched = []
+    for name, shape in shapes.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(shape) == 2 and module.rpartition(".")[2] in modules:
+            matched.append(shape)
+    return matched
+
+
+@register
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA rank/alpha/dropout and where it goes."""
+
+    method = "lora"
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: Literal["vision", "lm", "both"] = "both"
+    vision_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lm_modules: list[str] = field(default_factory=lambda: ["c_attn", "q_proj", "v_proj"])
+
+    @property
+    def starts_at_base(self) -> bool:  # peft zero-initialises B
+        return True
+
+    def _targets(self, dims: ModelDims) -> list[tuple[str, dict, list[str]]]:
+        towers = {"vision": ("vision", dims.vision_shapes, self.vision_modules),
+                  "lm": ("lm", dims.lm_shapes, self.lm_modules)}
+        return list(towers.values()) if self.target == "both" else [towers[self.target]]
+
+    def validate(self, dims: ModelDims) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank: {self.rank} must be >= 1")
+        for tower, shapes, modules in self._targets(dims):
+            matched = _matching_shapes(shapes, modules)
+            if not matched:
+                raise ConfigError(f"adapter.{tower}_modules: none of {modules} is a linear layer of the {tower} model")
+            smallest = min(min(shape) for shape in matched)
+            if self.rank > smallest:
+                raise ConfigError(f"adapter.rank: {self.rank} exceeds the smallest targeted width {smallest}")
+
+    def extra_trainable(self, dims: ModelDims) -> int:
+        return sum(self.rank * sum(shape) for _, shapes, modules in self._targets(dims)
+                   for shape in _matching_shapes(shapes, modules))
+
+    def inject(self, captioner) -> None:
+        import peft
+
+        for tower, _, modules in self._targets(captioner.dims):
+            model = getattr(captioner, tower)
+            present = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+            config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                     target_modules=[m for m in modules if m in present])
+            peft.inject_adapter_in_model(config, model)

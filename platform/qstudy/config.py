@@ -1,0 +1,263 @@
+"""YAML run configs validated into typed dataclasses at the edge; inner code never sees dicts.
+
+Every error names the offending key with its dotted path (``train.learning_rate``) and is
+raised before any model is built. This module imports no torch, so search-space
+validation and the Tune driver can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+def qstudy_home() -> Path:
+    """Where generated data, the cached base and local studies live (``$QSTUDY_HOME``, default ./.qstudy)."""
+    return Path(os.environ.get("QSTUDY_HOME", ".qstudy")).resolve()
+
+
+def expand_path(value: str) -> str:
+    """Expand ``${QSTUDY_HOME}``, other environment variables and ``~`` in a path-like value."""
+    os.environ.setdefault("QSTUDY_HOME", str(qstudy_home()))
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+class ConfigError(ValueError):
+    """A config file or mapping does not match the schema; the message names the field."""
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a type annotation, converting nested mappings to dataclasses."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        items = [coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        return from_mapping(annotation, value, where)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {annotation!r}")
+
+
+def from_mapping(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing keys by name."""
+    prefix = f"{where}." if where else ""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (allowed: {', '.join(sorted(fields))})")
+    values = {}
+    for name, spec in fields.items():
+        if name in data:
+            values[name] = coerce(data[name], hints[name], f"{prefix}{name}")
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {prefix}{name}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {error}") from error
+
+
+def to_mapping(obj: Any) -> Any:
+    """The inverse of :func:`from_mapping`: plain dicts and lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        mapping = {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        method = getattr(obj, "method", None)
+        return {"method": method, **mapping} if method and "method" not in mapping else mapping
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: to_mapping(value) for key, value in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, naming the file in every error."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+@dataclass
+class DataConfig:
+    """Where the clips and captions are, and how frames are sampled from them."""
+
+    annotations: str
+    video_dir: str
+    format: Literal["msrvtt", "msvd"] = "msrvtt"
+    train_split: str = "train"
+    val_split: str = "val"
+    num_frames: int = 8
+    image_size: int | None = None  # None: the vision encoder's own input size
+    max_val_clips: int | None = None
+    blind: bool = False  # blank every frame: the caption-prior floor
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ConfigError(f"data.num_frames must be >= 1, got {self.num_frames}")
+
+
+@dataclass
+class ModelConfig:
+    """The base captioner: a vision tower and a causal LM, by hub name or local path."""
+
+    vision_encoder: str
+    language_model: str
+    tokenizer: str | None = None  # default: the language model's own
+    projector: str | None = None  # a pretrained projector.safetensors (the cached base has one)
+    max_caption_tokens: int = 24
+    # "eager" is fastest for the tiny preset on CPU; None lets transformers pick (sdpa).
+    attn_implementation: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; ``deepspeed`` switches the engine, nothing else changes."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    deepspeed: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class EvalConfig:
+    """Decoding and scoring settings for the per-epoch validation pass."""
+
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    batch_size: int = 64
+    meteor: bool = True  # METEOR needs Java; the other metrics do not
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run: what ``qstudy train CONFIG.yaml`` reads."""
+
+    data: DataConfig
+    model: ModelConfig
+    adapter: Any  # an AdapterConfig subclass, chosen by its ``method`` key
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/latest"
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: Path | None = None) -> "RunConfig":
+        """Validate a mapping; relative data and model paths resolve against ``base_dir``."""
+        from qstudy.adapters import adapter_config_from_mapping
+
+        data = dict(data)
+        if "adapter" not in data:
+            raise ConfigError("missing key adapter")
+        adapter = adapter_config_from_mapping(data.pop("adapter"), where="adapter")
+        config = from_mapping(cls, {**data, "adapter": None})
+        config.adapter = adapter
+        if base_dir is not None:
+            config.resolve_paths(base_dir)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            return cls.from_dict(load_yaml(path), base_dir=path.parent)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        """Make relative local paths absolute; hub names (no such local path) stay as they are."""
+
+        def resolve(value: str | None) -> str | None:
+            if value is None:
+                return None
+            value = expand_path(value)
+            if Path(value).is_absolute():
+                return value
+            candidate = (base_dir / value).resolve()
+            return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+        self.data.annotations = resolve(self.data.annotations)
+        self.data.video_dir = resolve(self.data.video_dir)
+        for name in ("vision_encoder", "language_model", "tokenizer", "projector"):
+            setattr(self.model, name, resolve(getattr(self.model, name)))
+
+    def to_dict(self) -> dict:
+        return to_mapping(self)

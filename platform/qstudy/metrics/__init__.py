@@ -1,0 +1,5 @@
+"""Caption metrics with pycocoevalcap: BLEU@4, METEOR, ROUGE-L and CIDEr(-D)."""
+
+from qstudy.metrics.coco import CaptionScorer
+
+__all__ = ["CaptionScorer"]

@@ -1,0 +1,55 @@
+"""Caption metrics with pycocoevalcap: BLEU@4, METEOR, ROUGE-L and CIDEr(-D) from one scorer.
+
+METEOR runs a Java subprocess that costs seconds and ~1 GB to start, so one scorer keeps one
+instance for a whole run and closes it deterministically (use it as a context manager).
+"""
+
+from __future__ import annotations
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+METRIC_NAMES = ("bleu4", "meteor", "rouge_l", "cider")
+
+
+class CaptionScorer:
+    """Scores predicted captions against references, COCO-caption style (CIDEr on a 0-10 scale)."""
+
+    def __init__(self, meteor: bool = True):
+        self._tokenizer = PTBTokenizer()
+        self._meteor = Meteor() if meteor else None
+
+    def __enter__(self) -> "CaptionScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._meteor is not None:
+            process = self._meteor.meteor_p
+            with self._meteor.lock:
+                process.stdin.close()
+                process.kill()
+                process.wait()
+            self._meteor = None
+
+    def score(self, predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+        """Corpus-level metrics over the clips in ``predictions``."""
+        ids = sorted(predictions)
+        # The PTB tokenizer drops an empty caption to nothing; scorers need one token at least.
+        hypotheses = self._tokenizer.tokenize({i: [{"caption": predictions[i] or "<empty>"}] for i in ids})
+        hypotheses = {i: [h or "<empty>"] for i, (h,) in hypotheses.items()}
+        refs = self._tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+        bleu, _ = Bleu(4).compute_score(refs, hypotheses, verbose=0)
+        scores = {
+            "bleu4": bleu[3],
+            "rouge_l": Rouge().compute_score(refs, hypotheses)[0],
+            "cider": Cider().compute_score(refs, hypotheses)[0],
+        }
+        if self._meteor is not None:
+            scores["meteor"] = self._meteor.compute_score(refs, hypotheses)[0]
+        return {name: float(scores[name]) for name in METRIC_NAMES if name in scores}

@@ -1,0 +1,193 @@
+"""The video captioner: vision tower -> per-frame tokens -> projector -> causal language model.
+
+Each frame goes through the vision tower on its own; its pooled token (CLIP's CLS after the
+final norm, SigLIP's attention-pool output), plus any tokens an adapter adds, is projected to
+the LM's width with a learned frame-position embedding. The frames' tokens form a prefix the
+LM conditions on; training is next-token loss on the caption only, decoding is greedy (or
+beam search). Everything loads through ``from_pretrained(name_or_path)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from qstudy.config import ConfigError, ModelConfig
+from qstudy.model.dims import ModelDims
+
+# CLIP's pixel statistics; SigLIP and most towers ship their own in the image processor.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Projector(nn.Module):
+    """Vision width -> LM width (two-layer MLP, as in LLaVA) plus a frame-position embedding."""
+
+    def __init__(self, vision_hidden: int, lm_hidden: int, num_frames: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(vision_hidden, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
+        self.frame_embedding = nn.Parameter(torch.zeros(num_frames, lm_hidden))
+
+    def forward(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, tokens, vision_hidden) -> (batch, frames * tokens, lm_hidden)."""
+        projected = self.mlp(frame_tokens) + self.frame_embedding[None, :, None, :]
+        return projected.flatten(1, 2)
+
+
+def load_vision_tower(name_or_path: str, attn_implementation: str | None = None) -> nn.Module:
+    """A vision tower with ``.encoder.layers``, from a vision-only or a two-tower checkpoint."""
+    model = AutoModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+    return getattr(model, "vision_model", model)
+
+
+def image_normalization(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Pixel mean/std from the checkpoint's image processor, else CLIP's."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        return tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError, AttributeError, ImportError):
+        return _CLIP_MEAN, _CLIP_STD
+
+
+class Captioner(nn.Module):
+    """Vision tower + projector + causal LM, with a slot for adapter modules."""
+
+    def __init__(self, vision: nn.Module, lm: nn.Module, tokenizer, dims: ModelDims, max_caption_tokens: int,
+                 pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD):
+        super().__init__()
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.dims = dims
+        self.max_caption_tokens = max_caption_tokens
+        self.projector = Projector(dims.vision_hidden, dims.lm_hidden, dims.num_frames)
+        # Adapters register their modules here so that saving "what trains" is one state_dict.
+        self.adapter_modules = nn.ModuleDict()
+        # Adapters that add visual tokens per frame (Q-Adapter's query outputs) append a callable
+        # returning (batch * frames, tokens, vision_hidden) after each vision forward.
+        self.extra_frame_tokens: list[Callable[[], torch.Tensor]] = []
+        # Adapters that work on the LM's input (prompt tuning) or see the visual prefix (fusion).
+        self.lm_input_hooks: list[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(cls, config: ModelConfig, num_frames: int) -> "Captioner":
+        """Load both towers (and a pretrained projector if given) by hub name or local path."""
+        dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames)
+        mean, std = image_normalization(config.vision_encoder)
+        captioner = cls(
+            vision=load_vision_tower(config.vision_encoder, config.attn_implementation),
+            lm=AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation),
+            tokenizer=AutoTokenizer.from_pretrained(config.tokenizer or config.language_model),
+            dims=dims,
+            max_caption_tokens=config.max_caption_tokens,
+            pixel_mean=mean,
+            pixel_std=std,
+        )
+        if config.projector:
+            state = load_file(config.projector)
+            expected = captioner.projector.frame_embedding.shape
+            if state["frame_embedding"].shape != expected:
+                raise ConfigError(
+                    f"model.projector: {config.projector} was trained for {state['frame_embedding'].shape[0]} "
+                    f"frames, data.num_frames is {num_frames}"
+                )
+            captioner.projector.load_state_dict(state)
+        return captioner
+
+    def save_base(self, directory: str | Path) -> ModelConfig:
+        """Save as a reusable base: HF-format towers, tokenizer and projector weights."""
+        directory = Path(directory)
+        self.vision.save_pretrained(directory / "vision")
+        self.lm.save_pretrained(directory / "lm")
+        self.tokenizer.save_pretrained(directory / "lm")
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, directory / "projector.safetensors")
+        return ModelConfig(
+            vision_encoder=str(directory / "vision"),
+            language_model=str(directory / "lm"),
+            projector=str(directory / "projector.safetensors"),
+            max_caption_tokens=self.max_caption_tokens,
+            attn_implementation=self.vision.config._attn_implementation,
+        )
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.vision.encoder.layers
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.config.image_size
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (batch, frames, H, W, 3) -> visual prefix (batch, prefix_len, lm_hidden)."""
+        batch, num_frames = frames.shape[:2]
+        pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
+        pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
+        pooled = self.vision(pixel_values=pixels).pooler_output
+        tokens = [pooled[:, None, :]] + [extra() for extra in self.extra_frame_tokens]
+        frame_tokens = torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
+        return self.projector(frame_tokens)
+
+    def _lm_inputs(self, prefix: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor):
+        embeddings = self.lm.get_input_embeddings()(token_ids)
+        inputs = torch.cat([prefix, embeddings], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=token_mask.dtype, device=prefix.device), token_mask], 1)
+        for hook in self.lm_input_hooks:
+            inputs, mask = hook(inputs, mask)
+        return inputs, mask
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (ids, mask) as ``BOS caption EOS``, padded on the right."""
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        rows = [[bos] + tok.encode(c, add_special_tokens=False)[: self.max_caption_tokens] + [tok.eos_token_id]
+                for c in captions]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def forward(self, frames: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over caption tokens (the visual prefix is never a target)."""
+        prefix = self.encode_frames(frames)
+        inputs, mask = self._lm_inputs(prefix, token_ids, token_mask)
+        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits
+        caption_len = token_ids.shape[1]
+        # Position i predicts token i + 1: the last caption_len - 1 logits before the end.
+        caption_logits = logits[:, -caption_len:-1, :]
+        targets = token_ids[:, 1:].masked_fill(token_mask[:, 1:] == 0, -100)
+        return nn.functional.cross_entropy(caption_logits.float().reshape(-1, caption_logits.shape[-1]),
+                                           targets.reshape(-1), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, frames: torch.Tensor, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+        """Greedy (or beam) captions for a batch of clips."""
+        prefix = self.encode_frames(frames)
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        start = torch.full((frames.shape[0], 1), bos, dtype=torch.long, device=prefix.device)
+        inputs, mask = self._lm_inputs(prefix, start, torch.ones_like(start))
+        output = self.lm.generate(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        return [text.strip() for text in tok.batch_decode(output, skip_special_tokens=True)]
+

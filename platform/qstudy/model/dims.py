@@ -1,0 +1,120 @@
+"""Torch-free model shapes, read from config.json and safetensors headers, for closed-form counts.
+
+The search space, the parameter budget and the sampler's feasibility check all need the
+number of trainable parameters of a config before anything is built; they get it from these
+shapes, and a test checks every method's closed form against the instantiated model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def _local_or_hub_file(name_or_path: str, filename: str) -> Path | None:
+    """A model file from a local directory, else from the Hugging Face Hub cache or network."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        candidate = local / filename
+        return candidate if candidate.exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name_or_path, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def read_config(name_or_path: str) -> dict:
+    path = _local_or_hub_file(name_or_path, "config.json")
+    if path is None:
+        raise FileNotFoundError(f"{name_or_path}: no config.json")
+    return json.loads(path.read_text())
+
+
+def read_weight_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors header(s); no tensor data is read."""
+    index = _local_or_hub_file(name_or_path, "model.safetensors.index.json")
+    if index is not None:
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = [_local_or_hub_file(name_or_path, shard) for shard in shard_names]
+    else:
+        shards = [_local_or_hub_file(name_or_path, "model.safetensors")]
+    if None in shards:
+        raise FileNotFoundError(f"{name_or_path}: no model.safetensors")
+    shapes = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="numpy") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def vision_tower_config(config: dict) -> dict:
+    """A CLIP/SigLIP checkpoint holds both towers; the vision settings sit under vision_config."""
+    return config.get("vision_config", config)
+
+
+def vision_tower_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Keep only the vision tower's tensors of a two-tower checkpoint."""
+    if any(key.startswith("text_model.") for key in shapes):
+        return {key: shape for key, shape in shapes.items() if key.startswith("vision_model.")}
+    return shapes
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shapes that parameter counts and hyperparameter bounds depend on."""
+
+    vision_hidden: int
+    vision_layers: int
+    vision_intermediate: int
+    lm_hidden: int
+    lm_layers: int
+    num_frames: int
+    vision_shapes: dict[str, tuple[int, ...]]
+    lm_shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_pretrained(cls, vision_encoder: str, language_model: str, num_frames: int) -> "ModelDims":
+        vision = vision_tower_config(read_config(vision_encoder))
+        lm = read_config(language_model)
+        return cls(
+            vision_hidden=vision["hidden_size"],
+            vision_layers=vision["num_hidden_layers"],
+            vision_intermediate=vision["intermediate_size"],
+            lm_hidden=lm.get("hidden_size", lm.get("n_embd")),
+            lm_layers=lm.get("num_hidden_layers", lm.get("n_layer")),
+            num_frames=num_frames,
+            vision_shapes=vision_tower_shapes(read_weight_shapes(vision_encoder)),
+            lm_shapes=read_weight_shapes(language_model),
+        )
+
+    @property
+    def vision_params(self) -> int:
+        return sum(_numel(shape) for shape in self.vision_shapes.values())
+
+    @property
+    def lm_params(self) -> int:
+        return sum(_numel(shape) for shape in self.lm_shapes.values())
+
+    @property
+    def projector_params(self) -> int:
+        """Two-layer MLP vision->LM width plus one learned embedding per frame position."""
+        d_vision, d_lm = self.vision_hidden, self.lm_hidden
+        return d_vision * d_lm + d_lm + d_lm * d_lm + d_lm + self.num_frames * d_lm
+
+    @property
+    def total_params(self) -> int:
+        return self.vision_params + self.lm_params + self.projector_params
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

@@ -1,0 +1,133 @@
+"""The optimisation engine behind one interface: plain PyTorch (DDP when distributed) or DeepSpeed ZeRO.
+
+The recipe only calls ``engine.model(...)``, ``engine.step(loss)``, ``save`` and ``load``;
+switching ``train.deepspeed`` changes nothing else. DeepSpeed is imported here and nowhere
+else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qstudy.config import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """A lone process (no launcher, no Ray Train) still needs the variables torch.distributed reads.
+
+    Without them DeepSpeed falls back to MPI discovery and fails on the missing mpi4py.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+class Engine:
+    """Plain PyTorch AdamW over the trainable parameters; DDP-wrapped across several processes."""
+
+    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
+        self.captioner = captioner
+        self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        captioner.to(self.dtype)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(captioner)
+        else:
+            self.model = captioner
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path, progress: dict) -> None:
+        """Trainable weights (safetensors) + optimiser state + progress; rank 0 writes."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if rank() == 0:
+            save_file(self.trainable_state(), directory / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            (directory / "progress.json").write_text(json.dumps(progress))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.captioner)
+
+    def load(self, directory: Path) -> dict:
+        self.captioner.load_state_dict(load_file(directory / "trainable.safetensors"), strict=False)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        return json.loads((directory / "progress.json").read_text())
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage from the config) with a torch AdamW, so no fused op needs compiling."""
+
+    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
+        import deepspeed
+
+        ensure_process_group_env()
+        self.captioner = captioner
+        self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": config.zero_stage},
+            "bf16": {"enabled": config.precision == "bf16"},
+            "steps_per_print": 10**9,
+        }
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=captioner, model_parameters=trainable, optimizer=optimizer, config=ds_config
+        )
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)
+        self.model.step()
+
+    def save(self, directory: Path, progress: dict) -> None:
+        """Every rank writes its ZeRO shard; rank 0 adds the progress file."""
+        self.model.save_checkpoint(str(directory), tag="engine", client_state=progress)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """ZeRO-3 keeps only a shard of each weight per rank: gather them before reading."""
+        import deepspeed
+
+        trainable = [p for p in self.captioner.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=self.model.zero_optimization_stage() == 3):
+            return trainable_state(self.captioner)
+
+    def load(self, directory: Path) -> dict:
+        _, progress = self.model.load_checkpoint(str(directory), tag="engine")
+        return progress
+
+
+def make_engine(captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig) -> Engine:
+    return (DeepSpeedEngine if config.deepspeed else Engine)(captioner, trainable, config)
+
+
+def trainable_state(captioner: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (adapter + projector), detached and contiguous for safetensors."""
+    return {name: p.detach().contiguous().cpu() for name, p in captioner.named_parameters() if p.requires_grad}

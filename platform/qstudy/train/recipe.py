@@ -1,0 +1,173 @@
+"""One fine-tuning run, top to bottom: config in, build, train, evaluate every epoch, report.
+
+``run(config)`` is a plain function: ``qstudy train`` calls it in-process, Ray Train workers
+call it under torch.distributed, and the study engine passes ``on_epoch`` to report metrics
+and checkpoints. Nothing here knows about Ray, Tune or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from qstudy.adapters import apply_adapter, count_parameters
+from qstudy.config import DataConfig, EvalConfig, RunConfig
+from qstudy.data.annotations import Clip, read_clips
+from qstudy.data.frames import decode_clips
+from qstudy.metrics import CaptionScorer
+from qstudy.model.captioner import Captioner
+from qstudy.train.engine import Engine, make_engine, rank, world_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    """A decoded split: clips, their frames in memory, and the videos that could not be read."""
+
+    clips: list[Clip]
+    frames: torch.Tensor  # (clips, frames, H, W, 3) uint8
+    skipped: list[dict]
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val: dict[str, float]
+    seconds: float
+    examples: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``metrics.json`` is this, serialised."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    epochs: list[EpochResult]
+    skipped_videos: list[dict]
+    wall_seconds: float
+    output_dir: str
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.epochs[-1].val if self.epochs else {}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "final": self.final, "num_skipped_videos": len(self.skipped_videos)}
+
+
+def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
+    clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
+    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress)
+    frames = torch.from_numpy(decoded.frames)
+    if data.blind:
+        frames = torch.zeros_like(frames)
+    return SplitData(decoded.clips, frames, decoded.skipped)
+
+
+def caption_batches(split: SplitData, batch_size: int, rng: random.Random):
+    """One epoch = every (clip, reference caption) pair once, shuffled; this rank's share only."""
+    pairs = [(i, caption) for i, clip in enumerate(split.clips) for caption in clip.captions]
+    rng.shuffle(pairs)
+    pairs = pairs[rank()::world_size()]
+    for start in range(0, len(pairs) - batch_size + 1, batch_size):  # drop the ragged tail
+        chunk = pairs[start:start + batch_size]
+        yield split.frames[[i for i, _ in chunk]], [caption for _, caption in chunk]
+
+
+def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
+    captioner.train()
+    rng = random.Random(config.train.seed * 1000 + epoch)
+    losses = []
+    for step, (frames, captions) in enumerate(caption_batches(split, config.train.batch_size, rng)):
+        if config.train.max_steps_per_epoch is not None and step >= config.train.max_steps_per_epoch:
+            break
+        token_ids, token_mask = captioner.tokenize(captions)
+        loss = engine.model(frames, token_ids, token_mask)
+        engine.step(loss)
+        losses.append(loss.item())
+        if step % config.train.log_every == 0:
+            log.info("epoch %d step %d loss %.4f", epoch, step, loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def evaluate(captioner: Captioner, split: SplitData, scorer: CaptionScorer, config: EvalConfig) -> tuple[dict, dict]:
+    """Caption every val clip and score against its references.
+
+    Every rank decodes the whole split: ZeRO-3 gathers weights inside forward, so ranks must
+    run identical generate loops; only rank 0's scores are used.
+    """
+    captioner.eval()
+    predictions = {}
+    for start in range(0, len(split.clips), config.batch_size):
+        clips = split.clips[start:start + config.batch_size]
+        texts = captioner.generate(split.frames[start:start + len(clips)], config.max_new_tokens, config.num_beams)
+        predictions.update({clip.video_id: text for clip, text in zip(clips, texts)})
+    references = {clip.video_id: list(clip.captions) for clip in split.clips}
+    examples = {clip.video_id: predictions[clip.video_id] for clip in split.clips[:3]}
+    return scorer.score(predictions, references), examples
+
+
+def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None = None,
+        resume_from: Path | None = None, progress: bool = True) -> RunResult:
+    """Train and evaluate one config; ``on_epoch(result, checkpoint_dir)`` after every epoch."""
+    started = time.perf_counter()
+    torch.manual_seed(config.train.seed)
+
+    # Model: base + adapter; only what the adapter returns trains.
+    captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
+    trainable = apply_adapter(captioner, config.adapter)
+    trainable_params, total_params = count_parameters(captioner)
+    engine = make_engine(captioner, trainable, config.train)
+
+    # Data: decoded once, kept in memory for every epoch.
+    image_size = config.data.image_size or captioner.image_size
+    train_split = load_split(config.data, config.data.train_split, image_size, progress=progress)
+    val_split = load_split(config.data, config.data.val_split, image_size, config.data.max_val_clips, progress)
+
+    start_epoch = 0
+    if resume_from is not None:
+        start_epoch = engine.load(resume_from)["epoch"] + 1
+    epochs: list[EpochResult] = []
+    output_dir = Path(config.output_dir)
+    with CaptionScorer(meteor=config.eval.meteor) as scorer:
+        for epoch in range(start_epoch, config.train.epochs):
+            epoch_started = time.perf_counter()
+            loss = train_epoch(engine, captioner, train_split, config, epoch)
+            val, examples = evaluate(captioner, val_split, scorer, config.eval)
+            result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples)
+            epochs.append(result)
+            log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))
+            if on_epoch is not None:
+                with tempfile.TemporaryDirectory() as checkpoint:
+                    engine.save(Path(checkpoint), {"epoch": epoch})
+                    on_epoch(result, Path(checkpoint))
+
+    result = RunResult(
+        method=config.adapter.method,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        epochs=epochs,
+        skipped_videos=train_split.skipped + val_split.skipped,
+        wall_seconds=time.perf_counter() - started,
+        output_dir=str(output_dir),
+    )
+    adapter_weights = engine.trainable_state()
+    if rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_file(adapter_weights, output_dir / "adapter.safetensors")
+        (output_dir / "metrics.json").write_text(json.dumps({"config": config.to_dict(), **result.to_dict()}, indent=2))
+    return result
