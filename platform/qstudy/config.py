@@ -243,21 +243,21 @@ class RunConfig:
             raise ConfigError(f"{path}: {error}") from None
 
     def resolve_paths(self, base_dir: Path) -> None:
-        """Make relative local paths absolute; hub names (no such local path) stay as they are."""
+        """Make relative local paths absolute. Model fields may be hub names: those stay as they are."""
 
-        def resolve(value: str | None) -> str | None:
+        def resolve(value: str | None, may_be_hub_name: bool) -> str | None:
             if value is None:
                 return None
             value = expand_path(value)
-            if Path(value).is_absolute():
+            candidate = base_dir / value
+            if Path(value).is_absolute() or (may_be_hub_name and not candidate.exists() and not value.startswith(".")):
                 return value
-            candidate = (base_dir / value).resolve()
-            return str(candidate) if candidate.exists() or value.startswith(".") else value
+            return str(candidate.resolve())
 
-        self.data.annotations = resolve(self.data.annotations)
-        self.data.video_dir = resolve(self.data.video_dir)
+        self.data.annotations = resolve(self.data.annotations, may_be_hub_name=False)
+        self.data.video_dir = resolve(self.data.video_dir, may_be_hub_name=False)
         for name in ("vision_encoder", "language_model", "tokenizer", "projector"):
-            setattr(self.model, name, resolve(getattr(self.model, name)))
+            setattr(self.model, name, resolve(getattr(self.model, name), may_be_hub_name=True))
 
     def to_dict(self) -> dict:
         return to_mapping(self)

@@ -1,0 +1,1 @@
+"""Hyperparameter studies: search spaces, Ray Tune + Optuna trials on Ray Train workers, MLflow tracking."""

@@ -1,0 +1,320 @@
+"""Search-space files: schema, validation against the model's shapes, and sampling through Optuna.
+
+A search space names a study family, a base run config, fixed overrides, and one *arm* per
+adapter method with the hyperparameters to search (dotted keys into the run config). It is
+validated completely before Ray starts anything: every choice and range bound is applied to
+the base config and checked by the adapter against the model's shapes, so a bad rank or
+layer fails here with the field named. Trainable parameters are counted in closed form for
+every sampled config; over an optional budget the config is marked infeasible for Optuna
+(``trial.set_constraint``) and never trained. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qstudy.config import ConfigError, RunConfig, expand_path, from_mapping, load_yaml
+from qstudy.model.dims import ModelDims
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+SAMPLERS = ("tpe", "nsga2", "random")
+# Optuna objectives, in this order: CIDEr is maximised, trainable parameters minimised.
+OBJECTIVES = ("cider", "trainable_params")
+OBJECTIVE_MODES = ("max", "min")
+BUDGET_CONSTRAINT = "parameter_budget"
+
+
+def _encode(value: Any) -> Any:
+    """Optuna categoricals hold scalars only; lists (e.g. insertion layers) travel as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyperparameter: a categorical (``choices``) or a numeric range (``low``/``high``)."""
+
+    key: str  # dotted run-config key, e.g. "adapter.rank"
+    choices: tuple[Any, ...] = ()
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+
+    @classmethod
+    def from_spec(cls, key: str, spec: Any, where: str) -> "Param":
+        if not isinstance(spec, dict):  # a bare value pins the key for this arm
+            return cls(key, choices=(spec,))
+        unknown = sorted(set(spec) - {"choices", "low", "high", "log", "step"})
+        if unknown:
+            raise ConfigError(f"unknown key {where}.{unknown[0]} (allowed: choices, low, high, log, step)")
+        if "choices" in spec:
+            if set(spec) != {"choices"}:
+                raise ConfigError(f"{where}: 'choices' cannot be combined with low/high/log/step")
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(f"{where}.choices: expected a non-empty list, got {spec['choices']!r}")
+            return cls(key, choices=tuple(spec["choices"]))
+        if "low" not in spec or "high" not in spec:
+            raise ConfigError(f"{where}: expected 'choices' or both 'low' and 'high'")
+        low, high = spec["low"], spec["high"]
+        for bound, value in (("low", low), ("high", high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{bound}: expected a number, got {value!r}")
+        if not low < high:
+            raise ConfigError(f"{where}: low {low} must be below high {high}")
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}.log: expected true or false, got {log!r}")
+        if log and low <= 0:
+            raise ConfigError(f"{where}.low: a log range needs low > 0, got {low}")
+        return cls(key, low=low, high=high, log=log, step=spec.get("step"))
+
+    @property
+    def is_integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def extremes(self) -> list[Any]:
+        """The values validation must try: every choice, or both ends of a range."""
+        return list(self.choices) if self.choices else [self.low, self.high]
+
+    def suggest(self, trial, name: str) -> Any:
+        """Sample from an Optuna trial; returns the run-config value (lists decoded)."""
+        if self.choices:
+            if len(self.choices) == 1:
+                return copy.deepcopy(self.choices[0])
+            encoded = [_encode(choice) for choice in self.choices]
+            return copy.deepcopy(self.choices[encoded.index(trial.suggest_categorical(name, encoded))])
+        if self.is_integer:
+            return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One adapter method and the hyperparameters searched for it."""
+
+    method: str
+    params: tuple[Param, ...]
+
+
+def set_dotted(mapping: dict, key: str, value: Any) -> None:
+    """``set_dotted(cfg, "train.learning_rate", 1e-3)``; intermediate sections must exist."""
+    *sections, leaf = key.split(".")
+    node = mapping
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {section} is not a section")
+    node[leaf] = value
+
+
+@dataclass
+class SearchSpace:
+    """A validated search-space file."""
+
+    path: str
+    study: str  # study family: the MLflow experiment and the default study name
+    base: dict  # the run config every trial starts from (overrides applied, paths absolute)
+    arms: list[Arm]
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    trials: int = 8
+    concurrency: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    parameter_budget: int | None = None
+    max_failures: int = 1  # restarts of a trial whose worker died (from its last checkpoint)
+
+    def run_config(self, method: str, values: dict[str, Any]) -> RunConfig:
+        """The base config with the arm's method and the sampled ``{dotted key: value}`` applied."""
+        data = copy.deepcopy(self.base)
+        data["adapter"] = {"method": method}
+        for key, value in values.items():
+            set_dotted(data, key, value)
+        return RunConfig.from_dict(data)
+
+    def arm(self, method: str) -> Arm:
+        return next(arm for arm in self.arms if arm.method == method)
+
+    def dims(self) -> ModelDims:
+        """The base model's shapes, read from its config.json and safetensors headers."""
+        model, data = self.base["model"], self.base["data"]
+        try:
+            return ModelDims.from_pretrained(model["vision_encoder"], model["language_model"], data.get("num_frames", 8))
+        except (FileNotFoundError, OSError) as error:
+            raise ConfigError(f"{self.path}: base.model: cannot read the model's shapes ({error}); "
+                              "for the tiny preset run `qstudy demo` or prepare $QSTUDY_HOME first") from None
+
+
+@dataclass(frozen=True)
+class SpaceFile:
+    """The top-level keys a search-space YAML may hold (arms and base are parsed separately)."""
+
+    study: str
+    base: Any
+    arms: dict
+    overrides: dict = field(default_factory=dict)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    trials: int = 8
+    concurrency: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    parameter_budget: int | str | None = None
+    max_failures: int = 1
+
+
+def _load_base(base: Any, space_dir: Path) -> dict:
+    """``base`` is an embedded run config, a preset name (``tiny_qadapter``) or a YAML path."""
+    if isinstance(base, dict):
+        return copy.deepcopy(base)
+    if not isinstance(base, str):
+        raise ConfigError(f"base: expected a run config mapping, a preset name or a path, got {base!r}")
+    preset = PRESETS_DIR / f"{base}.yaml"
+    path = preset if preset.exists() else space_dir / expand_path(base)
+    return load_yaml(path)
+
+
+def _resolve_budget(budget: int | str | None, total_params: int) -> int | None:
+    if budget is None or isinstance(budget, int):
+        if isinstance(budget, int) and budget < 1:
+            raise ConfigError(f"parameter_budget: {budget} must be >= 1")
+        return budget
+    from qstudy.analysis.pareto import parse_budget
+
+    try:
+        return parse_budget(budget, total_params)
+    except ValueError as error:
+        raise ConfigError(f"parameter_budget: {error}") from None
+
+
+def _validate_arm(space: SearchSpace, arm: Arm, dims: ModelDims) -> None:
+    """Apply every choice and range end of every parameter (others at their first value) and check it."""
+    first = {param.key: param.extremes()[0] for param in arm.params}
+    for param in arm.params:
+        for value in param.extremes():
+            where = f"arms.{arm.method}.{param.key}"
+            try:
+                config = space.run_config(arm.method, {**first, param.key: value})
+                config.adapter.validate(dims)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: value {value!r}: {error}") from None
+
+
+def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None) -> SearchSpace:
+    """Validate a search-space mapping completely; every error names the field."""
+    base_dir = base_dir or Path.cwd()
+    spec = from_mapping(SpaceFile, data)
+    if spec.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler: {spec.sampler!r} is not one of {list(SAMPLERS)}")
+    for name in ("trials", "concurrency", "workers_per_trial"):
+        if getattr(spec, name) < 1:
+            raise ConfigError(f"{name}: {getattr(spec, name)} must be >= 1")
+    if spec.cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker: {spec.cpus_per_worker} must be > 0")
+    if not spec.arms:
+        raise ConfigError("arms: at least one arm (an adapter method) is needed")
+
+    base = _load_base(spec.base, base_dir)
+    base.pop("adapter", None)  # each arm supplies its method
+    for key, value in spec.overrides.items():
+        set_dotted(base, key, value)
+    try:
+        resolved = RunConfig.from_dict({**base, "adapter": {"method": "frozen"}}, base_dir=base_dir)
+    except ConfigError as error:
+        raise ConfigError(f"base: {error}") from None
+    base_dict = resolved.to_dict()
+    base_dict.pop("adapter")
+
+    from qstudy.adapters import ADAPTERS
+
+    arms = []
+    for method, params in spec.arms.items():
+        if method not in ADAPTERS:
+            raise ConfigError(f"arms.{method}: unknown method (one of: {', '.join(sorted(ADAPTERS))})")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"arms.{method}: expected a mapping of dotted keys to choices or ranges")
+        arms.append(Arm(method, tuple(Param.from_spec(key, value, f"arms.{method}.{key}")
+                                      for key, value in params.items())))
+
+    space = SearchSpace(path=path, study=spec.study, base=base_dict, arms=arms, sampler=spec.sampler,
+                        seed=spec.seed, trials=spec.trials, concurrency=spec.concurrency,
+                        workers_per_trial=spec.workers_per_trial, cpus_per_worker=spec.cpus_per_worker,
+                        use_gpu=spec.use_gpu, max_failures=spec.max_failures)
+    dims = space.dims()
+    for arm in arms:
+        _validate_arm(space, arm, dims)
+    space.parameter_budget = _resolve_budget(spec.parameter_budget, dims.total_params)
+    return space
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML; errors start with the file name."""
+    path = Path(path)
+    try:
+        return parse_space(load_yaml(path), str(path), base_dir=path.resolve().parent)
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+@dataclass(frozen=True)
+class SampledConfig:
+    """What the sampler chose for one trial, as the trial driver receives it."""
+
+    method: str
+    values: dict[str, Any]  # dotted run-config key -> value
+    trainable_params: int
+    over_budget: bool
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"method": self.method, **self.values}
+
+    @classmethod
+    def from_tune_config(cls, config: dict) -> "SampledConfig":
+        return cls(method=config["method"], values=dict(config["values"]),
+                   trainable_params=int(config["trainable_params"]), over_budget=bool(config["over_budget"]))
+
+
+@dataclass
+class SpaceSampler:
+    """Optuna define-by-run space: picks an arm and its values, counts parameters, flags the budget.
+
+    A picklable object rather than a closure: Tune pickles the searcher into its experiment
+    state, and ``qstudy study --resume`` restores it from there.
+    """
+
+    space: SearchSpace
+    dims: ModelDims
+
+    def __call__(self, trial) -> dict[str, Any]:
+        methods = [arm.method for arm in self.space.arms]
+        method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+        # Names carry the arm: two arms may search the same key over different choices.
+        values = {param.key: param.suggest(trial, f"{method}.{param.key}") for param in self.space.arm(method).params}
+        config = self.space.run_config(method, values)
+        trainable = config.adapter.count_trainable(self.dims)
+        trial.set_user_attr("trainable_params", trainable)
+        budget = self.space.parameter_budget
+        if budget is not None:
+            trial.set_constraint(BUDGET_CONSTRAINT, trainable - budget)  # > 0: infeasible
+        return {"method": method, "values": values, "trainable_params": trainable,
+                "over_budget": budget is not None and trainable > budget}
+
+
+def make_sampler(name: str, seed: int):
+    """The Optuna sampler by name; TPE and NSGA-II read the budget constraint from each trial."""
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)

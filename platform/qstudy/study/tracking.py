@@ -1,0 +1,237 @@
+"""MLflow, behind one module: an experiment per study family, a parent run per study, a child run per trial.
+
+Trials never talk to MLflow directly: a :class:`TrialTracker` appends every call to an
+on-disk *outbox* (JSON lines) and delivers what it can. When the server is unreachable the
+trial keeps training; the entries wait in the outbox and go out on the next delivery, at the
+trial's end, or when the study driver sweeps the outboxes after the last trial. Child runs
+are found again by their ``qstudy.trial_id`` tag, so a restarted or resumed trial reuses its
+run instead of creating a duplicate. Only the MlflowClient API is used (never the fluent
+``mlflow.start_run``): an inherited ``MLFLOW_RUN_ID`` cannot hijack the nesting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATUS_TAG = "qstudy.status"
+FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
+# MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
+_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; the message says where and how to start one."""
+
+
+def fail_fast_on_outage() -> None:
+    """A down server should cost one refused connection, not MLflow's minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def default_tracking_uri(home: Path) -> str:
+    """The embedded default: a sqlite store under ``$QSTUDY_HOME/mlflow``."""
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any trial starts when an HTTP tracking server does not answer ``/health``."""
+    if not is_remote(uri):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is unreachable ({problem}). Start it, e.g. "
+        f"`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
+        f"or leave out --mlflow-uri to use the embedded sqlite store.")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    fail_fast_on_outage()
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+    """The study family's experiment id, created once by the driver (trials racing to create it collide)."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root is not None and not is_remote(uri) else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+    """The study's parent run; its id is kept in the study state so ``--resume`` reuses it."""
+    client = _client(uri)
+    run = client.create_run(experiment_id, run_name=study, tags={"qstudy.study": study, "qstudy.role": "study"})
+    client.log_batch(run.info.run_id, params=_params(params))
+    return run.info.run_id
+
+
+def finish_study_run(uri: str, run_id: str, metrics: dict[str, float], summary: dict, status: str) -> None:
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    client.log_dict(run_id, summary, "summary.json")
+    client.set_tag(run_id, STATUS_TAG, status)
+    client.set_terminated(run_id, status=_MLFLOW_STATUS.get(status, status))
+
+
+def _params(values: dict[str, Any]):
+    from mlflow.entities import Param
+
+    # MLflow params are strings of at most 6000 characters; lists print as JSON.
+    return [Param(key, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]) for key, v in values.items()]
+
+
+@dataclass(frozen=True)
+class TrialTarget:
+    """Where a trial's child run lives: picklable, handed from the study driver to the trial."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    study: str
+    outbox_root: str  # a directory on the study driver's disk, one outbox per trial below it
+
+
+class TrialTracker:
+    """The child run of one trial, written through an outbox that survives server outages."""
+
+    def __init__(self, target: TrialTarget, trial_id: str, run_name: str):
+        self.target = target
+        self.trial_id = trial_id
+        self.run_name = run_name
+        self.outbox = Path(target.outbox_root) / trial_id
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        self._entries = self.outbox / "entries.jsonl"
+        self._sent = self.outbox / "sent"  # how many entries MLflow has acknowledged
+
+    # -- what a trial logs ---------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._append({"op": "params", "values": {k: v for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._append({"op": "metrics", "values": {k: float(v) for k, v in metrics.items()}, "step": step,
+                      "timestamp": int(time.time() * 1000)})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._append({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: Path) -> None:
+        """Copied into the outbox first: the source may be a temp dir gone by delivery time."""
+        kept = self.outbox / "artifacts" / path.name
+        kept.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, kept)
+        self._append({"op": "artifact", "path": str(kept)})
+
+    def finish(self, status: str) -> None:
+        self._append({"op": "tags", "values": {STATUS_TAG: status}})
+        self._append({"op": "end", "status": _MLFLOW_STATUS[status]})
+        self.deliver()
+
+    # -- delivery ------------------------------------------------------------------------------
+    def _append(self, entry: dict) -> None:
+        with self._entries.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        self.deliver()
+
+    def deliver(self) -> bool:
+        """Send what MLflow has not acknowledged yet; False (entries kept) when it is unreachable."""
+        return deliver_outbox(self.target, self.outbox, self.trial_id, self.run_name)
+
+
+def _find_or_create_run(client, target: TrialTarget, trial_id: str, run_name: str) -> str:
+    runs = client.search_runs(
+        [target.experiment_id],
+        filter_string=f"tags.`qstudy.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{target.parent_run_id}'",
+        max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(target.experiment_id, run_name=run_name, tags={
+        "mlflow.parentRunId": target.parent_run_id, "qstudy.study": target.study,
+        "qstudy.trial_id": trial_id, STATUS_TAG: RUNNING})
+    return run.info.run_id
+
+
+def _send(client, run_id: str, entry: dict) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    op = entry["op"]
+    if op == "params":
+        client.log_batch(run_id, params=_params(entry["values"]))
+    elif op == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, entry["timestamp"], entry["step"])
+                                          for k, v in entry["values"].items()])
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["values"].items()])
+    elif op == "artifact":
+        client.log_artifact(run_id, entry["path"])
+    elif op == "end":
+        client.set_terminated(run_id, status=entry["status"])
+    else:
+        raise ValueError(f"unknown outbox entry {op!r}")
+
+
+def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: str) -> bool:
+    """Deliver one outbox in order, recording progress after every acknowledged entry."""
+    entries_path, sent_path = outbox / "entries.jsonl", outbox / "sent"
+    if not entries_path.exists():
+        return True
+    entries = [json.loads(line) for line in entries_path.read_text().splitlines() if line.strip()]
+    sent = int(sent_path.read_text()) if sent_path.exists() else 0
+    if sent >= len(entries):
+        return True
+    try:
+        client = _client(target.tracking_uri)
+        run_id = _find_or_create_run(client, target, trial_id, run_name)
+        for index in range(sent, len(entries)):
+            _send(client, run_id, entries[index])
+            sent_path.write_text(str(index + 1))
+    except Exception as error:  # noqa: BLE001 - any transport or server error: keep the entries, train on
+        log.warning("MLflow unreachable for trial %s, %d entries kept in %s: %s",
+                    trial_id, len(entries) - sent, outbox, error)
+        return False
+    return True
+
+
+def deliver_all(target: TrialTarget, wait_s: float = 0.0) -> int:
+    """Sweep every trial's outbox (after the study); retry until ``wait_s`` passes. Returns undelivered count."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        pending = [outbox for outbox in sorted(Path(target.outbox_root).glob("*"))
+                   if not deliver_outbox(target, outbox, outbox.name, _run_name(outbox))]
+        if not pending or time.monotonic() >= deadline:
+            return len(pending)
+        time.sleep(5)
+
+
+def _run_name(outbox: Path) -> str:
+    name_file = outbox / "run_name"
+    return name_file.read_text() if name_file.exists() else outbox.name
