@@ -35,12 +35,11 @@ class BaseSpec:
     """Everything the cached base depends on; its hash names the cache directory."""
 
     source_clips: int = 480
-    num_frames: int = 8
-    steps: int = 1000
+    num_frames: int = 4
+    steps: int = 600
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = 0
-
 
 
 def text_loss(captioner: Captioner, captions: list[str]) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""P1: train-step time and peak memory of every registered method, side by side, as ratios to full FT.
+
+Usage:
+    python bench/step_cost.py                     # tiny preset, then paper scale (CLIP ViT-B/16 + GPT-2 124M)
+    python bench/step_cost.py --presets tiny --steps 20
+    python bench/step_cost.py --table-only        # paper-scale trainable-parameter share, no training
+
+Each (preset, method) runs in a fresh subprocess so that its peak RSS is its own. Memory is
+reported two ways: the whole process's peak RSS, and the training increment (peak RSS minus
+RSS once the model is built), which is what PEFT saves: gradients, optimiser state and the
+activations kept for backward. Models are random weights from config classes: no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name: (frames, batch). "tiny" is the tiny preset's own model; "paper" is CLIP ViT-B/16 + GPT-2 124M.
+PRESETS = {"tiny": (4, 32), "paper": (8, 2)}
+
+
+def build_models(preset: str, directory: Path):
+    """Random-weight towers from config classes, saved in HF format; returns their ModelConfig."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+    from qstudy.config import ModelConfig
+    from qstudy.data.synthetic import caption_vocabulary
+    from qstudy.model.tiny import build_tiny, build_tokenizer
+
+    if preset == "tiny":
+        return build_tiny(directory, caption_vocabulary())
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, image_size=224, patch_size=16)).save_pretrained(directory / "vision")
+    GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12)).save_pretrained(directory / "lm")
+    build_tokenizer(caption_vocabulary()).save_pretrained(directory / "lm")
+    return ModelConfig(vision_encoder=str(directory / "vision"), language_model=str(directory / "lm"))
+
+
+def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
+    """Runs inside the subprocess: build, adapt, time ``steps`` optimiser steps after two warm-ups."""
+    import torch
+
+    from qstudy.adapters import ADAPTERS, apply_adapter, count_parameters
+    from qstudy.config import ModelConfig, TrainConfig
+    from qstudy.model.captioner import Captioner
+    from qstudy.train.engine import make_engine
+
+    frames, batch = PRESETS[preset]
+    torch.manual_seed(0)
+    model = ModelConfig(vision_encoder=str(directory / "vision"), language_model=str(directory / "lm"),
+                        attn_implementation="eager" if preset == "tiny" else None)  # as build_tiny sets
+    captioner = Captioner.from_pretrained(model, frames)
+    trainable = apply_adapter(captioner, ADAPTERS[method]())
+    engine = make_engine(captioner, trainable, TrainConfig(batch_size=batch))
+    size = captioner.image_size
+    video = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8)
+    token_ids, token_mask = captioner.tokenize(["a yellow diamond moves left across the screen"] * batch)
+    built_rss = _rss_mb()
+    captioner.train()
+    for step in range(steps + 2):
+        if step == 2:
+            started = time.perf_counter()
+        engine.step(engine.model(video, token_ids, token_mask))
+    seconds = (time.perf_counter() - started) / steps
+    trainable_params, total_params = count_parameters(captioner)
+    return {"method": method, "step_seconds": seconds, "peak_rss_mb": _rss_mb(),
+            "train_memory_mb": _rss_mb() - built_rss, "trainable": trainable_params, "total": total_params}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def share_table(methods: list[str]) -> str:
+    """Trainable share at paper scale from the closed-form counts (nothing is instantiated)."""
+    from qstudy.adapters import ADAPTERS
+    from qstudy.model.dims import ModelDims
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_models("paper", Path(tmp))
+        dims = ModelDims.from_pretrained(model.vision_encoder, model.language_model, PRESETS["paper"][0])
+    rows = ["| method | trainable | share of total |", "|---|---:|---:|"]
+    for method in methods:
+        trainable = ADAPTERS[method]().count_trainable(dims)
+        rows.append(f"| {method} | {trainable:,} | {100 * trainable / dims.total_params:.2f}% |")
+    return f"Paper scale: CLIP ViT-B/16 vision ({dims.vision_params:,}) + GPT-2 124M LM ({dims.lm_params:,}), " \
+           f"8 frames; default hyperparameters of each method\n" + "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], choices=list(PRESETS))
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--worker", nargs=3, metavar=("PRESET", "DIR", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.worker[2], args.steps)))
+        return
+
+    from qstudy.adapters import ADAPTERS
+
+    methods = args.methods or sorted(ADAPTERS, key=lambda m: m != "full")  # full first: the anchor
+    print(share_table(methods), "\n")
+    if args.table_only:
+        return
+    for preset in args.presets:
+        frames, batch = PRESETS[preset]
+        with tempfile.TemporaryDirectory() as tmp:
+            build_models(preset, Path(tmp))  # once, here: the workers' peak RSS must not include building
+            results = []
+            for method in methods:
+                output = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", preset, tmp,
+                                         method], capture_output=True, text=True, check=True).stdout
+                results.append(json.loads(output.strip().splitlines()[-1]))
+        anchor = next(r for r in results if r["method"] == "full")
+        print(f"Preset {preset}: {frames} frames, batch {batch}, {args.steps} timed steps each, CPU fp32")
+        print("| method | trainable | step s | time vs full | peak RSS MB | vs full | train mem MB | vs full |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['method']} | {r['trainable']:,} | {r['step_seconds']:.3f} | "
+                  f"{r['step_seconds'] / anchor['step_seconds']:.2f}x | {r['peak_rss_mb']:.0f} | "
+                  f"{r['peak_rss_mb'] / anchor['peak_rss_mb']:.2f}x | {r['train_memory_mb']:.0f} | "
+                  f"{r['train_memory_mb'] / max(anchor['train_memory_mb'], 1e-9):.2f}x |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
