@@ -186,9 +186,12 @@ def knee_point(front: Sequence[TrialRecord]) -> TrialRecord | None:
     return front[best]
 
 
-def best_under_budget(records: Iterable[TrialRecord], budget: int) -> TrialRecord | None:
-    """The highest-CIDEr valid record with at most ``budget`` trainable parameters (ties: fewer params)."""
-    affordable = [record for record in valid_records(records) if record.trainable_params <= budget]
+def best_under_budget(records: Iterable[TrialRecord], budget: int | None) -> TrialRecord | None:
+    """The highest-CIDEr valid record with at most ``budget`` trainable parameters (ties: fewer params).
+
+    With ``budget=None`` every valid record is affordable: the study's best CIDEr.
+    """
+    affordable = [record for record in valid_records(records) if budget is None or record.trainable_params <= budget]
     return min(affordable, key=lambda record: (-record.cider, record.trainable_params, record.order), default=None)
 
 
@@ -197,7 +200,7 @@ _UNIT_MULTIPLIERS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
 
 
 def parse_budget(text: str, total_params: int) -> int:
-    """A trainable-parameter budget from ``"1.5%"`` (of ``total_params``) or ``"250000"``, ``"250k"``, ``"1.2M"``, ``"1B"``."""
+    """A trainable-parameter count from ``"1.5%"`` (of ``total_params``) or ``"250000"``, ``"250k"``, ``"1.2M"``."""
     match = _BUDGET.fullmatch(text.strip())
     if match is None:
         raise ValueError(
@@ -216,6 +219,64 @@ def parse_budget(text: str, total_params: int) -> int:
     return budget
 
 
+def base_total_params(records: Iterable[TrialRecord]) -> int:
+    """The parameter count a percentage budget refers to: the smallest total among the valid trials.
+
+    Every method's total is the base model plus what the method adds, so the smallest total is
+    the closest to the bare base (exactly it when a frozen or full fine-tuning trial is there).
+    """
+    totals = [record.total_params for record in valid_records(records) if record.total_params]
+    if not totals:
+        raise ValueError("no finished trial logged total_params, so a percentage budget has nothing to refer to")
+    return min(totals)
+
+
+@dataclass(frozen=True)
+class StudyAnalysis:
+    """Everything the report, the dashboards and the export read off one set of trials, computed once."""
+
+    records: tuple[TrialRecord, ...]  # completion order, failed trials included
+    front: tuple[TrialRecord, ...]
+    knee: TrialRecord | None
+    reference: tuple[float, float]  # (CIDEr floor, trainable-parameter ceiling)
+    hypervolume: float
+    history: tuple[tuple[int, float], ...]
+    best: TrialRecord | None  # highest CIDEr, whatever its size
+    budget: int | None = None
+    best_under_budget: TrialRecord | None = None
+
+    @property
+    def valid(self) -> list[TrialRecord]:
+        return valid_records(self.records)
+
+    @property
+    def ideal_box(self) -> float:
+        """Area between the reference point and the ideal point (best CIDEr seen, 0 parameters)."""
+        if self.best is None:
+            return 0.0
+        return max(self.best.cider - self.reference[0], 0.0) * self.reference[1]
+
+
+def analyse(
+    records: Iterable[TrialRecord], reference: tuple[float, float] | None = None, budget: int | None = None
+) -> StudyAnalysis:
+    """Front, knee, hypervolume (``reference`` defaults to :func:`default_reference`) and best trials."""
+    records = tuple(sorted(records, key=lambda record: record.order))
+    reference = reference if reference is not None else default_reference(records)
+    front = pareto_front(records)
+    return StudyAnalysis(
+        records=records,
+        front=tuple(front),
+        knee=knee_point(front),
+        reference=reference,
+        hypervolume=hypervolume(front, reference),
+        history=tuple(hypervolume_history(records, reference)),
+        best=best_under_budget(records, None),
+        budget=budget,
+        best_under_budget=best_under_budget(records, budget) if budget is not None else None,
+    )
+
+
 def _percent_of_total(record: TrialRecord) -> str:
     if not record.total_params:
         return "-"
@@ -224,10 +285,11 @@ def _percent_of_total(record: TrialRecord) -> str:
 
 def front_table(front: Sequence[TrialRecord], knee: TrialRecord | None = None) -> str:
     """The front as an aligned plain-text table for the terminal; the knee row is starred."""
-    header = ("method", "config", "CIDEr", "trainable", "% of total", "knee")
-    numeric_columns = {2, 3, 4}
+    header = ("trial", "method", "config", "CIDEr", "trainable", "% of total", "knee")
+    numeric_columns = {3, 4, 5}
     rows = [
         (
+            record.trial_id,
             record.method,
             record.config or "-",
             f"{record.cider:.4f}",

@@ -1,0 +1,220 @@
+"""Exported adapters: chosen trials written from MLflow as config + weights + metrics, loaded back to caption videos.
+
+``qstudy export`` picks trials (the front, its knee, the best CIDEr, or the best under a
+parameter budget) and writes one directory per trial:
+
+- ``config.yaml``: the trial's complete run config (base model paths, data, method and
+  hyperparameters, training settings); it loads with ``RunConfig.from_yaml``, so it seeds
+  ``qstudy train`` or a search space's ``base:``;
+- ``adapter.safetensors``: the trained parameters only (adapter + projector), no pickle;
+- ``metrics.json``: the trial's final metrics and per-epoch val CIDEr from MLflow;
+
+plus ``index.yaml`` saying what was exported, from where, and why. :func:`load_adapter`
+rebuilds the trial's model from such a directory: the base via ``Captioner.from_pretrained``,
+the method via ``apply_adapter``, then the weights, so it captions exactly as the trial did.
+Torch is imported only when loading a model back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from qstudy.analysis.mlflow_records import client_for, download_artifact
+from qstudy.analysis.pareto import TrialRecord, best_under_budget
+from qstudy.analysis.report import StudySelection, parameter_count
+from qstudy.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from qstudy.model.captioner import Captioner
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "adapter.safetensors"
+METRICS_FILE = "metrics.json"
+INDEX_FILE = "index.yaml"
+SELECTIONS = ("front", "knee", "best", "budget=<count or %>")
+
+
+class ExportError(RuntimeError):
+    """The selection is empty, or a trial's artifacts are missing or do not match its record."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``--select`` asked for: ``front``, ``knee``, ``best`` or ``budget`` with its text."""
+
+    kind: str
+    budget_text: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        kind, equals, budget = text.partition("=")
+        if kind in ("front", "knee", "best") and not equals:
+            return cls(kind)
+        if kind == "budget" and budget.strip():
+            return cls(kind, budget.strip())
+        raise ConfigError(f"--select {text!r}: expected one of {', '.join(SELECTIONS)}")
+
+
+def select_trials(selection: StudySelection, choice: Selection) -> list[tuple[TrialRecord, str]]:
+    """The chosen trials, each with the reason it was chosen."""
+    analysis = selection.analysis
+    if choice.kind == "front":
+        count = len(analysis.front)
+        return [
+            (record, f"on the Pareto front ({rank} of {count}, cheapest first)"
+             + (", its knee" if record == analysis.knee else ""))
+            for rank, record in enumerate(analysis.front, start=1)
+        ]
+    if choice.kind == "knee":
+        chosen, reason = analysis.knee, "the knee of the Pareto front: most parameters saved for the least CIDEr"
+    elif choice.kind == "best":
+        chosen, reason = analysis.best, "the highest val CIDEr of the study"
+    else:
+        try:
+            budget = parameter_count(choice.budget_text, list(analysis.valid))
+        except ValueError as error:
+            raise ConfigError(f"--select budget={choice.budget_text}: {error}") from None
+        chosen = best_under_budget(analysis.records, budget)
+        reason = f"the highest val CIDEr within the budget {choice.budget_text} ({budget:,} trainable params)"
+    if chosen is None:
+        raise ExportError(f"--select {choice.kind}: no finished trial qualifies ({reason})")
+    return [(chosen, reason)]
+
+
+def _directory_name(position: int, record: TrialRecord) -> str:
+    return f"{position:02d}-{record.method}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", record.trial_id)
+
+
+def _weights_parameter_count(path: Path) -> int:
+    """Parameters in a safetensors file, read from its header (no tensors loaded, no torch)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="numpy") as weights:
+        for name in weights.keys():
+            shape = weights.get_slice(name).get_shape()
+            count = 1
+            for size in shape:
+                count *= size
+            total += count
+    return total
+
+
+def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        try:
+            config_path = download_artifact(client, record.run_id, CONFIG_FILE, scratch)
+            weights_path = download_artifact(client, record.run_id, WEIGHTS_FILE, scratch)
+        except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            raise ExportError(f"trial {record.trial_id} (run {record.run_id}): cannot download its "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE} artifacts: {error}") from error
+        weights_count = _weights_parameter_count(weights_path)
+        if weights_count != record.trainable_params:
+            raise ExportError(f"trial {record.trial_id}: {WEIGHTS_FILE} holds {weights_count:,} parameters, "
+                              f"the trial trained {record.trainable_params:,}")
+        config = yaml.safe_load(config_path.read_text())
+        config["output_dir"] = f"runs/{directory.name}"  # not the study's trial directory
+        RunConfig.from_dict(config)  # what we write must load: fail here, not at `qstudy train`
+        directory.mkdir(parents=True, exist_ok=True)
+        header = (f"# Exported from study {record.study}, trial {record.trial_id} (MLflow run {record.run_id}): "
+                  f"{record.label}\n# {reason}.\n# Retrain with `qstudy train {CONFIG_FILE}`; caption with "
+                  f"`qstudy caption --adapter {directory.name} VIDEO.mp4`.\n")
+        (directory / CONFIG_FILE).write_text(header + yaml.safe_dump(config, sort_keys=False))
+        weights_path.replace(directory / WEIGHTS_FILE)
+    run = client.get_run(record.run_id)
+    metrics = {
+        "study": record.study,
+        "trial_id": record.trial_id,
+        "run_id": record.run_id,
+        "method": record.method,
+        "hyperparameters": record.params,
+        "cider": record.cider,
+        "trainable_params": record.trainable_params,
+        "total_params": record.total_params,
+        "epoch_val_cider": list(record.epoch_cider),
+        "final_metrics": dict(sorted(run.data.metrics.items())),
+    }
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def export_trials(selection: StudySelection, choice: Selection, out_dir: Path) -> Path:
+    """Write the chosen trials under ``out_dir`` and an index of them; return the index's path."""
+    chosen = select_trials(selection, choice)
+    client = client_for(selection.tracking_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported = []
+    for position, (record, reason) in enumerate(chosen, start=1):
+        directory = out_dir / _directory_name(position, record)
+        _export_trial(client, record, reason, directory)
+        exported.append({
+            "directory": directory.name, "study": record.study, "trial_id": record.trial_id,
+            "run_id": record.run_id, "method": record.method, "label": record.label, "cider": record.cider,
+            "trainable_params": record.trainable_params, "total_params": record.total_params, "why": reason,
+        })
+    index = {
+        "selection": choice.kind if choice.budget_text is None else f"budget={choice.budget_text}",
+        "studies": [study.name for study in selection.studies],
+        "tracking_uri": selection.tracking_uri,
+        "parent_runs": {study.name: study.parent_run_id for study in selection.studies},
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trials": exported,
+    }
+    index_path = out_dir / INDEX_FILE
+    comment = ("# What `qstudy export` wrote and why: one directory per trial with config.yaml "
+               "(loads with `qstudy train`), adapter.safetensors and metrics.json.\n")
+    index_path.write_text(comment + yaml.safe_dump(index, sort_keys=False))
+    return index_path
+
+
+def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
+    """The exported trial's model, in eval mode, exactly as it was after training."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qstudy.adapters import apply_adapter
+    from qstudy.model.captioner import Captioner
+
+    directory = Path(directory)
+    config = RunConfig.from_yaml(directory / CONFIG_FILE)
+    captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
+    apply_adapter(captioner, config.adapter)
+    # The trial trained (and so captioned) in its precision; bf16 weights in an fp32 model would not match.
+    captioner.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float32)
+    weights = load_file(directory / WEIGHTS_FILE)
+    trainable = {name for name, parameter in captioner.named_parameters() if parameter.requires_grad}
+    if set(weights) != trainable:
+        missing, unexpected = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
+        raise ExportError(f"{directory / WEIGHTS_FILE} does not fit {config.adapter.method}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    captioner.load_state_dict(weights, strict=False)
+    return captioner.eval(), config
+
+
+def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> list[tuple[Path, str | None]]:
+    """``(video, caption)`` per video, frames sampled as in training; ``None`` for a video that does not decode."""
+    import torch
+
+    from qstudy.data.frames import sample_frames
+
+    size = config.data.image_size or captioner.image_size
+    results = []
+    for video in videos:
+        try:
+            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size))[None]
+        except (RuntimeError, IndexError, OSError):  # decord: "Error reading ..."
+            results.append((video, None))
+            continue
+        if config.data.blind:  # trained on blank frames: caption as it was evaluated
+            frames = torch.zeros_like(frames)
+        (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
+        results.append((video, caption))
+    return results
