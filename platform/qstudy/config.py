@@ -172,6 +172,10 @@ class ModelConfig:
     max_caption_tokens: int = 24
     # "eager" is fastest for the tiny preset on CPU; None lets transformers pick (sdpa).
     attn_implementation: str | None = None
+    # Each frame reaches the LM as its pooled token plus its patch tokens average-pooled to a
+    # frame_grid x frame_grid grid (as video LLMs pool patches): where things are, and what is
+    # where, survive. 0 keeps the pooled token only.
+    frame_grid: int = 2
 
 
 @dataclass

@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class BaseSpec:
 
     source_clips: int = 480
     num_frames: int = 4
+    frame_grid: int = 2
     steps: int = 600
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -62,7 +63,7 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     random_init = build_tiny(base_dir / "random-init", synthetic.caption_vocabulary(), seed=spec.seed)
 
     torch.manual_seed(spec.seed)
-    captioner = Captioner.from_pretrained(random_init, spec.num_frames)
+    captioner = Captioner.from_pretrained(replace(random_init, frame_grid=spec.frame_grid), spec.num_frames)
     trainable = apply_adapter(captioner, FullFineTuningConfig())
     engine = make_engine(captioner, trainable, TrainConfig(batch_size=spec.batch_size, learning_rate=spec.learning_rate))
     data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames)

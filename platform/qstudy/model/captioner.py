@@ -60,13 +60,14 @@ class Captioner(nn.Module):
     """Vision tower + projector + causal LM, with a slot for adapter modules."""
 
     def __init__(self, vision: nn.Module, lm: nn.Module, tokenizer, dims: ModelDims, max_caption_tokens: int,
-                 pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD):
+                 pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD, frame_grid: int = 2):
         super().__init__()
         self.vision = vision
         self.lm = lm
         self.tokenizer = tokenizer
         self.dims = dims
         self.max_caption_tokens = max_caption_tokens
+        self.frame_grid = frame_grid
         self.projector = Projector(dims.vision_hidden, dims.lm_hidden, dims.num_frames)
         # Adapters register their modules here so that saving "what trains" is one state_dict.
         self.adapter_modules = nn.ModuleDict()
@@ -75,6 +76,9 @@ class Captioner(nn.Module):
         self.extra_frame_tokens: list[Callable[[], torch.Tensor]] = []
         # Adapters that work on the LM's input (prompt tuning) or see the visual prefix (fusion).
         self.lm_input_hooks: list[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
+        # Adapters that feed the LM a different visual prefix (ADEM-VL pools it to one token) map the
+        # projected prefix (batch, tokens, lm_hidden) to the one the LM receives.
+        self.prefix_hooks: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         if tokenizer.pad_token_id is None:
@@ -93,6 +97,7 @@ class Captioner(nn.Module):
             max_caption_tokens=config.max_caption_tokens,
             pixel_mean=mean,
             pixel_std=std,
+            frame_grid=config.frame_grid,
         )
         if config.projector:
             state = load_file(config.projector)
@@ -118,11 +123,18 @@ class Captioner(nn.Module):
             projector=str(directory / "projector.safetensors"),
             max_caption_tokens=self.max_caption_tokens,
             attn_implementation=self.vision.config._attn_implementation,
+            frame_grid=self.frame_grid,
         )
 
     @property
     def encoder_layers(self) -> nn.ModuleList:
         return self.vision.encoder.layers
+
+    @property
+    def lm_blocks(self) -> nn.ModuleList:
+        """The LM's transformer blocks: GPT-2's ``transformer.h``, Llama-style ``model.layers``."""
+        base = self.lm.base_model
+        return base.h if hasattr(base, "h") else base.layers
 
     @property
     def image_size(self) -> int:
@@ -133,10 +145,25 @@ class Captioner(nn.Module):
         batch, num_frames = frames.shape[:2]
         pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
-        pooled = self.vision(pixel_values=pixels).pooler_output
-        tokens = [pooled[:, None, :]] + [extra() for extra in self.extra_frame_tokens]
+        output = self.vision(pixel_values=pixels)
+        pooled = output.pooler_output
+        tokens = [pooled[:, None, :]] + self._grid_tokens(output.last_hidden_state)
+        tokens += [extra() for extra in self.extra_frame_tokens]
         frame_tokens = torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
-        return self.projector(frame_tokens)
+        prefix = self.projector(frame_tokens)
+        for hook in self.prefix_hooks:
+            prefix = hook(prefix)
+        return prefix
+
+    def _grid_tokens(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The patch tokens average-pooled to ``frame_grid`` x ``frame_grid`` (none when it is 0)."""
+        if not self.frame_grid:
+            return []
+        side = self.image_size // self.vision.config.patch_size
+        patches = hidden[:, -side * side:]  # CLIP puts a CLS token first; SigLIP has none
+        grid = patches.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
+        pooled = nn.functional.adaptive_avg_pool2d(grid, self.frame_grid)
+        return [pooled.flatten(2).transpose(1, 2)]
 
     def _lm_inputs(self, prefix: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor):
         embeddings = self.lm.get_input_embeddings()(token_ids)

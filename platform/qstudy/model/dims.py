@@ -78,6 +78,9 @@ class ModelDims:
     num_frames: int
     vision_shapes: dict[str, tuple[int, ...]]
     lm_shapes: dict[str, tuple[int, ...]]
+    # The patch grid (ADEM-VL's multiscale features are sized by it); None where a tower lacks them.
+    vision_image_size: int | None = None
+    vision_patch_size: int | None = None
 
     @classmethod
     def from_pretrained(cls, vision_encoder: str, language_model: str, num_frames: int) -> "ModelDims":
@@ -92,6 +95,8 @@ class ModelDims:
             num_frames=num_frames,
             vision_shapes=vision_tower_shapes(read_weight_shapes(vision_encoder)),
             lm_shapes=read_weight_shapes(language_model),
+            vision_image_size=vision.get("image_size"),
+            vision_patch_size=vision.get("patch_size"),
         )
 
     @property
@@ -103,6 +108,18 @@ class ModelDims:
         return sum(_numel(shape) for shape in self.lm_shapes.values())
 
     @property
+    def vision_grid(self) -> int | None:
+        """Patches per side of a frame's patch grid."""
+        if self.vision_image_size is None or self.vision_patch_size is None:
+            return None
+        return self.vision_image_size // self.vision_patch_size
+
+    def norm_params(self, tower: str) -> int:
+        """Parameters of the normalisation layers of ``tower`` ("vision" or "lm"), by module name."""
+        shapes = self.vision_shapes if tower == "vision" else self.lm_shapes
+        return sum(_numel(shape) for name, shape in shapes.items() if is_norm_module(name.rpartition(".")[0]))
+
+    @property
     def projector_params(self) -> int:
         """Two-layer MLP vision->LM width plus one learned embedding per frame position."""
         d_vision, d_lm = self.vision_hidden, self.lm_hidden
@@ -111,6 +128,17 @@ class ModelDims:
     @property
     def total_params(self) -> int:
         return self.vision_params + self.lm_params + self.projector_params
+
+
+def is_norm_module(name: str) -> bool:
+    """Whether a dotted module name is a LayerNorm/RMSNorm one.
+
+    Covers CLIP's layer_norm1/post_layernorm/pre_layrnorm, GPT-2's ln_1/ln_f and Llama's
+    input_layernorm/norm. Closed-form counts and the torch side both select norms with this
+    one rule, so they cannot disagree.
+    """
+    leaf = name.rpartition(".")[2].lower()
+    return leaf.startswith("ln") or "norm" in leaf
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,0 +1,114 @@
+"""The new methods' building blocks do what their papers say: Kronecker sums, adaptive fusion, sharing, one CLS token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qstudy.adapters import adapter_config_from_mapping
+from qstudy.adapters.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
+from qstudy.config import ConfigError
+from qstudy.model.dims import ModelDims, is_norm_module
+
+# The tiny preset's shapes: CLIP vision 64 wide, 4 layers, 32 px images in 8 px patches; GPT-2 128 wide, 2 layers.
+TINY = ModelDims(vision_hidden=64, vision_layers=4, vision_intermediate=128, lm_hidden=128, lm_layers=2,
+                 num_frames=4, vision_shapes={}, lm_shapes={}, vision_image_size=32, vision_patch_size=8)
+
+
+def test_lphm_weight_is_a_sum_of_kronecker_products():
+    torch.manual_seed(0)
+    layer = LowRankPHM(12, 8, phm_dim=4, rank=2, zero_init=False)
+    rule = torch.randn(4, 4, 4)
+    blocks = layer.left @ layer.right
+    weight = sum(torch.kron(rule[i], blocks[i]) for i in range(4))
+    inputs = torch.randn(3, 12)
+    torch.testing.assert_close(layer(inputs, rule), inputs @ weight + layer.bias)
+
+
+def test_lphm_up_projection_starts_at_zero_but_still_learns():
+    layer = LowRankPHM(8, 12, phm_dim=4, rank=1, zero_init=True)
+    rule = torch.randn(4, 4, 4)
+    output = layer(torch.randn(3, 8), rule)
+    assert torch.equal(output, torch.zeros_like(output))
+    output.sum().backward()
+    assert layer.right.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("sharing", "downs", "ups"), [("none", 6, 6), ("single", 1, 1), ("half", 1, 6)])
+def test_bottleneck_sharing_reuses_the_projections(sharing, downs, ups):
+    adapters = BottleneckAdapters(hidden=16, bottleneck=4, positions=6, sharing=sharing)
+    assert (len(adapters.down), len(adapters.up)) == (downs, ups)
+    for up in adapters.up:
+        torch.nn.init.normal_(up.weight)
+    inputs = torch.randn(2, 16)
+    outputs = [adapters(inputs, position) for position in range(6)]
+    assert torch.equal(outputs[0], outputs[5]) == (sharing == "single")
+
+
+def fusion(drop_ratio: float) -> MultiscaleFusion:
+    torch.manual_seed(0)
+    module = MultiscaleFusion(vision_hidden=8, lm_hidden=6, grid=4, pool_strides=[1, 2], num_frames=2,
+                              projection_hidden=5, scale=0.1, visual_scale=1.0, drop_ratio=drop_ratio)
+    torch.nn.init.normal_(module.value_embedding)
+    return module
+
+
+def test_fusion_reads_the_patch_grid_and_its_pooled_grid_of_every_frame():
+    module = fusion(0.0)
+    module.capture(torch.randn(3 * 2, 1 + 16, 8))  # 3 clips x 2 frames, CLS + 4x4 patches
+    assert module.visual.shape == (3, 2 * (16 + 4), 6)
+
+
+def test_adaptive_fusion_drops_each_tokens_lowest_scores():
+    module = fusion(0.25)
+    hidden = torch.randn(2, 1 + 16, 8)
+    module.capture(hidden)
+    text = torch.randn(1, 5, 6)
+    visual = module.visual
+    scores = F.silu(text) @ F.silu(visual + module.key_embedding).transpose(1, 2)  # (1, 5, 40)
+    kept = scores.argsort(dim=-1)[..., 10:]  # 25% of 40 visual tokens dropped per text token
+    mask = torch.zeros_like(scores).scatter(-1, kept, 1.0)
+    expected = 0.1 * (scores * mask) @ (visual + module.value_embedding)
+    torch.testing.assert_close(module(text), expected)
+    assert not torch.allclose(module(text), 0.1 * scores @ (visual + module.value_embedding))
+
+
+def test_fusion_follows_beam_search_rows():
+    module = fusion(0.1)
+    module.capture(torch.randn(2 * 2, 17, 8))  # 2 clips
+    text = torch.randn(2, 1, 6)
+    beams = module(text.repeat_interleave(3, dim=0))  # 3 beams per clip, as generate expands them
+    torch.testing.assert_close(beams[::3], module(text))
+
+
+@pytest.mark.parametrize(("mapping", "field"), [
+    ({"method": "bottleneck", "reduction_factor": 256}, "adapter.reduction_factor"),
+    ({"method": "bottleneck", "sharing": "all"}, "adapter.sharing"),
+    ({"method": "compacter", "phm_dim": 3}, "adapter.phm_dim"),
+    ({"method": "compacter", "target": "vision", "reduction_factor": 32}, "adapter.phm_dim"),  # bottleneck 2
+    ({"method": "hyperformer", "embedding_dim": 0}, "adapter.embedding_dim"),
+    ({"method": "prompt_tuning", "prompt_length": 0}, "adapter.prompt_length"),
+    ({"method": "prompt_tuning", "mid_dim": 0}, "adapter.mid_dim"),
+    ({"method": "ademvl", "pool_strides": [3]}, "adapter.pool_strides"),
+    ({"method": "ademvl", "drop_ratio": 1.0}, "adapter.drop_ratio"),
+    ({"method": "ademvl", "vision_adapter_dim": -1}, "adapter.vision_adapter_dim"),
+])
+def test_bad_hyperparameters_fail_naming_the_field(mapping, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        adapter_config_from_mapping(mapping).validate(TINY)
+
+
+def test_ademvl_closed_form_counts_the_per_frame_visual_embeddings():
+    config = adapter_config_from_mapping({"method": "ademvl", "vision_adapter_dim": 0, "pool_strides": [1, 2]})
+    projection = 64 * 128 + 128 + 128 * 128 + 128
+    assert config.extra_trainable(TINY) == projection + 2 * 4 * (16 + 4) * 128
+
+
+@pytest.mark.parametrize(("name", "is_norm"), [
+    ("encoder.layers.0.layer_norm1", True), ("pre_layrnorm", True), ("post_layernorm", True),
+    ("transformer.h.1.ln_2", True), ("transformer.ln_f", True), ("model.layers.3.input_layernorm", True),
+    ("model.norm", True), ("transformer.h.0.attn.c_attn", False), ("encoder.layers.0.mlp.fc1", False),
+])
+def test_norm_modules_are_found_by_name_across_families(name, is_norm):
+    assert is_norm_module(name) == is_norm

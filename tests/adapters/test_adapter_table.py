@@ -1,0 +1,164 @@
+"""Every registered adapter through the same checks: counts, freezing, training, save/reload, zero-init.
+
+One table, one row per method and the configs where a method's variants differ in what they
+build. A method registered without a row here fails ``test_every_registered_method_has_a_row``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qstudy.adapters import ADAPTERS, adapter_config_from_mapping, apply_adapter, count_parameters
+from qstudy.adapters.bottleneck import ResidualAdapterConfig
+from qstudy.cli import DEMO_CONFIG
+from qstudy.config import RunConfig
+from qstudy.data.annotations import read_clips
+from qstudy.data.frames import decode_clips
+from qstudy.model.captioner import Captioner
+from qstudy.model.dims import is_norm_module
+from qstudy.train.engine import trainable_state
+
+TABLE = {
+    "frozen": {"method": "frozen"},
+    "full": {"method": "full"},
+    "lora-vision": {"method": "lora", "target": "vision", "rank": 4},
+    "lora-lm": {"method": "lora", "target": "lm", "rank": 4},
+    "lora-both": {"method": "lora"},
+    "qadapter-none": {"method": "qadapter", "gating": "none", "rank": 8},
+    "qadapter-tanh": {"method": "qadapter", "gating": "tanh", "insertion_layers": "every:2"},
+    "qadapter-sigmoid": {"method": "qadapter", "gating": "sigmoid", "insertion_layers": [3]},
+    "qadapter-queries_to_lm": {"method": "qadapter", "gating": "tanh", "queries_to_lm": True, "num_query_tokens": 2},
+    "bottleneck-lm": {"method": "bottleneck"},
+    "bottleneck-both-single": {"method": "bottleneck", "target": "both", "sharing": "single", "reduction_factor": 8},
+    "bottleneck-vision-half-norms-frozen": {"method": "bottleneck", "target": "vision", "sharing": "half",
+                                            "unfreeze_layer_norms": False},
+    "compacter-lm": {"method": "compacter"},
+    "compacter-both-rank2": {"method": "compacter", "target": "both", "phm_rank": 2, "reduction_factor": 8},
+    "hyperformer-lm": {"method": "hyperformer"},
+    "hyperformer-both": {"method": "hyperformer", "target": "both", "reduction_factor": 8, "embedding_dim": 8},
+    "prompt_tuning": {"method": "prompt_tuning", "prompt_length": 4},
+    "prompt_tuning-mid_dim": {"method": "prompt_tuning", "mid_dim": 32},
+    "ademvl": {"method": "ademvl"},
+    "ademvl-one-scale-no-drop": {"method": "ademvl", "pool_strides": [1], "drop_ratio": 0.0, "vision_adapter_dim": 0},
+}
+CLIPS = 4
+STEPS = 4
+LEARNING_RATE = 2e-3
+NEW_TOKENS = 8
+
+
+class Bench:
+    """The tiny base, a fixed batch of decoded target clips, and the base model's outputs on it."""
+
+    def __init__(self, workspace):
+        preset = RunConfig.from_yaml(DEMO_CONFIG)
+        self.model_config, self.num_frames = preset.model, preset.data.num_frames
+        clips = read_clips(preset.data.format, preset.data.annotations, preset.data.video_dir, "train")[:CLIPS]
+        base = self.build()
+        decoded = decode_clips(clips, self.num_frames, base.image_size, progress=False)
+        self.frames = torch.from_numpy(decoded.frames)
+        self.token_ids, self.token_mask = base.tokenize([clip.captions[0] for clip in decoded.clips])
+        self.base_loss, self.base_logits = self.loss_and_logits(base)
+        self.base_captions = base.generate(self.frames, max_new_tokens=NEW_TOKENS)
+
+    def build(self) -> Captioner:
+        return Captioner.from_pretrained(self.model_config, self.num_frames)
+
+    def loss_and_logits(self, captioner: Captioner) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode loss on the fixed batch and the LM's logits of that forward."""
+        seen = []
+        handle = captioner.lm.register_forward_hook(lambda _module, _args, output: seen.append(output.logits))
+        captioner.eval()
+        with torch.no_grad():
+            loss = captioner(self.frames, self.token_ids, self.token_mask)
+        handle.remove()
+        return loss, seen[0]
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_workspace):
+    # Tiny matmuls gain nothing from intra-op threads; on a shared 2-core machine the threads'
+    # waiting made these tests ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Bench(tiny_workspace)
+    torch.set_num_threads(threads)
+
+
+def base_weight_trains(config, name: str, towers: set[str]) -> bool:
+    """Whether a weight of the base towers (not projector, not adapter_modules) should train."""
+    if config.method == "full":
+        return True
+    if config.method == "lora":
+        return "lora_" in name and name.partition(".")[0] in towers
+    if isinstance(config, ResidualAdapterConfig) and config.unfreeze_layer_norms:
+        return name.partition(".")[0] in towers and is_norm_module(name.rpartition(".")[0])
+    return False
+
+
+def test_every_registered_method_has_a_row():
+    assert {row["method"] for row in TABLE.values()} == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("row", list(TABLE), ids=list(TABLE))
+def test_adapter(row, bench, tmp_path):
+    config = adapter_config_from_mapping(TABLE[row])
+    torch.manual_seed(0)
+    captioner = bench.build()
+    trainable = apply_adapter(captioner, config)
+
+    # Exactly the closed-form number of parameters trains, and exactly the intended ones.
+    assert count_parameters(captioner)[0] == sum(p.numel() for p in trainable) == config.count_trainable(captioner.dims)
+    towers = {"vision", "lm"} if getattr(config, "target", "both") == "both" else {config.target}
+    for name, parameter in captioner.named_parameters():
+        intended = name.startswith(("projector.", "adapter_modules.")) or base_weight_trains(config, name, towers)
+        assert parameter.requires_grad == intended, name
+
+    # Zero-initialised methods start exactly at the base; the others visibly do not.
+    loss, logits = bench.loss_and_logits(captioner)
+    if config.starts_at_base:
+        assert torch.equal(loss, bench.base_loss) and torch.equal(logits, bench.base_logits)
+        assert captioner.generate(bench.frames, max_new_tokens=NEW_TOKENS) == bench.base_captions
+    else:
+        assert not torch.equal(loss, bench.base_loss)
+
+    # A few steps on the fixed batch lower its loss.
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    captioner.train()
+    for _ in range(STEPS):
+        captioner(bench.frames, bench.token_ids, bench.token_mask).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained_loss, trained_logits = bench.loss_and_logits(captioner)
+    assert trained_loss < loss
+
+    # The saved trainable weights rebuild the same model from a fresh base.
+    save_file(trainable_state(captioner), tmp_path / "adapter.safetensors")
+    torch.manual_seed(1)  # a different random init for the fresh adapter modules
+    fresh = bench.build()
+    apply_adapter(fresh, config)
+    loaded = fresh.load_state_dict(load_file(tmp_path / "adapter.safetensors"), strict=False)
+    assert not loaded.unexpected_keys
+    assert {name for name, p in fresh.named_parameters() if p.requires_grad} <= set(load_file(tmp_path / "adapter.safetensors"))
+    reloaded_loss, reloaded_logits = bench.loss_and_logits(fresh)
+    assert torch.equal(reloaded_loss, trained_loss) and torch.equal(reloaded_logits, trained_logits)
+    assert fresh.generate(bench.frames, max_new_tokens=NEW_TOKENS) == captioner.generate(bench.frames, max_new_tokens=NEW_TOKENS)
+
+
+def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):
+    base = bench.build()
+    captioner = bench.build()
+    apply_adapter(captioner, adapter_config_from_mapping({"method": "ademvl"}))
+    with torch.no_grad():
+        base_prefix = base.encode_frames(bench.frames)
+        one_token = captioner.encode_frames(bench.frames)
+    # The base feeds the LM each frame's pooled token first, then its other tokens; ADEM-VL
+    # feeds only the pooled tokens' average (its vision adapters start at zero, the projector is the base's).
+    assert base_prefix.shape[1] >= bench.num_frames and one_token.shape[1] == 1
+    frames_pooled = base_prefix.unflatten(1, (bench.num_frames, -1))[:, :, 0]
+    torch.testing.assert_close(one_token, frames_pooled.mean(dim=1, keepdim=True))
+    grid = captioner.dims.vision_grid
+    fused_tokens = captioner.adapter_modules["ademvl_fusion"].visual.shape[1]
+    assert fused_tokens == bench.num_frames * (grid**2 + (grid // 2) ** 2)
