@@ -6,7 +6,7 @@ Usage:
     python bench/step_cost.py --table-only        # paper-scale trainable-parameter share, no training
 
 Each (preset, method) runs in a fresh subprocess so that its peak RSS is its own. Memory is
-reported two ways: the whole process's peak RSS, and the training increment (peak RSS minus
+reported two ways: the process's peak RSS while training (model included), and the training increment (that peak minus
 RSS once the model is built), which is what PEFT saves: gradients, optimiser state and the
 activations kept for backward. Models are random weights from config classes: no download.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,8 +60,9 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
     engine = make_engine(captioner, trainable, TrainConfig(batch_size=batch))
     size = captioner.image_size
     video = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8)
-    token_ids, token_mask = captioner.tokenize(["a yellow diamond moves left across the screen"] * batch)
-    built_rss = _rss_mb()
+    token_ids, token_mask = captioner.tokenize(["a blue square moves left across the screen"] * batch)
+    built_rss = _rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak below is training's own
     captioner.train()
     for step in range(steps + 2):
         if step == 2:
@@ -74,8 +74,16 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
             "train_memory_mb": _rss_mb() - built_rss, "trainable": trainable_params, "total": total_params}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _rss_mb(field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in MB.
+
+    Not getrusage's ru_maxrss: Linux carries it across exec from the forking parent, so every
+    worker would report the (larger) parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def share_table(methods: list[str]) -> str:

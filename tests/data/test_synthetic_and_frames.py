@@ -38,14 +38,14 @@ def test_decord_frames_keep_the_drawn_colour_and_motion(tmp_path):
     from qstudy.data.synthetic import write_mp4
 
     spec = SyntheticSpec(num_frames=16)
-    frames = render_clip("yellow", "diamond", "right", spec, np.random.default_rng(0))
+    frames = render_clip("blue", "square", "right", spec, np.random.default_rng(0))
     write_mp4(tmp_path / "clip.mp4", frames)
     decoded = sample_frames(str(tmp_path / "clip.mp4"), num_frames=8, size=32)
     assert decoded.shape == (8, 32, 32, 3) and decoded.dtype == np.uint8
-    yellow = np.array(COLOURS["yellow"])
+    blue = np.array(COLOURS["blue"])
     centres = []
     for frame in decoded:
-        mask = np.abs(frame.astype(int) - yellow).sum(-1) < 60
+        mask = np.abs(frame.astype(int) - blue).sum(-1) < 60
         assert mask.sum() > 10  # the shape survives H.264 with its colour
         centres.append(np.argwhere(mask)[:, 1].mean())
     assert all(b > a for a, b in zip(centres, centres[1:]))  # and it moves right

@@ -3,7 +3,7 @@
 Each clip shows one coloured shape moving in one direction over a noisy background; its
 captions are paraphrases naming colour, shape and direction. Two domains share the caption
 language but not the visuals: ``source`` (what the tiny base is pretrained on) and
-``target`` (new colours and shapes, what adapters are studied on), mirroring a pretrained
+``target`` (outlines on a light background, what adapters are studied on), mirroring a pretrained
 captioner adapted to a new dataset. Output is deterministic for a seed.
 """
 
@@ -19,13 +19,16 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
-    "yellow": (230, 220, 40), "cyan": (40, 210, 220), "magenta": (210, 50, 200),
-}
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+# The target domain keeps the caption language (so the frozen LM can already say every word,
+# as a pretrained MLLM can) but shifts what the encoder sees: hollow outlines on a light
+# background instead of filled shapes on a dark one. Reading them again is the vision
+# encoder's job, which is what an adapter inside it is for.
 DOMAINS = {
-    "source": {"colours": ("red", "green", "blue"), "shapes": ("circle", "square", "triangle")},
-    "target": {"colours": ("yellow", "cyan", "magenta"), "shapes": ("cross", "diamond", "ring")},
+    "source": {"colours": ("red", "green", "blue"), "shapes": ("circle", "square", "triangle"),
+               "background": (0, 60), "outline": False},
+    "target": {"colours": ("red", "green", "blue"), "shapes": ("circle", "square", "triangle"),
+               "background": (150, 230), "outline": True},
 }
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 TEMPLATES = (
@@ -57,8 +60,8 @@ def caption_vocabulary() -> list[str]:
     words = set()
     for template in TEMPLATES:
         words.update(w for w in template.split() if not w.startswith("{"))
-    words.update(COLOURS)
-    words.update(s for d in DOMAINS.values() for s in d["shapes"])
+    for domain in DOMAINS.values():
+        words.update(domain["colours"], domain["shapes"])
     words.update(DIRECTIONS)
     return sorted(words)
 
@@ -79,31 +82,27 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> n
         return (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
     if shape == "triangle":
         return (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
-    if shape == "cross":
-        arm = radius * 0.35
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= radius
-    if shape == "ring":
-        distance = dx**2 + dy**2
-        return (distance <= radius**2) & (distance >= (radius * 0.55) ** 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 
 def render_clip(colour: str, shape: str, direction: str, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     """(frames, size, size, 3) uint8: the shape crossing a noisy background."""
-    size, radius = spec.size, spec.size * 0.17
-    travel = spec.size * 0.45
+    size, radius = spec.size, spec.size * 0.24
+    travel = spec.size * 0.4
     step_x, step_y = DIRECTIONS[direction]
     margin = radius + 1
     # Start so that the whole path stays inside the frame.
     start_x = rng.uniform(margin + travel * max(0, -step_x), size - margin - travel * max(0, step_x))
     start_y = rng.uniform(margin + travel * max(0, -step_y), size - margin - travel * max(0, step_y))
-    background = rng.integers(0, 60, size=(size, size, 3))
+    style = DOMAINS[spec.domain]
+    background = rng.integers(*style["background"], size=(size, size, 3))
     frames = np.empty((spec.num_frames, size, size, 3), dtype=np.uint8)
     for t in range(spec.num_frames):
         progress = t / max(1, spec.num_frames - 1)
-        mask = _shape_mask(shape, size, start_x + step_x * travel * progress, start_y + step_y * travel * progress, radius)
+        centre = (start_x + step_x * travel * progress, start_y + step_y * travel * progress)
+        mask = _shape_mask(shape, size, *centre, radius)
+        if style["outline"]:
+            mask &= ~_shape_mask(shape, size, *centre, radius * 0.5)
         frame = background + rng.integers(-8, 9, size=(size, size, 3))
         frame[mask] = COLOURS[colour]
         frames[t] = np.clip(frame, 0, 255)
