@@ -2,7 +2,9 @@
 
 import platform
 
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stdlib_platform_still_works():

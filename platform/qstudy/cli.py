@@ -11,6 +11,8 @@ from pathlib import Path
 from qstudy.config import ConfigError, qstudy_home
 
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
+# A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
+DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "qadapter_tiny.yaml"
 
 
 def _quiet_libraries() -> None:
@@ -32,7 +34,8 @@ def cmd_base(args) -> None:
     from qstudy.model.base import BaseSpec, pretrain_base
 
     _quiet_libraries()
-    model = pretrain_base(args.out, BaseSpec(steps=args.steps, seed=args.seed))
+    spec = BaseSpec(seed=args.seed) if args.steps is None else BaseSpec(steps=args.steps, seed=args.seed)
+    model = pretrain_base(args.out, spec)
     print(json.dumps(model.__dict__, indent=2))
 
 
@@ -67,17 +70,94 @@ def cmd_train(args) -> None:
     print_result(run(config))
 
 
+def _study_options(args, space_path: Path, name: str | None):
+    from qstudy.study.tuner import StudyOptions
+
+    return StudyOptions(space_path=space_path, home=qstudy_home(), name=name, address=args.address,
+                        mlflow_uri=args.mlflow_uri, trials=args.trials, concurrency=args.concurrency,
+                        workers_per_trial=args.workers_per_trial, sampler=args.sampler)
+
+
+def cmd_study(args) -> None:
+    from qstudy.study.tuner import format_summary, resume_study, run_study
+
+    if (args.space is None) == (args.resume is None):
+        raise ConfigError("give a search-space file or --resume NAME (not both)")
+    if args.resume:
+        summary = resume_study(args.resume, qstudy_home(), args.address)
+    else:
+        summary = run_study(_study_options(args, args.space, args.name))
+    print(format_summary(summary))
+
+
 def cmd_demo(args) -> None:
-    from qstudy.config import RunConfig
-    from qstudy.train.recipe import run
+    """A small Q-Adapter study on a local Ray instance, tracked in the embedded sqlite MLflow store."""
+    import time
+
+    from qstudy.study.tuner import format_summary, run_study
 
     home = qstudy_home()
     print(f"preparing the tiny workspace in {home} (synthetic mp4 clips, pretrained tiny base)")
     _quiet_libraries()
     prepare_tiny_workspace(home)
-    config = RunConfig.from_yaml(DEMO_CONFIG)
-    config.output_dir = str(home / "runs" / "demo")
-    print_result(run(config))
+    space = DEMO_SPACE if DEMO_SPACE.exists() else Path.cwd() / "search_spaces" / DEMO_SPACE.name
+    name = time.strftime("demo-%Y%m%d-%H%M%S")
+    print(f"running study {name} from {space} on a local Ray instance")
+    summary = run_study(_study_options(args, space, name))
+    print(format_summary(summary))
+
+
+def cmd_report(args) -> None:
+    from qstudy.analysis.mlflow_records import StudyNotFound
+    from qstudy.analysis.report import format_published, format_report, publish_dashboards, read_studies
+    from qstudy.analysis.views import default_views_dir, load_views
+    from qstudy.study.tracking import TrackingUnavailable
+
+    views = load_views(args.views or default_views_dir())  # a bad view file fails before MLflow is read
+    try:
+        selection = read_studies(args.studies, args.mlflow_uri, args.budget, args.reference)
+    except (StudyNotFound, TrackingUnavailable) as error:
+        sys.exit(f"qstudy: {error}")
+    print(format_report(selection))
+    out_dir = args.report_dir or qstudy_home() / "reports" / selection.name
+    print("\n" + format_published(selection, out_dir, publish_dashboards(selection, views, out_dir, not args.no_png)))
+
+
+def cmd_export(args) -> None:
+    from qstudy.analysis.mlflow_records import StudyNotFound
+    from qstudy.analysis.report import read_studies
+    from qstudy.export import ExportError, Selection, export_trials
+    from qstudy.study.tracking import TrackingUnavailable
+
+    choice = Selection.parse(args.select)
+    try:
+        index = export_trials(read_studies(args.studies, args.mlflow_uri), choice, args.export_dir)
+    except (StudyNotFound, TrackingUnavailable, ExportError) as error:
+        sys.exit(f"qstudy: {error}")
+    print(index.read_text())
+    print(f"index: {index}")
+
+
+def cmd_caption(args) -> None:
+    from qstudy.export import caption_videos, load_adapter
+
+    _quiet_libraries()
+    captioner, config = load_adapter(args.adapter)
+    results = caption_videos(captioner, config, args.videos)
+    for video, caption in results:
+        print(f"{video}\t{caption if caption is not None else '(could not decode this video)'}")
+    if any(caption is None for _, caption in results):
+        sys.exit(1)
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser, trials: int | None = None) -> None:
+    """Options of `study` and `demo`; unset ones keep the search-space file's settings."""
+    parser.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    parser.add_argument("--trials", type=int, default=trials)
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--workers-per-trial", type=int)
+    parser.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     base = commands.add_parser("base", help="pretrain the tiny base captioner on the source domain")
     base.add_argument("--out", type=Path, default=None, help="default: $QSTUDY_HOME/base/tiny")
-    base.add_argument("--steps", type=int, default=1000)
+    base.add_argument("--steps", type=int, default=None, help="default: BaseSpec.steps")
     base.add_argument("--seed", type=int, default=0)
     base.set_defaults(handler=cmd_base)
 
@@ -104,8 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default=None)
     train.set_defaults(handler=cmd_train)
 
-    demo = commands.add_parser("demo", help="the embedded default: synthetic data, tiny base, one Q-Adapter run")
+    study = commands.add_parser("study", help="run a hyperparameter study (Ray Tune + Optuna, tracked in MLflow)")
+    study.add_argument("space", type=Path, nargs="?", help="search-space YAML (see search_spaces/)")
+    study.add_argument("--resume", metavar="NAME", help="continue a study whose driver stopped")
+    study.add_argument("--name", help="study name (default: the space's study family)")
+    _add_study_arguments(study)
+    study.set_defaults(handler=cmd_study)
+
+    demo = commands.add_parser("demo", help="the embedded default: synthetic data, tiny base, a small local study")
+    _add_study_arguments(demo, trials=6)
     demo.set_defaults(handler=cmd_demo)
+
+    report = commands.add_parser("report", help="Pareto front, hypervolume, knee and dashboards of studies in MLflow")
+    report.add_argument("studies", nargs="+", metavar="STUDY", help="study name or parent run id; several combine")
+    report.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    report.add_argument("--budget", help="parameter budget: a share of the base model (1.5%%) or a count (250k)")
+    report.add_argument("--reference", help="hypervolume reference point CIDER,PARAMS (default: 0,1.1x largest trial)")
+    report.add_argument("--views", type=Path, help="directory of dashboard view files (default: dashboards/)")
+    report.add_argument("--out", dest="report_dir", type=Path, help="default: $QSTUDY_HOME/reports/STUDY")
+    report.add_argument("--no-png", action="store_true", help="HTML dashboards only (PNGs need Chromium)")
+    report.set_defaults(handler=cmd_report)
+
+    export = commands.add_parser("export", help="write selected trials' configs, adapter weights and metrics")
+    export.add_argument("studies", nargs="+", metavar="STUDY", help="study name or parent run id; several combine")
+    export.add_argument("--select", default="front", help="front | knee | best | budget=1.5%% (default: front)")
+    export.add_argument("--out", dest="export_dir", type=Path, required=True)
+    export.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    export.set_defaults(handler=cmd_export)
+
+    caption = commands.add_parser("caption", help="caption videos with an exported adapter")
+    caption.add_argument("--adapter", type=Path, required=True, help="a directory written by `qstudy export`")
+    caption.add_argument("videos", nargs="+", type=Path, metavar="VIDEO")
+    caption.set_defaults(handler=cmd_caption)
     return parser
 
 

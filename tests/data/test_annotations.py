@@ -1,10 +1,13 @@
 """MSR-VTT and MSVD annotation readers on small fixture files in those formats."""
 
+from pathlib import Path
+
 import pytest
 
-from conftest import FIXTURES
 from qstudy.config import ConfigError
 from qstudy.data.annotations import read_clips
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_msrvtt_reads_split_and_all_captions():

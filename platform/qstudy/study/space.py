@@ -21,7 +21,6 @@ from qstudy.config import ConfigError, RunConfig, expand_path, from_mapping, loa
 from qstudy.model.dims import ModelDims
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-SAMPLERS = ("tpe", "nsga2", "random")
 # Optuna objectives, in this order: CIDEr is maximised, trainable parameters minimised.
 OBJECTIVES = ("cider", "trainable_params")
 OBJECTIVE_MODES = ("max", "min")
@@ -111,14 +110,14 @@ def set_dotted(mapping: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-@dataclass
-class SearchSpace:
-    """A validated search-space file."""
+@dataclass(frozen=True)
+class SpaceFile:
+    """The top-level keys of a search-space YAML (``base`` and ``arms`` are parsed further)."""
 
-    path: str
     study: str  # study family: the MLflow experiment and the default study name
-    base: dict  # the run config every trial starts from (overrides applied, paths absolute)
-    arms: list[Arm]
+    base: Any  # a run config mapping, a preset name (tiny_qadapter) or a YAML path
+    arms: dict[str, Any]  # adapter method -> {dotted run-config key: choices, range or pinned value}
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys applied to the base for every arm
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
     trials: int = 8
@@ -126,8 +125,33 @@ class SearchSpace:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    parameter_budget: int | None = None
+    parameter_budget: int | str | None = None  # a count (250000, "250k") or a share of all parameters ("2%")
     max_failures: int = 1  # restarts of a trial whose worker died (from its last checkpoint)
+
+    def __post_init__(self):
+        for name in ("trials", "concurrency", "workers_per_trial"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        if not self.arms:
+            raise ConfigError("arms: at least one arm (an adapter method) is needed")
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space: the file's settings, the resolved base config, the arms, the model's shapes."""
+
+    path: str
+    settings: SpaceFile
+    base: dict  # the run config every trial starts from (overrides applied, paths absolute)
+    arms: list[Arm]
+    dims: ModelDims
+    parameter_budget: int | None = None
+
+    @property
+    def study(self) -> str:
+        return self.settings.study
 
     def run_config(self, method: str, values: dict[str, Any]) -> RunConfig:
         """The base config with the arm's method and the sampled ``{dotted key: value}`` applied."""
@@ -140,33 +164,15 @@ class SearchSpace:
     def arm(self, method: str) -> Arm:
         return next(arm for arm in self.arms if arm.method == method)
 
-    def dims(self) -> ModelDims:
-        """The base model's shapes, read from its config.json and safetensors headers."""
-        model, data = self.base["model"], self.base["data"]
-        try:
-            return ModelDims.from_pretrained(model["vision_encoder"], model["language_model"], data.get("num_frames", 8))
-        except (FileNotFoundError, OSError) as error:
-            raise ConfigError(f"{self.path}: base.model: cannot read the model's shapes ({error}); "
-                              "for the tiny preset run `qstudy demo` or prepare $QSTUDY_HOME first") from None
 
-
-@dataclass(frozen=True)
-class SpaceFile:
-    """The top-level keys a search-space YAML may hold (arms and base are parsed separately)."""
-
-    study: str
-    base: Any
-    arms: dict
-    overrides: dict = field(default_factory=dict)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: int = 0
-    trials: int = 8
-    concurrency: int = 2
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    parameter_budget: int | str | None = None
-    max_failures: int = 1
+def read_dims(base: dict, path: str) -> ModelDims:
+    """The base model's shapes, from its config.json and safetensors headers (local or hub cache)."""
+    model, data = base["model"], base["data"]
+    try:
+        return ModelDims.from_pretrained(model["vision_encoder"], model["language_model"], data["num_frames"])
+    except (FileNotFoundError, OSError) as error:
+        raise ConfigError(f"{path}: base.model: cannot read the model's shapes ({error}); "
+                          "for the tiny preset run `qstudy demo` or prepare $QSTUDY_HOME first") from None
 
 
 def _load_base(base: Any, space_dir: Path) -> dict:
@@ -193,73 +199,71 @@ def _resolve_budget(budget: int | str | None, total_params: int) -> int | None:
         raise ConfigError(f"parameter_budget: {error}") from None
 
 
-def _validate_arm(space: SearchSpace, arm: Arm, dims: ModelDims) -> None:
-    """Apply every choice and range end of every parameter (others at their first value) and check it."""
+def _validate_arm(space: SearchSpace, arm: Arm) -> None:
+    """Check the arm at every parameter's first value, then each choice and range end in turn."""
+
+    def check(values: dict[str, Any]) -> None:
+        space.run_config(arm.method, values).adapter.validate(space.dims)
+
     first = {param.key: param.extremes()[0] for param in arm.params}
-    for param in arm.params:
-        for value in param.extremes():
-            where = f"arms.{arm.method}.{param.key}"
-            try:
-                config = space.run_config(arm.method, {**first, param.key: value})
-                config.adapter.validate(dims)
-            except ConfigError as error:
-                raise ConfigError(f"{where}: value {value!r}: {error}") from None
-
-
-def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None) -> SearchSpace:
-    """Validate a search-space mapping completely; every error names the field."""
-    base_dir = base_dir or Path.cwd()
-    spec = from_mapping(SpaceFile, data)
-    if spec.sampler not in SAMPLERS:
-        raise ConfigError(f"sampler: {spec.sampler!r} is not one of {list(SAMPLERS)}")
-    for name in ("trials", "concurrency", "workers_per_trial"):
-        if getattr(spec, name) < 1:
-            raise ConfigError(f"{name}: {getattr(spec, name)} must be >= 1")
-    if spec.cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker: {spec.cpus_per_worker} must be > 0")
-    if not spec.arms:
-        raise ConfigError("arms: at least one arm (an adapter method) is needed")
-
-    base = _load_base(spec.base, base_dir)
-    base.pop("adapter", None)  # each arm supplies its method
-    for key, value in spec.overrides.items():
-        set_dotted(base, key, value)
-    try:
-        resolved = RunConfig.from_dict({**base, "adapter": {"method": "frozen"}}, base_dir=base_dir)
+    try:  # an unknown key fails here, whichever parameter is being varied
+        check(first)
     except ConfigError as error:
-        raise ConfigError(f"base: {error}") from None
-    base_dict = resolved.to_dict()
-    base_dict.pop("adapter")
+        raise ConfigError(f"arms.{arm.method}: {error}") from None
+    for param in arm.params:
+        for value in param.extremes()[1:]:
+            try:
+                check({**first, param.key: value})
+            except ConfigError as error:
+                raise ConfigError(f"arms.{arm.method}.{param.key}: value {value!r}: {error}") from None
 
+
+def _parse_arms(arms: dict) -> list[Arm]:
     from qstudy.adapters import ADAPTERS
 
-    arms = []
-    for method, params in spec.arms.items():
+    parsed = []
+    for method, params in arms.items():
         if method not in ADAPTERS:
             raise ConfigError(f"arms.{method}: unknown method (one of: {', '.join(sorted(ADAPTERS))})")
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
+        if not isinstance(params, dict | None):
             raise ConfigError(f"arms.{method}: expected a mapping of dotted keys to choices or ranges")
-        arms.append(Arm(method, tuple(Param.from_spec(key, value, f"arms.{method}.{key}")
-                                      for key, value in params.items())))
+        parsed.append(Arm(method, tuple(Param.from_spec(key, value, f"arms.{method}.{key}")
+                                        for key, value in (params or {}).items())))
+    return parsed
 
-    space = SearchSpace(path=path, study=spec.study, base=base_dict, arms=arms, sampler=spec.sampler,
-                        seed=spec.seed, trials=spec.trials, concurrency=spec.concurrency,
-                        workers_per_trial=spec.workers_per_trial, cpus_per_worker=spec.cpus_per_worker,
-                        use_gpu=spec.use_gpu, max_failures=spec.max_failures)
-    dims = space.dims()
+
+def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
+                dims: ModelDims | None = None) -> SearchSpace:
+    """Validate a search-space mapping completely; every error names the field.
+
+    ``dims`` defaults to the shapes of the base config's models; pass them to validate
+    without the model files (a hub model offline, or a test).
+    """
+    base_dir = base_dir or Path.cwd()
+    settings = from_mapping(SpaceFile, data)
+    base = _load_base(settings.base, base_dir)
+    base.pop("adapter", None)  # each arm supplies its method
+    for key, value in settings.overrides.items():
+        set_dotted(base, key, value)
+    try:
+        resolved = RunConfig.from_dict({**base, "adapter": {"method": "frozen"}}, base_dir=base_dir).to_dict()
+    except ConfigError as error:
+        raise ConfigError(f"base: {error}") from None
+    resolved.pop("adapter")
+    arms = _parse_arms(settings.arms)
+    space = SearchSpace(path=path, settings=settings, base=resolved, arms=arms,
+                        dims=dims if dims is not None else read_dims(resolved, path))
     for arm in arms:
-        _validate_arm(space, arm, dims)
-    space.parameter_budget = _resolve_budget(spec.parameter_budget, dims.total_params)
+        _validate_arm(space, arm)
+    space.parameter_budget = _resolve_budget(settings.parameter_budget, space.dims.total_params)
     return space
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path, dims: ModelDims | None = None) -> SearchSpace:
     """Read and validate a search-space YAML; errors start with the file name."""
     path = Path(path)
     try:
-        return parse_space(load_yaml(path), str(path), base_dir=path.resolve().parent)
+        return parse_space(load_yaml(path), str(path), base_dir=path.resolve().parent, dims=dims)
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -292,7 +296,6 @@ class SpaceSampler:
     """
 
     space: SearchSpace
-    dims: ModelDims
 
     def __call__(self, trial) -> dict[str, Any]:
         methods = [arm.method for arm in self.space.arms]
@@ -300,7 +303,8 @@ class SpaceSampler:
         # Names carry the arm: two arms may search the same key over different choices.
         values = {param.key: param.suggest(trial, f"{method}.{param.key}") for param in self.space.arm(method).params}
         config = self.space.run_config(method, values)
-        trainable = config.adapter.count_trainable(self.dims)
+        trainable = config.adapter.count_trainable(self.space.dims)
+        trial.set_user_attr("method", method)
         trial.set_user_attr("trainable_params", trainable)
         budget = self.space.parameter_budget
         if budget is not None:

@@ -3,9 +3,11 @@
 Trials never talk to MLflow directly: a :class:`TrialTracker` appends every call to an
 on-disk *outbox* (JSON lines) and delivers what it can. When the server is unreachable the
 trial keeps training; the entries wait in the outbox and go out on the next delivery, at the
-trial's end, or when the study driver sweeps the outboxes after the last trial. Child runs
-are found again by their ``qstudy.trial_id`` tag, so a restarted or resumed trial reuses its
-run instead of creating a duplicate. Only the MlflowClient API is used (never the fluent
+trial's end, or when the study driver sweeps the outboxes after the last trial (outboxes live
+in the study directory under QSTUDY_HOME, shared storage on a multi-node cluster, so the
+sweep reaches trials that ran on other nodes). Child runs are found again by their
+``qstudy.trial_id`` tag, so a restarted or resumed trial reuses its run instead of creating a
+duplicate. Only the MlflowClient API is used (never the fluent
 ``mlflow.start_run``): an inherited ``MLFLOW_RUN_ID`` cannot hijack the nesting.
 """
 
@@ -22,16 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qstudy.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 STATUS_TAG = "qstudy.status"
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
+LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
-_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED"}
+_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED"}
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached; the message says where and how to start one."""
+class TrackingUnavailable(ConfigError):
+    """``--mlflow-uri`` names a server that does not answer; the message says how to start one."""
 
 
 def fail_fast_on_outage() -> None:
@@ -131,11 +136,11 @@ class TrialTracker:
         self.outbox = Path(target.outbox_root) / trial_id
         self.outbox.mkdir(parents=True, exist_ok=True)
         self._entries = self.outbox / "entries.jsonl"
-        self._sent = self.outbox / "sent"  # how many entries MLflow has acknowledged
+        (self.outbox / "run_name").write_text(run_name)  # for the driver's sweep after the study
 
     # -- what a trial logs ---------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        self._append({"op": "params", "values": {k: v for k, v in params.items()}})
+        self._append({"op": "params", "values": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self._append({"op": "metrics", "values": {k: float(v) for k, v in metrics.items()}, "step": step,
@@ -201,7 +206,7 @@ def _send(client, run_id: str, entry: dict) -> None:
 
 def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: str) -> bool:
     """Deliver one outbox in order, recording progress after every acknowledged entry."""
-    entries_path, sent_path = outbox / "entries.jsonl", outbox / "sent"
+    entries_path, sent_path, run_id_path = outbox / "entries.jsonl", outbox / "sent", outbox / "run_id"
     if not entries_path.exists():
         return True
     entries = [json.loads(line) for line in entries_path.read_text().splitlines() if line.strip()]
@@ -210,7 +215,9 @@ def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: s
         return True
     try:
         client = _client(target.tracking_uri)
-        run_id = _find_or_create_run(client, target, trial_id, run_name)
+        if not run_id_path.exists():
+            run_id_path.write_text(_find_or_create_run(client, target, trial_id, run_name))
+        run_id = run_id_path.read_text()
         for index in range(sent, len(entries)):
             _send(client, run_id, entries[index])
             sent_path.write_text(str(index + 1))
@@ -230,6 +237,23 @@ def deliver_all(target: TrialTarget, wait_s: float = 0.0) -> int:
         if not pending or time.monotonic() >= deadline:
             return len(pending)
         time.sleep(5)
+
+
+def close_lost_trials(target: TrialTarget, known_trial_ids: set[str]) -> list[str]:
+    """Close the child runs of trials the study no longer knows, so none stays RUNNING forever.
+
+    A driver killed between starting a trial and saving Tune's experiment state (every few
+    seconds) leaves a trial that a resumed study never sees again; Tune samples a new one in
+    its place. Its run is marked LOST (MLflow status KILLED), never counted as a result.
+    """
+    lost = []
+    for outbox in sorted(Path(target.outbox_root).glob("*")):
+        entries = outbox / "entries.jsonl"
+        if outbox.name in known_trial_ids or not entries.exists() or '"op": "end"' in entries.read_text():
+            continue
+        TrialTracker(target, outbox.name, _run_name(outbox)).finish(LOST)
+        lost.append(outbox.name)
+    return lost
 
 
 def _run_name(outbox: Path) -> str:

@@ -1,0 +1,126 @@
+"""The per-trial driver, a Ray Tune function: sampled config in, trained on Ray Train workers, reported to Tune.
+
+One trial: turn the sampler's choice into a full run config, open the trial's MLflow child
+run, skip configs over the parameter budget (reported infeasible, never trained), then
+train. With several workers (or ``force_trainer``) the driver starts a ``TorchTrainer``, Ray
+Train V2's pattern for Train inside Tune; a single worker trains in this actor instead,
+which saves the controller, worker group and placement group a ``TorchTrainer`` costs per
+trial (bench/study_overhead.py shows both). Any exception marks the trial FAILED in MLflow
+and is re-raised so Tune and Optuna record it too. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from qstudy.study.space import SampledConfig, SearchSpace
+from qstudy.study.tracking import FAILED, INFEASIBLE, TrialTarget, TrialTracker
+from qstudy.study.worker import WorkerTask, mark_failed, raise_if_failed_before, train, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial of a study shares; handed to Tune once with ``tune.with_parameters``."""
+
+    study_dir: str
+    space: SearchSpace
+    tracking: TrialTarget
+    force_trainer: bool = False  # a TorchTrainer even for one worker (the bench's stock path)
+
+    @property
+    def in_actor(self) -> bool:
+        return self.space.settings.workers_per_trial == 1 and not self.force_trainer
+
+    def worker_resources(self) -> dict[str, float]:
+        settings = self.space.settings
+        return {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
+
+    def driver_resources(self) -> dict[str, float]:
+        """The Tune trial's own request: the whole worker when it trains in-actor, a sliver otherwise."""
+        return self.worker_resources() if self.in_actor else {"CPU": 0.01}  # Tune rejects 0
+
+
+def run_trial(config: dict, context: StudyContext) -> None:
+    """Tune's trainable: one trial from the sampler's ``config`` to a final report."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    sampled = SampledConfig.from_tune_config(config)
+    run_config = context.space.run_config(sampled.method, sampled.values)
+    run_config.output_dir = str(Path(context.study_dir) / "trials" / trial_id)
+    task = WorkerTask(trial_id=trial_id, run_name=f"{sampled.method}-{trial_id}", run_config=run_config.to_dict(),
+                      predicted_trainable=sampled.trainable_params, tracking=context.tracking)
+    raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
+    tracker = TrialTracker(context.tracking, trial_id, task.run_name)
+    checkpoint = tune.get_checkpoint()
+
+    if checkpoint is None:  # a restarted trial logged all this the first time
+        tracker.set_tags({"qstudy.method": sampled.method})
+        tracker.log_params({**sampled.hyperparameters(), "over_budget": sampled.over_budget,
+                            "workers": context.space.settings.workers_per_trial,
+                            "deepspeed": run_config.train.deepspeed, "zero_stage": run_config.train.zero_stage})
+        tracker.log_metrics({"trainable_params": sampled.trainable_params})  # known before training
+        with tempfile.TemporaryDirectory() as scratch:
+            config_file = Path(scratch) / "config.yaml"
+            config_file.write_text(yaml.safe_dump(run_config.to_dict(), sort_keys=False))
+            tracker.log_artifact(config_file)
+    else:
+        tracker.set_tags({"qstudy.restarted_from": Path(checkpoint.path).name})
+
+    if sampled.over_budget:
+        tracker.finish(INFEASIBLE)
+        # Optuna records it as complete with its budget constraint violated (set when sampled).
+        tune.report({"cider": 0.0, "trainable_params": sampled.trainable_params, "infeasible": True})
+        return
+
+    try:
+        if context.in_actor:
+            _train_in_actor(task, checkpoint)
+        else:
+            _train_with_torch_trainer(task, context)
+    except Exception as error:
+        mark_failed(task, error)
+        tracker.set_tags({"qstudy.error": f"{type(error).__name__}: {error}"[:4000]})
+        tracker.finish(FAILED)
+        raise
+
+
+def _train_in_actor(task: WorkerTask, checkpoint) -> None:
+    from ray import tune
+
+    def report(metrics: dict, directory: Path | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    if checkpoint is None:
+        train(task, report, None)
+        return
+    with checkpoint.as_directory() as directory:
+        train(task, report, Path(directory))
+
+
+def _train_with_torch_trainer(task: WorkerTask, context: StudyContext) -> None:
+    """Ray Train V2 inside Tune: a TorchTrainer whose reports reach Tune through TuneReportCallback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    settings = context.space.settings
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"task": task},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
+                                               resources_per_worker=context.worker_resources()),
+        run_config=ray.train.RunConfig(
+            # A fixed name per trial: a restarted driver finds and resumes the same Train run.
+            name=f"train-{task.trial_id}",
+            storage_path=str(Path(context.study_dir) / "train"),
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,314 @@
+"""The study driver: a validated space in, a Ray Tune ``Tuner`` with two-objective ``OptunaSearch``, a summary out.
+
+Order matters: the space is validated and the tracking server checked before Ray starts
+anything; the MLflow experiment and parent run are created here, once, before any trial
+(trials racing to create them collide). The Optuna study lives in an RDB (sqlite) file in the
+study directory and Tune's experiment state beside it, so ``--resume NAME`` continues the
+same study, the same parent run and the same trials. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qstudy.analysis.pareto import TrialRecord, front_table, pareto_front
+from qstudy.config import ConfigError, load_yaml
+from qstudy.study import tracking
+from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
+from qstudy.study.trial import StudyContext, run_trial
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "study.json"
+SPACE_SNAPSHOT = "space.yaml"
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """What ``qstudy study`` was asked; ``None`` keeps the search-space file's own setting."""
+
+    space_path: Path
+    home: Path
+    name: str | None = None
+    address: str | None = None
+    mlflow_uri: str | None = None
+    trials: int | None = None
+    concurrency: int | None = None
+    workers_per_trial: int | None = None
+    sampler: str | None = None
+    force_trainer: bool = False
+    verbose: int = 1
+
+
+@dataclass
+class StudyState:
+    """The study directory's ``study.json``: enough to resume without the original command line."""
+
+    name: str
+    space_origin: str  # the space file the snapshot came from: its relative paths resolve beside it
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    optuna_storage: str
+    force_trainer: bool
+
+
+@dataclass
+class StudySummary:
+    """What a finished study produced and where to look at it."""
+
+    name: str
+    study_dir: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    wall_seconds: float
+    records: list[TrialRecord] = field(default_factory=list)
+    front: list[TrialRecord] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(record.status == status for record in self.records)
+
+
+def study_dir(home: Path, name: str) -> Path:
+    return home / "studies" / name
+
+
+def _snapshot_space(options: StudyOptions) -> dict:
+    """The space file with the command line's overrides applied: ``space.yaml`` in the study dir."""
+    raw = load_yaml(options.space_path)
+    for key, value in (("trials", options.trials), ("concurrency", options.concurrency),
+                       ("workers_per_trial", options.workers_per_trial), ("sampler", options.sampler)):
+        if value is not None:
+            raw[key] = value
+    return raw
+
+
+def _parse_snapshot(snapshot: dict, origin: Path) -> SearchSpace:
+    """Validate the snapshot as if it sat beside the original file (its relative paths stay valid)."""
+    try:
+        return parse_space(snapshot, str(origin), base_dir=origin.resolve().parent)
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
+
+
+def _connect_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        # The embedded default: a local instance; the dashboard would only cost memory and seconds.
+        ray.init(include_dashboard=False, configure_logging=False)
+    else:  # `ray job submit` sets RAY_ADDRESS to the cluster the job runs on
+        ray.init(address=address, configure_logging=False)
+
+
+def _check_resources(context: StudyContext) -> None:
+    """Refuse a trial shape the cluster can never place: Ray Train V2 would wait for it forever."""
+    import ray
+
+    settings = context.space.settings
+    available = ray.cluster_resources()
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    driver = 0 if context.in_actor else context.driver_resources()["CPU"]
+    need = settings.cpus_per_worker * settings.workers_per_trial + driver
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            f"workers_per_trial: {settings.workers_per_trial} workers x cpus_per_worker {settings.cpus_per_worker}"
+            f"{f' + {driver} for the trial driver' if driver else ''} = {need:g} CPUs, but the cluster has "
+            f"{cpus:g}; lower workers_per_trial or cpus_per_worker (e.g. 0.99 so the driver fits beside them)")
+    if settings.use_gpu and gpus < settings.workers_per_trial:
+        raise ConfigError(f"use_gpu: {settings.workers_per_trial} workers need {settings.workers_per_trial} GPUs, "
+                          f"the cluster has {gpus:g}")
+
+
+def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
+    from ray import tune
+    from ray.tune import CLIReporter
+
+    reporter = CLIReporter(
+        metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
+        parameter_columns={"method": "method"}, max_report_frequency=15, sort_by_metric=False)
+    # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
+    # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
+    restarts = context.space.settings.max_failures if context.in_actor else 0
+    return tune.RunConfig(name="tune", storage_path=str(directory), progress_reporter=reporter, verbose=verbose,
+                          failure_config=tune.FailureConfig(max_failures=restarts))
+
+
+def _trial_dirname(trial) -> str:
+    """The trial id alone: Tune's default name spells out every config key and outgrows paths."""
+    return f"trial_{trial.trial_id}"
+
+
+def _trainable(context: StudyContext):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), context.driver_resources())
+
+
+def _prepare_ray_output() -> None:
+    # The classic reporter prints one compact live table; the new output engine prints every config key.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+
+def run_study(options: StudyOptions) -> StudySummary:
+    """Validate, set up tracking and storage, run every trial, summarise."""
+    started = time.perf_counter()
+    snapshot = _snapshot_space(options)
+    space = _parse_snapshot(snapshot, options.space_path)  # before Ray starts anything
+    name = options.name or space.study
+    directory = study_dir(options.home, name)
+    if (directory / STATE_FILE).exists():
+        raise ConfigError(f"study {name!r} already exists in {directory}: resume it with "
+                          f"`qstudy study --resume {name}` or pick another --name")
+    uri = options.mlflow_uri or tracking.default_tracking_uri(options.home)
+    tracking.check_reachable(uri)
+
+    _prepare_ray_output()
+    _connect_ray(options.address)
+    state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
+                       experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
+                       force_trainer=options.force_trainer)
+    _check_resources(_context(state, directory, space))
+
+    settings = space.settings
+    state.experiment_id = tracking.ensure_experiment(uri, space.study, options.home / "mlflow" / "artifacts")
+    state.parent_run_id = tracking.start_study_run(uri, state.experiment_id, name, {
+        "space": str(options.space_path), "sampler": settings.sampler, "trials": settings.trials,
+        "concurrency": settings.concurrency, "workers_per_trial": settings.workers_per_trial,
+        "parameter_budget": space.parameter_budget, "arms": ",".join(arm.method for arm in space.arms),
+        "total_params": space.dims.total_params})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SPACE_SNAPSHOT).write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    context = _context(state, directory, space)
+
+    from optuna.storages import RDBStorage
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space=SpaceSampler(space), metric=list(OBJECTIVES), mode=list(OBJECTIVE_MODES),
+                            sampler=make_sampler(settings.sampler, settings.seed), study_name=name,
+                            storage=RDBStorage(state.optuna_storage))
+    # reuse_actors: a trial inherits the finished trial's process with torch, transformers and
+    # MLflow already imported; a fresh actor per trial costs seconds of imports on a busy node.
+    tuner = tune.Tuner(
+        _trainable(context),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.concurrency),
+                                    num_samples=settings.trials, reuse_actors=True,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=_tuner_run_config(context, directory, options.verbose))
+    tuner.fit()
+    return _finish(state, directory, space, started)
+
+
+def resume_study(name: str, home: Path, address: str | None = None) -> StudySummary:
+    """Continue a study whose driver died: unfinished trials resume, finished ones are kept."""
+    started = time.perf_counter()
+    directory = study_dir(home, name)
+    if not (directory / STATE_FILE).exists():
+        known = sorted(p.name for p in (home / "studies").glob("*") if (p / STATE_FILE).exists())
+        raise ConfigError(f"--resume: no study {name!r} in {home / 'studies'} (known: {', '.join(known) or 'none'})")
+    state = StudyState(**json.loads((directory / STATE_FILE).read_text()))
+    space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
+    tracking.check_reachable(state.tracking_uri)
+
+    _prepare_ray_output()
+    _connect_ray(address)
+    context = _context(state, directory, space)
+    _check_resources(context)
+    from ray import tune
+
+    # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.
+    tuner = tune.Tuner.restore(str(directory / "tune"), trainable=_trainable(context),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    tuner.fit()
+    return _finish(state, directory, space, started)
+
+
+def _context(state: StudyState, directory: Path, space: SearchSpace) -> StudyContext:
+    return StudyContext(study_dir=str(directory), space=space, tracking=_target(state, directory),
+                        force_trainer=state.force_trainer)
+
+
+def _target(state: StudyState, directory: Path) -> tracking.TrialTarget:
+    return tracking.TrialTarget(tracking_uri=state.tracking_uri, experiment_id=state.experiment_id,
+                                parent_run_id=state.parent_run_id, study=state.name,
+                                outbox_root=str(directory / "outbox"))
+
+
+def _records(state: StudyState, space: SearchSpace) -> list[TrialRecord]:
+    """Every Optuna trial as a record; trials a killed driver asked for but never ran are closed as failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=state.name, storage=state.optuna_storage)
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.RUNNING:  # asked before the driver died, never handed to Tune
+            study.tell(trial.number, state=TrialState.FAIL)
+            status = tracking.FAILED
+        elif trial.state == TrialState.COMPLETE:
+            infeasible = any(value > 0 for value in trial.constraints.values())
+            status = tracking.INFEASIBLE if infeasible else tracking.FINISHED
+        else:
+            status = tracking.FAILED if trial.state == TrialState.FAIL else trial.state.name
+        finished = status == tracking.FINISHED
+        records.append(TrialRecord(
+            trial_id=str(trial.number), study=state.name, method=trial.user_attrs.get("method", ""),
+            params=dict(trial.params), cider=trial.values[0] if finished else None,
+            trainable_params=int(trial.values[1]) if finished else trial.user_attrs.get("trainable_params"),
+            total_params=space.dims.total_params, status=status, order=trial.number))
+    return records
+
+
+def _finish(state: StudyState, directory: Path, space: SearchSpace, started: float) -> StudySummary:
+    """Deliver what trials could not log, close the parent run, and summarise from the Optuna study."""
+    from ray.tune import ExperimentAnalysis
+
+    target = _target(state, directory)
+    tracking.close_lost_trials(target, {trial.trial_id for trial in ExperimentAnalysis(str(directory / "tune")).trials})
+    undelivered = tracking.deliver_all(target, wait_s=120 if tracking.is_remote(state.tracking_uri) else 0)
+    records = _records(state, space)
+    summary = StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri,
+                           experiment=space.study, parent_run_id=state.parent_run_id,
+                           wall_seconds=time.perf_counter() - started, records=records, front=pareto_front(records))
+    counts = {f"trials_{status.lower()}": summary.count(status)
+              for status in (tracking.FINISHED, tracking.FAILED, tracking.INFEASIBLE)}
+    best = max((record.cider for record in summary.front), default=float("nan"))
+    try:
+        tracking.finish_study_run(state.tracking_uri, state.parent_run_id,
+                                  {**counts, "best_cider": best, "undelivered_trials": undelivered,
+                                   "study_wall_seconds": summary.wall_seconds},
+                                  {"trials": [asdict(r) for r in records], "front": [asdict(r) for r in summary.front]},
+                                  tracking.FINISHED)
+    except Exception as error:  # noqa: BLE001 - the study's results are in Optuna and on disk either way
+        log.warning("could not close the MLflow parent run %s: %s", state.parent_run_id, error)
+    return summary
+
+
+def format_summary(summary: StudySummary) -> str:
+    """The final summary the CLI prints: counts, the Pareto front, and where everything is."""
+    lines = [f"study {summary.name}: {summary.count(tracking.FINISHED)} finished, "
+             f"{summary.count(tracking.FAILED)} failed, {summary.count(tracking.INFEASIBLE)} infeasible "
+             f"(over the parameter budget) in {summary.wall_seconds:.0f} s",
+             "Pareto front (CIDEr max, trainable parameters min):",
+             front_table(summary.front),
+             f"study directory: {summary.study_dir}",
+             f"MLflow: {summary.tracking_uri}  experiment {summary.experiment!r}, parent run {summary.parent_run_id}"]
+    if not tracking.is_remote(summary.tracking_uri):
+        lines.append(f"open the MLflow UI: mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000 "
+                     "(then http://127.0.0.1:5000)")
+    return "\n".join(lines)

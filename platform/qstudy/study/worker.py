@@ -1,0 +1,133 @@
+"""The per-worker training function: ``recipe.run`` reporting each epoch's metrics and checkpoint to Ray.
+
+The same function runs on Ray Train workers (``TorchTrainer``, several processes, DeepSpeed
+over gloo/NCCL) and, for single-worker trials, directly in the Tune trial's own actor; the
+only difference is which ``report``/``get_checkpoint`` pair it is given. Every rank reports
+its checkpoint directory (DeepSpeed writes a shard per rank; Ray merges them); only rank 0
+logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qstudy.config import RunConfig
+from qstudy.study.tracking import FINISHED, TrialTarget, TrialTracker
+
+FAILED_MARKER = "failed.txt"
+EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """Everything a worker needs, picklable: the trial's full run config and where to log it."""
+
+    trial_id: str
+    run_name: str
+    run_config: dict  # RunConfig.to_dict()
+    predicted_trainable: int
+    tracking: TrialTarget
+
+
+class ApplicationFailure(RuntimeError):
+    """The training code itself raised before: restarting would raise again, so the trial fails now."""
+
+
+def failed_marker(task: WorkerTask) -> Path:
+    return Path(task.tracking.outbox_root) / task.trial_id / FAILED_MARKER
+
+
+def raise_if_failed_before(task: WorkerTask) -> None:
+    if failed_marker(task).exists():
+        raise ApplicationFailure(f"trial {task.trial_id} raised before, not retried; see {failed_marker(task)}")
+
+
+def mark_failed(task: WorkerTask, error: BaseException) -> None:
+    """Record that the training code raised, so a restart (meant for killed workers) gives up at once.
+
+    Ray restarts a trial (Tune) or a worker group (Train) after any failure; only a killed
+    process is worth restarting, a config that raised would raise again after a full rebuild.
+    """
+    marker = failed_marker(task)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text("".join(traceback.format_exception(error)))
+
+
+def epoch_metrics(result, trainable_params: int) -> dict[str, float]:
+    """What Tune, Optuna and the live table see after an epoch (``cider``: the objective)."""
+    return {"epoch": result.epoch, "cider": result.val["cider"], "trainable_params": trainable_params,
+            "loss": result.train_loss, "epoch_seconds": result.seconds,
+            **{f"val_{name}": value for name, value in result.val.items()}}
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading progress bars from every trial would bury Tune's live table."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def train(task: WorkerTask, report: Callable[[dict, Path | None], None], checkpoint_dir: Path | None) -> None:
+    """Train one trial on this worker; ``report(metrics, checkpoint_dir)`` after every epoch."""
+    from qstudy.train.engine import rank
+    from qstudy.train.recipe import run
+
+    raise_if_failed_before(task)
+    _quiet_libraries()
+    config = RunConfig.from_dict(task.run_config)
+    tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None
+
+    def on_epoch(result, checkpoint: Path) -> None:
+        metrics = epoch_metrics(result, task.predicted_trainable)
+        if tracker is not None:
+            tracker.log_metrics({key: value for key, value in metrics.items()
+                                 if key not in ("epoch", "cider", "trainable_params")}, step=result.epoch)
+            (checkpoint / EPOCH_METRICS).write_text(json.dumps(metrics))
+        # An empty directory (plain torch, rank > 0) is no checkpoint.
+        report(metrics, checkpoint if any(checkpoint.iterdir()) else None)
+
+    try:
+        result = run(config, on_epoch=on_epoch, resume_from=checkpoint_dir, progress=False)
+    except Exception as error:
+        if rank() == 0:
+            mark_failed(task, error)
+        raise
+    if not result.epochs and checkpoint_dir is not None:
+        # Restarted from the last epoch's checkpoint (killed before the trial closed): Tune still
+        # needs a final result, and the checkpoint kept it.
+        report(json.loads((checkpoint_dir / EPOCH_METRICS).read_text()), None)
+    if tracker is None:
+        return
+    output = Path(config.output_dir)
+    final = result.final or {}
+    tracker.log_metrics({"trainable_params": result.trainable_params, "total_params": result.total_params,
+                         "skipped_videos": len(result.skipped_videos), "wall_seconds": result.wall_seconds,
+                         **final}, step=result.epochs[-1].epoch if result.epochs else 0)
+    tracker.log_artifact(output / "adapter.safetensors")
+    tracker.log_artifact(output / "metrics.json")
+    tracker.finish(FINISHED)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """``TorchTrainer``'s entry point (``config = {"task": WorkerTask}``); Ray Train set up the process group."""
+    import ray.train
+
+    task: WorkerTask = config["task"]
+    checkpoint = ray.train.get_checkpoint()
+
+    def report(metrics: dict, directory: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))
+    if checkpoint is None:
+        train(task, report, None)
+        return
+    with checkpoint.as_directory() as directory:
+        train(task, report, Path(directory))

@@ -1,0 +1,130 @@
+"""Helpers of the study tests: ports, waiting, stopping what a test started, reading MLflow back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SPACES = REPO / "search_spaces"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM the session we started it in, then SIGKILL every process still in that session."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    listing = subprocess.run(["ps", "-s", str(process.pid), "-o", "pid="], capture_output=True, text=True)
+    for pid in (int(line) for line in listing.stdout.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if process.poll() is None:
+        process.wait()
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # GCS address for `qstudy study --address`
+    dashboard: str  # job API for `ray job submit --address`
+    env: dict  # what a client process needs: the token, the temp dir
+    session: int  # the session id of every process the head started (its `ray start --block` pid)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    log: Path
+
+
+def tiny_space(tmp_path: Path, **changes) -> Path:
+    """search_spaces/qadapter_tiny.yaml cut down to seconds per trial; ``changes`` update its top level."""
+    space = yaml.safe_load((SPACES / "qadapter_tiny.yaml").read_text())
+    space["overrides"].update({"train.epochs": 2, "train.max_steps_per_epoch": 6, "train.batch_size": 16,
+                               "data.max_val_clips": 16, "eval.max_new_tokens": 12})
+    space.update(changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def mlflow_runs(uri: str, experiment: str):
+    """(parent runs, child runs) of one experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return parents, children
+
+
+def trial_process(session: int, trial_id: str) -> int | None:
+    """The pid of the head's process that runs a Tune trial: Tune makes the trial's directory its cwd."""
+    listing = subprocess.run(["ps", "-s", str(session), "-o", "pid="], capture_output=True, text=True)
+    for pid in (int(line) for line in listing.stdout.split()):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").endswith(f"/trial_{trial_id}"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def study(ray_head, home: Path, *args: str) -> subprocess.Popen:
+    """`qstudy study ARGS` as a driver process of its own, connected to the test head."""
+    return subprocess.Popen([str(BIN / "qstudy"), "study", *args, "--address", ray_head.address],
+                            env={**ray_head.env, "QSTUDY_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 500) -> str:
+    output, _ = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, output[-5000:]
+    return output
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))

@@ -1,0 +1,129 @@
+"""Search spaces are validated before Ray starts: bad fields are named, budgets mark configs infeasible.
+
+Torch-free: the model's shapes are given as a hand-built ModelDims of the tiny preset (the
+numbers ``qstudy base`` produces), so nothing here needs the tiny workspace; the paper-scale
+space is validated against shapes built from transformers config classes on the meta device.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from qstudy.config import ConfigError
+from qstudy.study.space import BUDGET_CONSTRAINT, SpaceSampler, load_space, parse_space
+from shapes import paper_dims, tiny_dims
+
+REPO = Path(__file__).resolve().parents[2]
+SPACES = REPO / "search_spaces"
+
+
+TINY_SPACE = {
+    "study": "unit",
+    "base": "tiny_qadapter",
+    "overrides": {"train.epochs": 1},
+    "arms": {
+        "qadapter": {"adapter.rank": {"choices": [4, 16]}, "adapter.insertion_layers": {"choices": ["last:1", [0, 3]]},
+                     "train.learning_rate": {"low": 0.0005, "high": 0.005, "log": True}},
+        "lora": {"adapter.rank": {"choices": [2, 8]}, "adapter.target": "vision"},
+        "full": {},
+    },
+}
+
+
+def parse(data: dict):
+    return parse_space(data, "unit.yaml", base_dir=REPO, dims=tiny_dims())
+
+
+def mutated(change) -> dict:
+    data = copy.deepcopy(TINY_SPACE)
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda path: path.name)
+def test_shipped_spaces_validate_offline(path):
+    dims = paper_dims() if path.name == "qadapter.yaml" else tiny_dims()
+    space = load_space(path, dims=dims)
+    assert space.arms and space.settings.trials >= 1
+    if space.settings.parameter_budget is not None:
+        assert 0 < space.parameter_budget < dims.total_params
+
+
+def arm_param(method: str, key: str, spec):
+    return lambda data: data["arms"][method].update({key: spec})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(trails=4), "unknown key trails"),
+    (arm_param("qadapter", "adapter.rank", {"choise": [4]}), r"unknown key arms\.qadapter\.adapter\.rank\.choise"),
+    (arm_param("qadapter", "adapter.rnk", {"choices": [4]}), r"arms\.qadapter: unknown key adapter\.rnk"),
+    (lambda d: d["overrides"].update({"train.learning_rat": 0.1}), r"base: unknown key train\.learning_rat"),
+    (lambda d: d["arms"].update(qadaptr={}), r"arms\.qadaptr: unknown method"),
+    (arm_param("qadapter", "adapter.rank", {"choices": []}),
+     r"arms\.qadapter\.adapter\.rank\.choices: expected a non-empty list"),
+    (arm_param("qadapter", "adapter.insertion_layers", {"choices": ["last:1", [1, 4]]}),
+     r"arms\.qadapter\.adapter\.insertion_layers: value \[1, 4\].*layer 4 is beyond the encoder's 4 layers"),
+    (arm_param("qadapter", "adapter.rank", {"choices": [16, 65]}),
+     r"arms\.qadapter\.adapter\.rank: value 65.*must be in 1\.\.64"),
+    (arm_param("lora", "adapter.rank", {"low": 2, "high": 128}),
+     r"arms\.lora\.adapter\.rank: value 128.*exceeds the smallest targeted width 64"),
+    (arm_param("qadapter", "train.learning_rate", {"low": 0.0, "high": 0.01, "log": True}),
+     r"arms\.qadapter\.train\.learning_rate\.low: a log range needs low > 0"),
+    (lambda d: d.update(concurrency=0), "concurrency: 0 must be >= 1"),
+    (lambda d: d.update(parameter_budget="1.5 apples"), "parameter_budget: budget '1.5 apples'"),
+])
+def test_bad_spaces_name_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(mutated(change))
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(mutated(lambda d: d["arms"]["qadapter"].update({"adapter.rank": {"choices": []}}))))
+    with pytest.raises(ConfigError, match=r"space\.yaml: arms\.qadapter\.adapter\.rank\.choices"):
+        load_space(path, dims=tiny_dims())
+
+
+def test_budget_marks_configs_infeasible_before_training():
+    """Over-budget configs reach Optuna as constraint violations; the sampler never raises on them."""
+    dims = tiny_dims()
+    unbudgeted = parse(TINY_SPACE)
+    frozen_count = unbudgeted.run_config("frozen", {}).adapter.count_trainable(dims)
+    space = parse(mutated(lambda d: d.update(parameter_budget=frozen_count + 5000)))
+    sampler = SpaceSampler(space)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {}
+    for _ in range(12):
+        trial = study.ask()
+        sampled = sampler(trial)
+        predicted = space.run_config(sampled["method"], sampled["values"]).adapter.count_trainable(dims)
+        assert sampled["trainable_params"] == predicted
+        assert sampled["over_budget"] == (predicted > space.parameter_budget)
+        study.tell(trial, [0.0, predicted])
+        seen[sampled["method"]] = sampled["over_budget"]
+        assert study.trials[-1].constraints == {BUDGET_CONSTRAINT: predicted - space.parameter_budget}
+    assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
+
+
+def test_space_validation_imports_no_torch():
+    code = ("import sys\nsys.path[:0] = [%r, %r]\nfrom test_space import TINY_SPACE, parse\n"
+            "space = parse(TINY_SPACE)\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')\n"
+            % (str(Path(__file__).parent), str(Path(__file__).parents[1])))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_cli_exits_2_naming_the_field_before_ray_starts(tmp_path, capsys):
+    from qstudy.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(mutated(arm_param("qadapter", "adapter.rank", {"choices": []}))))
+    assert main(["study", str(path)]) == 2
+    assert "arms.qadapter.adapter.rank.choices: expected a non-empty list" in capsys.readouterr().err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

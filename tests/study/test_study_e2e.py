@@ -1,0 +1,60 @@
+"""A tiny study submitted with `ray job submit` to a real Ray head, tracked by a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from qstudy.cli import main
+from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, tiny_space
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, tmp_path, test_env):
+    trials = 3
+    space = tiny_space(tmp_path, trials=trials, concurrency=2, sampler="random", seed=3)
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env_cpu.yaml").read_text())
+    runtime_env["env_vars"].update(QSTUDY_HOME=str(study_home), TORCH_EXTENSIONS_DIR=test_env["TORCH_EXTENSIONS_DIR"])
+    started = time.monotonic()
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "jobs/study.py", str(space), "--mlflow-uri", mlflow_server.uri, "--name", "e2e"],
+        env=ray_head.env, capture_output=True, text=True, timeout=540)
+    print(f"ray job submit: {time.monotonic() - started:.0f} s")
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+
+    parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")  # the study family's experiment
+    parents = [run for run in parents if run.data.tags["qstudy.study"] == "e2e"]  # other tests share the server
+    children = [run for run in children if run.data.tags["qstudy.study"] == "e2e"]
+    assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
+    assert len(children) == trials
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["qstudy.status"] == "FINISHED"
+        assert run.data.metrics["cider"] >= 0 and run.data.metrics["trainable_params"] > 0
+        assert run.data.metrics["total_params"] > run.data.metrics["trainable_params"]
+        assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0, 1]  # one per epoch
+        assert {"adapter.rank", "adapter.gating", "train.learning_rate"} <= set(run.data.params)
+    configs = {tuple(sorted((key, value) for key, value in run.data.params.items() if key.startswith("adapter.")))
+               for run in children}
+    assert len(configs) >= 2
+    artifacts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(children[0].info.run_id)}
+    assert {"adapter.safetensors", "config.yaml", "metrics.json"} <= artifacts
+
+
+def test_unreachable_mlflow_server_fails_fast(study_home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QSTUDY_HOME", str(study_home))
+    started = time.monotonic()
+    code = main(["study", str(tiny_space(tmp_path)), "--mlflow-uri", f"http://127.0.0.1:{free_port()}"])
+    assert code == 2
+    assert time.monotonic() - started < 20
+    error = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:" in error and "unreachable" in error
+    assert not ray.is_initialized() and not (study_home / "studies").exists()

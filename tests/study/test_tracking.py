@@ -1,0 +1,42 @@
+"""The trial outbox: while the tracking server is down a trial logs on; once MLflow answers, nothing is lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from mlflow.tracking import MlflowClient
+from qstudy.study import tracking
+from servers import free_port
+
+
+def test_outbox_keeps_a_trial_during_an_outage_and_delivers_it_once(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(store, "outage", tmp_path / "artifacts")
+    parent = tracking.start_study_run(store, experiment, "study", {"trials": 1})
+    down = tracking.TrialTarget(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_id=experiment,
+                                parent_run_id=parent, study="study", outbox_root=str(tmp_path / "outbox"))
+    weights = tmp_path / "adapter.safetensors"
+    weights.write_bytes(b"weights")
+
+    started = time.monotonic()
+    tracker = tracking.TrialTracker(down, "trial-1", "qadapter-trial-1")
+    tracker.log_params({"adapter.rank": 8, "adapter.insertion_layers": [1, 3]})
+    for epoch, cider in enumerate((0.5, 0.9)):
+        tracker.log_metrics({"val_cider": cider}, step=epoch)
+    tracker.log_artifact(weights)
+    weights.unlink()  # a trial's temporary files are gone by the time the server is back
+    tracker.finish(tracking.FINISHED)
+    assert time.monotonic() - started < 30  # refused connections, no minutes of retries
+    client = MlflowClient(store)
+    assert len(client.search_runs([experiment])) == 1  # only the parent: the trial is all in the outbox
+
+    back = dataclasses.replace(down, tracking_uri=store)
+    assert tracking.deliver_all(back) == 0
+    assert tracking.deliver_all(back) == 0  # a second sweep sends nothing twice
+    (run,) = [run for run in client.search_runs([experiment]) if run.info.run_id != parent]
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "qadapter-trial-1"
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "FINISHED"
+    assert run.data.params == {"adapter.rank": "8", "adapter.insertion_layers": "[1, 3]"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_cider")] == [(0, 0.5), (1, 0.9)]
+    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["adapter.safetensors"]
