@@ -56,8 +56,11 @@ def servers(test_env, tmp_path_factory):
         wait_until(lambda: answers(f"{dashboard}/api/gcs_healthz"), 120, f"Ray head ({ray_log})", ray)
         uri = f"http://127.0.0.1:{mlflow_port}"
         wait_until(lambda: answers(f"{uri}/health"), 120, f"MLflow server ({mlflow_log})", mlflow)
-        # The GCS binds the node's own address whatever --node-ip-address says; Ray writes it here.
-        address = (temp_dir / "ray_current_cluster").read_text().strip()
+        # The GCS binds the node's own address whatever --node-ip-address says; Ray writes it here,
+        # sometimes only after the dashboard already answers.
+        current = temp_dir / "ray_current_cluster"
+        wait_until(current.exists, 60, f"Ray's cluster address file ({ray_log})", ray)
+        address = current.read_text().strip()
         yield (RayHead(address=address, dashboard=dashboard, env=ray_env, session=ray.pid),
                MlflowServer(uri=uri, log=mlflow_log))
     finally:

@@ -199,9 +199,12 @@ def run_study(options: StudyOptions) -> StudySummary:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    # The first trials try each arm once (Optuna enqueues them; the sampler fills in the arm's
+    # values): a short study over many arms would otherwise leave some off the Pareto plane.
+    first_arms = [{"method": arm.method} for arm in space.arms] if len(space.arms) > 1 else None
     searcher = OptunaSearch(space=SpaceSampler(space), metric=list(OBJECTIVES), mode=list(OBJECTIVE_MODES),
                             sampler=make_sampler(settings.sampler, settings.seed), study_name=name,
-                            storage=RDBStorage(state.optuna_storage))
+                            storage=RDBStorage(state.optuna_storage), points_to_evaluate=first_arms)
     # reuse_actors: a trial inherits the finished trial's process with torch, transformers and
     # MLflow already imported; a fresh actor per trial costs seconds of imports on a busy node.
     tuner = tune.Tuner(
