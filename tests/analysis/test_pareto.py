@@ -163,15 +163,20 @@ def test_default_reference_is_zero_cider_and_ten_percent_over_the_largest_trial(
     assert default_reference([]) == (0.0, 0.0)
 
 
-def test_hypervolume_history_by_hand():
-    # Reference (0, 500): A alone 200; B adds 160 - 100 overlap -> 260; the failed trial and
-    # the dominated C leave it at 260.
-    records = [
+def trials_out_of_completion_order() -> list:
+    """A and B on the front (listed B first), a failed trial, then the dominated C."""
+    return [
         record("B", 0.8, 300, order=1),
         record("A", 0.5, 100, order=0),
         record("failed", None, None, status="FAILED", order=2),
         record("C", 0.4, 200, order=3),
     ]
+
+
+def test_hypervolume_history_by_hand():
+    # Reference (0, 500): A alone 200; B adds 160 - 100 overlap -> 260; the failed trial and
+    # the dominated C leave it at 260.
+    records = trials_out_of_completion_order()
     history = hypervolume_history(records, (0.0, 500))
     assert [order for order, _ in history] == [0, 1, 2, 3]
     assert [volume for _, volume in history] == pytest.approx([200.0, 260.0, 260.0, 260.0])
@@ -269,12 +274,7 @@ def test_base_total_is_the_smallest_total_of_a_valid_trial():
 
 
 def test_analyse_computes_everything_once_in_completion_order():
-    records = [
-        record("B", 0.8, 300, order=1),
-        record("A", 0.5, 100, order=0),
-        record("failed", None, None, status="FAILED", order=2),
-        record("C", 0.4, 200, order=3),
-    ]
+    records = trials_out_of_completion_order()
     analysis = analyse(records, reference=(0.0, 500), budget=250)
     assert ids(analysis.records) == ["A", "B", "failed", "C"]
     assert ids(analysis.front) == ["A", "B"] and ids(analysis.valid) == ["A", "B", "C"]
