@@ -48,16 +48,20 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
 
     from qstudy.adapters import ADAPTERS, apply_adapter, count_parameters
     from qstudy.config import ModelConfig, TrainConfig
+    from qstudy.model.base import BaseSpec
     from qstudy.model.captioner import Captioner
     from qstudy.train.engine import make_engine
 
     frames, batch = PRESETS[preset]
     torch.manual_seed(0)
+    tiny = preset == "tiny"
+    # As the tiny base is built (eager attention, a clip-token merger); paper scale is plain LLaVA-style.
     model = ModelConfig(vision_encoder=str(directory / "vision"), language_model=str(directory / "lm"),
-                        attn_implementation="eager" if preset == "tiny" else None)  # as build_tiny sets
+                        attn_implementation="eager" if tiny else None,
+                        temporal_merger_rank=BaseSpec().temporal_merger_rank if tiny else 0)
     captioner = Captioner.from_pretrained(model, frames)
     trainable = apply_adapter(captioner, ADAPTERS[method]())
-    engine = make_engine(captioner, trainable, TrainConfig(batch_size=batch))
+    engine = make_engine(captioner, trainable, TrainConfig(batch_size=batch), total_steps=steps + 2)
     size = captioner.image_size
     video = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8)
     token_ids, token_mask = captioner.tokenize(["a blue square moves left across the screen"] * batch)

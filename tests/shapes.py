@@ -9,7 +9,7 @@ from qstudy.model.dims import ModelDims
 
 
 def tiny_dims() -> ModelDims:
-    """The tiny preset's shapes: CLIP-vision (64 wide, 4 layers), GPT-2 (128 wide, 2 layers)."""
+    """The tiny preset's shapes: CLIP-vision (64 wide, 4 layers), GPT-2 (128 wide, 2 layers), a rank-16 merger."""
     vision = {"embeddings.patch_embedding.weight": (64, 3, 8, 8), "post_layernorm.weight": (64,)}
     for layer in range(4):
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -22,7 +22,8 @@ def tiny_dims() -> ModelDims:
         lm[f"transformer.h.{layer}.attn.c_proj.weight"] = (128, 128)
         lm[f"transformer.h.{layer}.mlp.c_fc.weight"] = (128, 512)
     return ModelDims(vision_hidden=64, vision_layers=4, vision_intermediate=128, lm_hidden=128, lm_layers=2,
-                     num_frames=8, vision_shapes=vision, lm_shapes=lm, vision_image_size=32, vision_patch_size=8)
+                     num_frames=8, vision_shapes=vision, lm_shapes=lm, vision_image_size=32, vision_patch_size=8,
+                     temporal_merger_rank=16)
 
 
 def paper_dims() -> ModelDims:

@@ -176,6 +176,15 @@ class ModelConfig:
     # frame_grid x frame_grid grid (as video LLMs pool patches): where things are, and what is
     # where, survive. 0 keeps the pooled token only.
     frame_grid: int = 2
+    # > 0: the projector also feeds the LM one clip token merged from all frames' tokens (each
+    # down-projected to this rank), so motion across frames is one token's job. Must match the
+    # projector a base was trained with; 0: per-frame tokens only.
+    temporal_merger_rank: int = 0
+
+    def __post_init__(self):
+        for name in ("frame_grid", "temporal_merger_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -191,6 +200,9 @@ class TrainConfig:
     deepspeed: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Warm-up over this share of the run's steps, then the LR stays ("constant") or decays to 0 ("cosine").
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_ratio: float = 0.05
     log_every: int = 50
 
     def __post_init__(self):
@@ -200,6 +212,8 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass

@@ -47,6 +47,7 @@ CLIPS = 4
 STEPS = 4
 LEARNING_RATE = 2e-3
 NEW_TOKENS = 8
+MERGER = "projector.temporal_merger."  # pretrained with the base, frozen with the vision tower
 
 
 class Bench:
@@ -88,7 +89,7 @@ def bench(tiny_workspace):
 
 
 def base_weight_trains(config, name: str, towers: set[str]) -> bool:
-    """Whether a weight of the base towers (not projector, not adapter_modules) should train."""
+    """Whether a weight of the base (the towers and the projector's temporal merger) should train."""
     if config.method == "full":
         return True
     if config.method == "lora":
@@ -113,7 +114,8 @@ def test_adapter(row, bench, tmp_path):
     assert count_parameters(captioner)[0] == sum(p.numel() for p in trainable) == config.count_trainable(captioner.dims)
     towers = {"vision", "lm"} if getattr(config, "target", "both") == "both" else {config.target}
     for name, parameter in captioner.named_parameters():
-        intended = name.startswith(("projector.", "adapter_modules.")) or base_weight_trains(config, name, towers)
+        intended = (name.startswith(("projector.", "adapter_modules.")) and not name.startswith(MERGER)
+                    or base_weight_trains(config, name, towers))
         assert parameter.requires_grad == intended, name
 
     # Zero-initialised methods start exactly at the base; the others visibly do not.
@@ -153,12 +155,16 @@ def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):
     apply_adapter(captioner, adapter_config_from_mapping({"method": "ademvl"}))
     with torch.no_grad():
         base_prefix = base.encode_frames(bench.frames)
-        one_token = captioner.encode_frames(bench.frames)
-    # The base feeds the LM each frame's pooled token first, then its other tokens; ADEM-VL
-    # feeds only the pooled tokens' average (its vision adapters start at zero, the projector is the base's).
-    assert base_prefix.shape[1] >= bench.num_frames and one_token.shape[1] == 1
-    frames_pooled = base_prefix.unflatten(1, (bench.num_frames, -1))[:, :, 0]
-    torch.testing.assert_close(one_token, frames_pooled.mean(dim=1, keepdim=True))
+        visual_tokens = captioner.encode_frames(bench.frames)
+    # The base feeds the LM each frame's pooled token first, then its other tokens, then its clip
+    # token; ADEM-VL feeds the pooled tokens' average and the same clip token (its vision adapters
+    # start at zero, the projector is the base's).
+    assert base.projector.temporal_merger is not None
+    frame_tokens, clip_token = base_prefix[:, :-1], base_prefix[:, -1:]
+    assert visual_tokens.shape[1] == 2
+    frames_pooled = frame_tokens.unflatten(1, (bench.num_frames, -1))[:, :, 0]
+    torch.testing.assert_close(visual_tokens[:, :1], frames_pooled.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(visual_tokens[:, 1:], clip_token)
     grid = captioner.dims.vision_grid
     fused_tokens = captioner.adapter_modules["ademvl_fusion"].visual.shape[1]
     assert fused_tokens == bench.num_frames * (grid**2 + (grid // 2) ** 2)

@@ -21,7 +21,8 @@ adem/build.py, train.py defaults), mapped onto this captioner:
   per clip. The reference projects CLIP's CLS with its own MLP; we project each frame's pooled
   CLS with the base's pretrained projector and average over frames, so the LM sees 1 visual
   token where the prefix methods feed it ``num_frames * (1 + frame_grid ** 2)`` (plus K per
-  frame with Q-Adapter's ``queries_to_lm``).
+  frame with Q-Adapter's ``queries_to_lm``); a base with a temporal merger adds its clip
+  token to both.
 - The reference also trains parallel adapters beside every CLIP MLP (``set_Clip_Adapter``:
   width ``adapter_dim`` 8, scale 0.1, dropout 0.1, zero-init output); here
   ``vision_adapter_dim`` (0 turns them off).

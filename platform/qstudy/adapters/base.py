@@ -73,6 +73,11 @@ def apply_adapter(captioner: "Captioner", config: AdapterConfig) -> list["torch.
     config.validate(captioner.dims)
     captioner.requires_grad_(False)
     captioner.projector.requires_grad_(True)
+    if captioner.projector.temporal_merger is not None:
+        # The merger is the vision side's pretrained motion reader (Qwen2-VL keeps its merger in
+        # the vision tower): it stays frozen with the tower, and adapting what it reads is the
+        # methods' job.
+        captioner.projector.temporal_merger.requires_grad_(False)
     config.inject(captioner)
     return [parameter for parameter in captioner.parameters() if parameter.requires_grad]
 

@@ -20,7 +20,7 @@ class FullFineTuningConfig(AdapterConfig):
         return True
 
     def extra_trainable(self, dims: ModelDims) -> int:
-        return dims.vision_params + dims.lm_params
+        return dims.vision_params + dims.lm_params + dims.temporal_merger_params
 
     def inject(self, captioner) -> None:
         captioner.requires_grad_(True)

@@ -37,9 +37,11 @@ class BaseSpec:
     source_clips: int = 480
     num_frames: int = 4
     frame_grid: int = 2
+    temporal_merger_rank: int = 16
     steps: int = 800
     batch_size: int = 32
     learning_rate: float = 2e-3
+    warmup_ratio: float = 0.3
     seed: int = 0
 
 
@@ -56,13 +58,14 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     random_init = build_tiny(base_dir / "random-init", synthetic.caption_vocabulary(), seed=spec.seed)
 
     torch.manual_seed(spec.seed)
-    captioner = Captioner.from_pretrained(replace(random_init, frame_grid=spec.frame_grid), spec.num_frames)
+    captioner = Captioner.from_pretrained(
+        replace(random_init, frame_grid=spec.frame_grid, temporal_merger_rank=spec.temporal_merger_rank), spec.num_frames)
     trainable = apply_adapter(captioner, FullFineTuningConfig())
-    engine = make_engine(captioner, trainable, TrainConfig(batch_size=spec.batch_size, learning_rate=spec.learning_rate))
+    train = TrainConfig(batch_size=spec.batch_size, learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio)
+    engine = make_engine(captioner, trainable, train, total_steps=spec.steps)
     data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames)
     train_split = load_split(data, "train", captioner.image_size, progress=progress)
     rng = random.Random(spec.seed)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(engine.optimizer, spec.learning_rate, total_steps=spec.steps)
 
     captioner.train()
     step = 0
@@ -71,7 +74,6 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
             token_ids, token_mask = captioner.tokenize(captions)
             loss = captioner(frames, token_ids, token_mask)
             engine.step(loss)
-            scheduler.step()
             if step % 100 == 0:
                 log.info("base step %d/%d loss %.4f", step, spec.steps, loss.item())
             step += 1

@@ -2,8 +2,8 @@
 
 Each frame goes through the vision tower on its own; its pooled token (CLIP's CLS after the
 final norm, SigLIP's attention-pool output), plus any tokens an adapter adds, is projected to
-the LM's width with a learned frame-position embedding. The frames' tokens form a prefix the
-LM conditions on; training is next-token loss on the caption only, decoding is greedy (or
+the LM's width with a learned frame-position embedding; optionally one clip token merged from
+all frames follows them. These tokens form a prefix the LM conditions on; training is next-token loss on the caption only, decoding is greedy (or
 beam search). Everything loads through ``from_pretrained(name_or_path)``.
 """
 
@@ -26,17 +26,44 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Projector(nn.Module):
-    """Vision width -> LM width (two-layer MLP, as in LLaVA) plus a frame-position embedding."""
+    """Vision width -> LM width (two-layer MLP, as in LLaVA) plus a frame-position embedding.
 
-    def __init__(self, vision_hidden: int, lm_hidden: int, num_frames: int):
+    With ``temporal_merger_rank`` > 0 it also makes one clip token from all frames at once:
+    every frame's base tokens (pooled + grid) down-projected to that rank, concatenated in frame
+    order, through a two-layer MLP. Motion is a difference between frames; per-frame tokens that
+    the LM attends to separately carry it only weakly, and a tiny LM never learnt to read it
+    (direction stayed at chance); one token that sees the frames side by side learns it.
+    """
+
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(vision_hidden, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
-        self.frame_embedding = nn.Parameter(torch.zeros(num_frames, lm_hidden))
+        self.mlp = nn.Sequential(nn.Linear(dims.vision_hidden, dims.lm_hidden), nn.GELU(),
+                                 nn.Linear(dims.lm_hidden, dims.lm_hidden))
+        self.frame_embedding = nn.Parameter(torch.zeros(dims.num_frames, dims.lm_hidden))
+        self.base_tokens_per_frame = dims.base_tokens_per_frame
+        self.temporal_merger = None
+        if dims.temporal_merger_rank:
+            rank = dims.temporal_merger_rank
+            self.temporal_merger = nn.ModuleDict({
+                "down": nn.Linear(dims.vision_hidden, rank),
+                "mlp": nn.Sequential(nn.Linear(dims.num_frames * self.base_tokens_per_frame * rank, dims.lm_hidden),
+                                     nn.GELU(), nn.Linear(dims.lm_hidden, dims.lm_hidden)),
+            })
 
     def forward(self, frame_tokens: torch.Tensor) -> torch.Tensor:
         """(batch, frames, tokens, vision_hidden) -> (batch, frames * tokens, lm_hidden)."""
         projected = self.mlp(frame_tokens) + self.frame_embedding[None, :, None, :]
         return projected.flatten(1, 2)
+
+    def clip_token(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, tokens, vision_hidden) -> (batch, 1, lm_hidden) from the frames' base tokens.
+
+        Tokens an adapter appends per frame are left out, so the merger's input width, and
+        the base's trained weights, fit every method.
+        """
+        base_tokens = frame_tokens[:, :, : self.base_tokens_per_frame]
+        merged = self.temporal_merger["mlp"](self.temporal_merger["down"](base_tokens).flatten(1))
+        return merged[:, None, :]
 
 
 def load_vision_tower(name_or_path: str, attn_implementation: str | None = None) -> nn.Module:
@@ -60,15 +87,15 @@ class Captioner(nn.Module):
     """Vision tower + projector + causal LM, with a slot for adapter modules."""
 
     def __init__(self, vision: nn.Module, lm: nn.Module, tokenizer, dims: ModelDims, max_caption_tokens: int,
-                 pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD, frame_grid: int = 2):
+                 pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD):
         super().__init__()
         self.vision = vision
         self.lm = lm
         self.tokenizer = tokenizer
         self.dims = dims
         self.max_caption_tokens = max_caption_tokens
-        self.frame_grid = frame_grid
-        self.projector = Projector(dims.vision_hidden, dims.lm_hidden, dims.num_frames)
+        self.frame_grid = dims.frame_grid
+        self.projector = Projector(dims)
         # Adapters register their modules here so that saving "what trains" is one state_dict.
         self.adapter_modules = nn.ModuleDict()
         # Adapters that add visual tokens per frame (Q-Adapter's query outputs) append a callable
@@ -87,7 +114,8 @@ class Captioner(nn.Module):
     @classmethod
     def from_pretrained(cls, config: ModelConfig, num_frames: int) -> "Captioner":
         """Load both towers (and a pretrained projector if given) by hub name or local path."""
-        dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames)
+        dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames,
+                                         frame_grid=config.frame_grid, temporal_merger_rank=config.temporal_merger_rank)
         mean, std = image_normalization(config.vision_encoder)
         captioner = cls(
             vision=load_vision_tower(config.vision_encoder, config.attn_implementation),
@@ -97,7 +125,6 @@ class Captioner(nn.Module):
             max_caption_tokens=config.max_caption_tokens,
             pixel_mean=mean,
             pixel_std=std,
-            frame_grid=config.frame_grid,
         )
         if config.projector:
             state = load_file(config.projector)
@@ -106,6 +133,15 @@ class Captioner(nn.Module):
                 raise ConfigError(
                     f"model.projector: {config.projector} was trained for {state['frame_embedding'].shape[0]} "
                     f"frames, data.num_frames is {num_frames}"
+                )
+            expected = {key: tuple(value.shape) for key, value in captioner.projector.state_dict().items()}
+            found = {key: tuple(value.shape) for key, value in state.items()}
+            if found != expected:
+                trained_rank = found.get("temporal_merger.down.weight", (0,))[0]
+                raise ConfigError(
+                    f"model.temporal_merger_rank / model.frame_grid: {config.projector} was trained with "
+                    f"temporal_merger_rank {trained_rank}; the config asks for temporal_merger_rank "
+                    f"{config.temporal_merger_rank} and frame_grid {config.frame_grid}, which give other shapes"
                 )
             captioner.projector.load_state_dict(state)
         return captioner
@@ -124,6 +160,7 @@ class Captioner(nn.Module):
             max_caption_tokens=self.max_caption_tokens,
             attn_implementation=self.vision.config._attn_implementation,
             frame_grid=self.frame_grid,
+            temporal_merger_rank=self.dims.temporal_merger_rank,
         )
 
     @property
@@ -153,6 +190,8 @@ class Captioner(nn.Module):
         prefix = self.projector(frame_tokens)
         for hook in self.prefix_hooks:
             prefix = hook(prefix)
+        if self.projector.temporal_merger is not None:
+            prefix = torch.cat([prefix, self.projector.clip_token(frame_tokens)], dim=1)
         return prefix
 
     def _grid_tokens(self, hidden: torch.Tensor) -> list[torch.Tensor]:

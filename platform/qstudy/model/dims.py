@@ -81,9 +81,13 @@ class ModelDims:
     # The patch grid (ADEM-VL's multiscale features are sized by it); None where a tower lacks them.
     vision_image_size: int | None = None
     vision_patch_size: int | None = None
+    # The projector's shape (see ModelConfig): per-frame grid side and the clip-token merger's rank.
+    frame_grid: int = 2
+    temporal_merger_rank: int = 0
 
     @classmethod
-    def from_pretrained(cls, vision_encoder: str, language_model: str, num_frames: int) -> "ModelDims":
+    def from_pretrained(cls, vision_encoder: str, language_model: str, num_frames: int, frame_grid: int = 2,
+                        temporal_merger_rank: int = 0) -> "ModelDims":
         vision = vision_tower_config(read_config(vision_encoder))
         lm = read_config(language_model)
         return cls(
@@ -97,6 +101,8 @@ class ModelDims:
             lm_shapes=read_weight_shapes(language_model),
             vision_image_size=vision.get("image_size"),
             vision_patch_size=vision.get("patch_size"),
+            frame_grid=frame_grid,
+            temporal_merger_rank=temporal_merger_rank,
         )
 
     @property
@@ -120,14 +126,28 @@ class ModelDims:
         return sum(_numel(shape) for name, shape in shapes.items() if is_norm_module(name.rpartition(".")[0]))
 
     @property
+    def base_tokens_per_frame(self) -> int:
+        """The pooled token plus the frame_grid x frame_grid patch grid."""
+        return 1 + self.frame_grid**2
+
+    @property
     def projector_params(self) -> int:
-        """Two-layer MLP vision->LM width plus one learned embedding per frame position."""
+        """Two-layer MLP vision->LM width plus one learned embedding per frame position (trained by every method)."""
         d_vision, d_lm = self.vision_hidden, self.lm_hidden
         return d_vision * d_lm + d_lm + d_lm * d_lm + d_lm + self.num_frames * d_lm
 
     @property
+    def temporal_merger_params(self) -> int:
+        """The clip-token merger: per-token down-projection to its rank, then a two-layer MLP (0 without one)."""
+        d_vision, d_lm, rank = self.vision_hidden, self.lm_hidden, self.temporal_merger_rank
+        if not rank:
+            return 0
+        merged_width = self.num_frames * self.base_tokens_per_frame * rank
+        return d_vision * rank + rank + merged_width * d_lm + d_lm + d_lm * d_lm + d_lm
+
+    @property
     def total_params(self) -> int:
-        return self.vision_params + self.lm_params + self.projector_params
+        return self.vision_params + self.lm_params + self.projector_params + self.temporal_merger_params
 
 
 def is_norm_module(name: str) -> bool:

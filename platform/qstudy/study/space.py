@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qstudy.config import ConfigError, RunConfig, expand_path, from_mapping, load_yaml
+from qstudy.config import ConfigError, ModelConfig, RunConfig, expand_path, from_mapping, load_yaml
 from qstudy.model.dims import ModelDims
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -169,7 +169,10 @@ def read_dims(base: dict, path: str) -> ModelDims:
     """The base model's shapes, from its config.json and safetensors headers (local or hub cache)."""
     model, data = base["model"], base["data"]
     try:
-        return ModelDims.from_pretrained(model["vision_encoder"], model["language_model"], data["num_frames"])
+        return ModelDims.from_pretrained(
+            model["vision_encoder"], model["language_model"], data["num_frames"],
+            frame_grid=model.get("frame_grid", ModelConfig.frame_grid),
+            temporal_merger_rank=model.get("temporal_merger_rank", ModelConfig.temporal_merger_rank))
     except (FileNotFoundError, OSError) as error:
         raise ConfigError(f"{path}: base.model: cannot read the model's shapes ({error}); "
                           "for the tiny preset run `qstudy demo` or prepare $QSTUDY_HOME first") from None

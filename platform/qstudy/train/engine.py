@@ -47,14 +47,29 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
-class Engine:
-    """Plain PyTorch AdamW over the trainable parameters; DDP-wrapped across several processes."""
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Linear warm-up over ``warmup_ratio`` of the run, then constant or cosine decay to zero at its end.
 
-    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
+    Decay matters for what a run reports: at a constant rate the last epoch's score swings
+    with the last few steps, and comparing arms by it compares that noise.
+    """
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup_steps = int(config.warmup_ratio * total_steps)
+    if config.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+
+
+class Engine:
+    """Plain PyTorch AdamW (with the run's LR schedule) over the trainable parameters; DDP across processes."""
+
+    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int):
         self.captioner = captioner
         self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         captioner.to(self.dtype)
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = lr_schedule(self.optimizer, config, total_steps)
         if world_size() > 1:
             self.model = nn.parallel.DistributedDataParallel(captioner)
         else:
@@ -63,6 +78,7 @@ class Engine:
     def step(self, loss: torch.Tensor) -> None:
         loss.backward()
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: Path, progress: dict) -> None:
@@ -70,7 +86,8 @@ class Engine:
         directory.mkdir(parents=True, exist_ok=True)
         if rank() == 0:
             save_file(self.trainable_state(), directory / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
             (directory / "progress.json").write_text(json.dumps(progress))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -78,14 +95,16 @@ class Engine:
 
     def load(self, directory: Path) -> dict:
         self.captioner.load_state_dict(load_file(directory / "trainable.safetensors"), strict=False)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        state = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         return json.loads((directory / "progress.json").read_text())
 
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage from the config) with a torch AdamW, so no fused op needs compiling."""
 
-    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
+    def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int):
         import deepspeed
 
         ensure_process_group_env()
@@ -99,8 +118,10 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 10**9,
         }
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=captioner, model_parameters=trainable, optimizer=optimizer, config=ds_config
+        # DeepSpeed steps the scheduler inside model.step() and keeps it in its checkpoints.
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=captioner, model_parameters=trainable, optimizer=optimizer,
+            lr_scheduler=lr_schedule(optimizer, config, total_steps), config=ds_config,
         )
 
     def step(self, loss: torch.Tensor) -> None:
@@ -124,8 +145,8 @@ class DeepSpeedEngine(Engine):
         return progress
 
 
-def make_engine(captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig) -> Engine:
-    return (DeepSpeedEngine if config.deepspeed else Engine)(captioner, trainable, config)
+def make_engine(captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int) -> Engine:
+    return (DeepSpeedEngine if config.deepspeed else Engine)(captioner, trainable, config, total_steps)
 
 
 def trainable_state(captioner: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ and checkpoints. Nothing here knows about Ray, Tune or MLflow.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import random
 import tempfile
@@ -88,6 +89,13 @@ def caption_batches(split: SplitData, batch_size: int, rng: random.Random):
         yield split.frames[[i for i, _ in chunk]], [caption for _, caption in chunk]
 
 
+def steps_per_epoch(split: SplitData, config: RunConfig) -> int:
+    """Optimiser steps in one epoch on this rank, as ``caption_batches`` and ``max_steps_per_epoch`` make them."""
+    pairs = sum(len(clip.captions) for clip in split.clips)
+    steps = math.ceil(pairs / world_size()) // config.train.batch_size
+    return min(steps, config.train.max_steps_per_epoch or steps)
+
+
 def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
     captioner.train()
     rng = random.Random(config.train.seed * 1000 + epoch)
@@ -131,12 +139,14 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     trainable = apply_adapter(captioner, config.adapter)
     trainable_params, total_params = count_parameters(captioner)
-    engine = make_engine(captioner, trainable, config.train)
 
     # Data: decoded once, kept in memory for every epoch.
     image_size = config.data.image_size or captioner.image_size
     train_split = load_split(config.data, config.data.train_split, image_size, progress=progress)
     val_split = load_split(config.data, config.data.val_split, image_size, config.data.max_val_clips, progress)
+
+    # The learning-rate schedule spans the whole run, so the engine needs its length.
+    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps_per_epoch(train_split, config))
 
     start_epoch = 0
     if resume_from is not None:
