@@ -3,8 +3,9 @@
 Each frame goes through the vision tower on its own; its pooled token (CLIP's CLS after the
 final norm, SigLIP's attention-pool output), plus any tokens an adapter adds, is projected to
 the LM's width with a learned frame-position embedding; optionally one clip token merged from
-all frames follows them. These tokens form a prefix the LM conditions on; training is next-token loss on the caption only, decoding is greedy (or
-beam search). Everything loads through ``from_pretrained(name_or_path)``.
+all frames follows them. These tokens form a prefix the LM conditions on; training is
+next-token loss on the caption only, decoding is greedy (or beam search). Everything loads
+through ``from_pretrained(name_or_path)``.
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class Captioner(nn.Module):
         self.tokenizer = tokenizer
         self.dims = dims
         self.max_caption_tokens = max_caption_tokens
-        self.frame_grid = dims.frame_grid
         self.projector = Projector(dims)
         # Adapters register their modules here so that saving "what trains" is one state_dict.
         self.adapter_modules = nn.ModuleDict()
@@ -128,14 +128,11 @@ class Captioner(nn.Module):
         )
         if config.projector:
             state = load_file(config.projector)
-            expected = captioner.projector.frame_embedding.shape
-            if state["frame_embedding"].shape != expected:
-                raise ConfigError(
-                    f"model.projector: {config.projector} was trained for {state['frame_embedding'].shape[0]} "
-                    f"frames, data.num_frames is {num_frames}"
-                )
             expected = {key: tuple(value.shape) for key, value in captioner.projector.state_dict().items()}
             found = {key: tuple(value.shape) for key, value in state.items()}
+            if found["frame_embedding"] != expected["frame_embedding"]:
+                raise ConfigError(f"model.projector: {config.projector} was trained for "
+                                  f"{found['frame_embedding'][0]} frames, data.num_frames is {num_frames}")
             if found != expected:
                 trained_rank = found.get("temporal_merger.down.weight", (0,))[0]
                 raise ConfigError(
@@ -159,7 +156,7 @@ class Captioner(nn.Module):
             projector=str(directory / "projector.safetensors"),
             max_caption_tokens=self.max_caption_tokens,
             attn_implementation=self.vision.config._attn_implementation,
-            frame_grid=self.frame_grid,
+            frame_grid=self.dims.frame_grid,
             temporal_merger_rank=self.dims.temporal_merger_rank,
         )
 
@@ -196,12 +193,12 @@ class Captioner(nn.Module):
 
     def _grid_tokens(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """The patch tokens average-pooled to ``frame_grid`` x ``frame_grid`` (none when it is 0)."""
-        if not self.frame_grid:
+        if not self.dims.frame_grid:
             return []
         side = self.image_size // self.vision.config.patch_size
         patches = hidden[:, -side * side:]  # CLIP puts a CLS token first; SigLIP has none
         grid = patches.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
-        pooled = nn.functional.adaptive_avg_pool2d(grid, self.frame_grid)
+        pooled = nn.functional.adaptive_avg_pool2d(grid, self.dims.frame_grid)
         return [pooled.flatten(2).transpose(1, 2)]
 
     def _lm_inputs(self, prefix: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor):
