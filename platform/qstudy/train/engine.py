@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +47,22 @@ def rank() -> int:
 
 def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op CPU threads (None: leave torch's setting), then restore it.
+
+    The thread count changes how CPU reductions are split, and so the last bits of every
+    result: a run that states it can be repeated exactly on the same machine.
+    """
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
