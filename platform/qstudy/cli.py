@@ -39,6 +39,11 @@ def cmd_base(args) -> None:
     print(json.dumps(model.__dict__, indent=2))
 
 
+def tiny_base_dir(seed: int = 0) -> Path:
+    """Where the tiny base of a seed is cached; seed 0's is the one the presets name."""
+    return qstudy_home() / "base" / ("tiny" if seed == 0 else f"tiny-seed{seed}")
+
+
 def prepare_tiny_workspace(home: Path) -> None:
     """The embedded default's inputs: target-domain clips and the pretrained tiny base."""
     from qstudy.data.synthetic import SyntheticSpec, generate

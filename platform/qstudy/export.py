@@ -177,26 +177,31 @@ def export_trials(selection: StudySelection, choice: Selection, out_dir: Path) -
 
 def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
     """The exported trial's model, in eval mode, exactly as it was after training."""
+    directory = Path(directory)
+    config = RunConfig.from_yaml(directory / CONFIG_FILE)
+    return load_trained(config, directory / WEIGHTS_FILE), config
+
+
+def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
+    """The base of ``config`` with its adapter and the trained weights in ``weights_path``, in eval mode."""
     import torch
     from safetensors.torch import load_file
 
     from qstudy.adapters import apply_adapter
     from qstudy.model.captioner import Captioner
 
-    directory = Path(directory)
-    config = RunConfig.from_yaml(directory / CONFIG_FILE)
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     apply_adapter(captioner, config.adapter)
     # The trial trained (and so captioned) in its precision; bf16 weights in an fp32 model would not match.
     captioner.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float32)
-    weights = load_file(directory / WEIGHTS_FILE)
+    weights = load_file(weights_path)
     trainable = {name for name, parameter in captioner.named_parameters() if parameter.requires_grad}
     if set(weights) != trainable:
         missing, unexpected = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
-        raise ExportError(f"{directory / WEIGHTS_FILE} does not fit {config.adapter.method}: "
+        raise ExportError(f"{weights_path} does not fit {config.adapter.method}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     captioner.load_state_dict(weights, strict=False)
-    return captioner.eval(), config
+    return captioner.eval()
 
 
 def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> list[tuple[Path, str | None]]:

@@ -174,8 +174,8 @@ class Captioner(nn.Module):
     def image_size(self) -> int:
         return self.vision.config.image_size
 
-    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (batch, frames, H, W, 3) -> visual prefix (batch, prefix_len, lm_hidden)."""
+    def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (batch, frames, H, W, 3) -> the vision side's tokens (batch, frames, tokens, vision_hidden)."""
         batch, num_frames = frames.shape[:2]
         pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
@@ -183,7 +183,11 @@ class Captioner(nn.Module):
         pooled = output.pooler_output
         tokens = [pooled[:, None, :]] + self._grid_tokens(output.last_hidden_state)
         tokens += [extra() for extra in self.extra_frame_tokens]
-        frame_tokens = torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
+        return torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (batch, frames, H, W, 3) -> visual prefix (batch, prefix_len, lm_hidden)."""
+        frame_tokens = self.visual_tokens(frames)
         prefix = self.projector(frame_tokens)
         for hook in self.prefix_hooks:
             prefix = hook(prefix)

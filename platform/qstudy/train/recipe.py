@@ -112,18 +112,24 @@ def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: 
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def evaluate(captioner: Captioner, split: SplitData, scorer: CaptionScorer, config: EvalConfig) -> tuple[dict, dict]:
-    """Caption every val clip and score against its references.
-
-    Every rank decodes the whole split: ZeRO-3 gathers weights inside forward, so ranks must
-    run identical generate loops; only rank 0's scores are used.
-    """
+def predict(captioner: Captioner, split: SplitData, config: EvalConfig) -> dict[str, str]:
+    """``{video_id: caption}`` for every clip of the split."""
     captioner.eval()
     predictions = {}
     for start in range(0, len(split.clips), config.batch_size):
         clips = split.clips[start:start + config.batch_size]
         texts = captioner.generate(split.frames[start:start + len(clips)], config.max_new_tokens, config.num_beams)
         predictions.update({clip.video_id: text for clip, text in zip(clips, texts)})
+    return predictions
+
+
+def evaluate(captioner: Captioner, split: SplitData, scorer: CaptionScorer, config: EvalConfig) -> tuple[dict, dict]:
+    """Caption every val clip and score against its references.
+
+    Every rank decodes the whole split: ZeRO-3 gathers weights inside forward, so ranks must
+    run identical generate loops; only rank 0's scores are used.
+    """
+    predictions = predict(captioner, split, config)
     references = {clip.video_id: list(clip.captions) for clip in split.clips}
     examples = {clip.video_id: predictions[clip.video_id] for clip in split.clips[:3]}
     return scorer.score(predictions, references), examples
