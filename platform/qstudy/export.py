@@ -182,6 +182,7 @@ def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
 
     from qstudy.adapters import apply_adapter
     from qstudy.model.captioner import Captioner
+    from qstudy.train.device import select_device
 
     directory = Path(directory)
     config = RunConfig.from_yaml(directory / CONFIG_FILE)
@@ -196,7 +197,7 @@ def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
         raise ExportError(f"{directory / WEIGHTS_FILE} does not fit {config.adapter.method}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     captioner.load_state_dict(weights, strict=False)
-    return captioner.eval(), config
+    return captioner.to(select_device()).eval(), config
 
 
 def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> list[tuple[Path, str | None]]:
@@ -204,6 +205,7 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
     import torch
 
     from qstudy.data.frames import sample_frames
+    from qstudy.train.device import autocast
 
     size = config.data.image_size or captioner.image_size
     results = []
@@ -215,6 +217,7 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
             continue
         if config.data.blind:  # trained on blank frames: caption as it was evaluated
             frames = torch.zeros_like(frames)
-        (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
+        with autocast(captioner.device, config.train.precision):
+            (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
         results.append((video, caption))
     return results

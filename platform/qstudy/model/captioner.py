@@ -171,13 +171,19 @@ class Captioner(nn.Module):
         return base.h if hasattr(base, "h") else base.layers
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are, read from a buffer: ZeRO-3 leaves buffers whole while it shards parameters."""
+        return self.pixel_mean.device
+
+    @property
     def image_size(self) -> int:
         return self.vision.config.image_size
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames (batch, frames, H, W, 3) -> visual prefix (batch, prefix_len, lm_hidden)."""
         batch, num_frames = frames.shape[:2]
-        pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
+        # uint8 crosses to the device: a quarter of the bytes of the float pixels made from it there.
+        pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
         output = self.vision(pixel_values=pixels)
         pooled = output.pooler_output
@@ -226,6 +232,7 @@ class Captioner(nn.Module):
     def forward(self, frames: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss over caption tokens (the visual prefix is never a target)."""
         prefix = self.encode_frames(frames)
+        token_ids, token_mask = token_ids.to(self.device), token_mask.to(self.device)
         inputs, mask = self._lm_inputs(prefix, token_ids, token_mask)
         logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits
         caption_len = token_ids.shape[1]

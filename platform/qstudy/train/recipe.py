@@ -27,6 +27,7 @@ from qstudy.data.annotations import Clip, read_clips
 from qstudy.data.frames import decode_clips
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
+from qstudy.train.device import autocast, select_device
 from qstudy.train.engine import Engine, make_engine, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: 
         if config.train.max_steps_per_epoch is not None and step >= config.train.max_steps_per_epoch:
             break
         token_ids, token_mask = captioner.tokenize(captions)
-        loss = engine.model(frames, token_ids, token_mask)
+        with autocast(captioner.device, config.train.precision):
+            loss = engine.model(frames, token_ids, token_mask)
         engine.step(loss)
         losses.append(loss.item())
         if step % config.train.log_every == 0:
@@ -139,6 +141,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     trainable = apply_adapter(captioner, config.adapter)
     trainable_params, total_params = count_parameters(captioner)
+    device = select_device()
+    captioner.to(device)
 
     # Data: decoded once, kept in memory for every epoch.
     image_size = config.data.image_size or captioner.image_size
@@ -157,7 +161,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
         for epoch in range(start_epoch, config.train.epochs):
             epoch_started = time.perf_counter()
             loss = train_epoch(engine, captioner, train_split, config, epoch)
-            val, examples = evaluate(captioner, val_split, scorer, config.eval)
+            with autocast(device, config.train.precision):
+                val, examples = evaluate(captioner, val_split, scorer, config.eval)
             result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples)
             epochs.append(result)
             log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))
