@@ -8,7 +8,6 @@ adapter that makes a tensor without a device breaks only there.
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,14 @@ import torch
 
 from qstudy.adapters import ADAPTERS, apply_adapter
 from qstudy.config import TrainConfig
-from qstudy.data import synthetic
 from qstudy.data.annotations import Clip
 from qstudy.model.captioner import Captioner
-from qstudy.model.tiny import build_tiny
 from qstudy.train.device import worker_device
 from qstudy.train.engine import Engine
 from qstudy.train.recipe import SplitData, train_epoch
 
 NUM_FRAMES = 2
 CAPTIONS = ["a red circle moves left", "a blue square moves up"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    base = build_tiny(tmp_path_factory.mktemp("tiny"), synthetic.caption_vocabulary())
-    return replace(base, temporal_merger_rank=4)
 
 
 def meta_captioner(base, method: str) -> tuple[Captioner, list[torch.nn.Parameter]]:
@@ -48,8 +39,8 @@ def cpu_frames(captioner: Captioner, batch: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", sorted(ADAPTERS))
-def test_forward_backward_and_generate_run_on_the_models_device(tiny_base, method, monkeypatch):
-    captioner, trainable = meta_captioner(tiny_base, method)
+def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base, method, monkeypatch):
+    captioner, trainable = meta_captioner(tiny_random_base, method)
     loss = captioner(cpu_frames(captioner, 2), *captioner.tokenize(CAPTIONS))
     assert loss.device.type == "meta"
     loss.backward()
@@ -67,8 +58,8 @@ def test_forward_backward_and_generate_run_on_the_models_device(tiny_base, metho
     assert {seen[key].device.type for key in ("inputs_embeds", "attention_mask")} == {"meta"}
 
 
-def test_the_recipes_batches_reach_the_models_device(tiny_base, monkeypatch):
-    captioner, trainable = meta_captioner(tiny_base, "qadapter")
+def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypatch):
+    captioner, trainable = meta_captioner(tiny_random_base, "qadapter")
     config = TrainConfig(batch_size=2, epochs=1)
     engine = Engine(captioner, trainable, config, total_steps=3)
     clips = [Clip(f"clip{i}", Path(f"clip{i}.mp4"), tuple(CAPTIONS)) for i in range(3)]

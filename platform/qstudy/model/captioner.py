@@ -67,10 +67,20 @@ class Projector(nn.Module):
         return merged[:, None, :]
 
 
-def load_vision_tower(name_or_path: str, attn_implementation: str | None = None) -> nn.Module:
+def load_vision_tower(name_or_path: str, attn_implementation: str | None = None,
+                      gradient_checkpointing: bool = False) -> nn.Module:
     """A vision tower with ``.encoder.layers``, from a vision-only or a two-tower checkpoint."""
     model = AutoModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+    if gradient_checkpointing:  # on the loaded model: a two-tower checkpoint's vision_model is no PreTrainedModel
+        enable_checkpointing(model)
     return getattr(model, "vision_model", model)
+
+
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every layer of ``model``, non-reentrant."""
+    # With the base frozen, a layer's inputs need no grad: reentrant checkpointing would then
+    # cut the graph there, and the adapters inside the layer would get no gradients.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def image_normalization(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -117,9 +127,12 @@ class Captioner(nn.Module):
         dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames,
                                          frame_grid=config.frame_grid, temporal_merger_rank=config.temporal_merger_rank)
         mean, std = image_normalization(config.vision_encoder)
+        lm = AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation)
+        if config.gradient_checkpointing:
+            enable_checkpointing(lm)
         captioner = cls(
-            vision=load_vision_tower(config.vision_encoder, config.attn_implementation),
-            lm=AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation),
+            vision=load_vision_tower(config.vision_encoder, config.attn_implementation, config.gradient_checkpointing),
+            lm=lm,
             tokenizer=AutoTokenizer.from_pretrained(config.tokenizer or config.language_model),
             dims=dims,
             max_caption_tokens=config.max_caption_tokens,
