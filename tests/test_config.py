@@ -44,6 +44,7 @@ def test_valid_config_becomes_typed_objects(tmp_path):
         (lambda d: d["train"].update(lr_schedule="linear"), "train.lr_schedule: 'linear' is not one of"),
         (lambda d: d["train"].update(warmup_ratio=1.0), "train.warmup_ratio must be in"),
         (lambda d: d["model"].update(temporal_merger_rank=-2), "model.temporal_merger_rank must be >= 0"),
+        (lambda d: d["data"].update(resize="crop"), "data.resize: 'crop' is not one of"),
         (lambda d: d["train"].update(gradient_accumulation_steps=0), "train.gradient_accumulation_steps must be >= 1"),
         (lambda d: d["model"].update(gradient_checkpointing="yes"), "model.gradient_checkpointing: expected bool"),
         (lambda d: d["data"].pop("video_dir"), "missing key data.video_dir"),

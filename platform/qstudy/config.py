@@ -155,6 +155,9 @@ class DataConfig:
     image_size: int | None = None  # None: the vision encoder's own input size
     max_val_clips: int | None = None
     blind: bool = False  # blank every frame: the caption-prior floor
+    # How a frame becomes the encoder's square: keep the aspect and cut the centre (as CLIP was
+    # trained), or squash the whole frame.
+    resize: Literal["shorter_side_center_crop", "squash"] = "shorter_side_center_crop"
 
     def __post_init__(self):
         if self.num_frames < 1:

@@ -211,7 +211,7 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
     results = []
     for video in videos:
         try:
-            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size))[None]
+            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size, config.data.resize))[None]
         except (RuntimeError, IndexError, OSError):  # decord: "Error reading ..."
             results.append((video, None))
             continue

@@ -72,7 +72,7 @@ class RunResult:
 
 def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
     clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
-    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress)
+    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress, resize=data.resize)
     frames = torch.from_numpy(decoded.frames)
     if data.blind:
         frames = torch.zeros_like(frames)
