@@ -7,7 +7,11 @@ adapter that makes a tensor without a device breaks only there.
 
 from __future__ import annotations
 
-import random
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -75,3 +79,20 @@ def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypat
 
 def test_a_process_outside_ray_without_cuda_computes_on_the_cpu():
     assert worker_device() == torch.device("cpu")
+
+
+def test_a_ray_task_holding_a_gpu_computes_on_it():
+    """What an in-actor trial with ``use_gpu`` gets: Ray's GPU, not the CPU (Ray pretends to have two here)."""
+    script = textwrap.dedent("""
+        import ray
+        from qstudy.train.device import worker_device
+
+        ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        device = ray.remote(worker_device)
+        print(ray.get(device.options(num_cpus=0.5, num_gpus=1).remote()), ray.get(device.options(num_cpus=0.5).remote()))
+    """)
+    with tempfile.TemporaryDirectory(prefix="qsdev", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["cuda:0", "cpu"]
