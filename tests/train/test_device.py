@@ -1,4 +1,6 @@
-"""Inputs follow the model to its device: a captioner on ``meta`` fails on any CPU tensor that reaches it.
+"""The device a process computes on, and the inputs that follow the model there.
+
+A captioner on ``meta`` fails on any CPU tensor that reaches it.
 
 No GPU is needed: ``meta`` is a second device every CPU build has, and mixing it with a CPU
 tensor raises as mixing CPU and CUDA does. Every registered method is checked, because an
@@ -13,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,7 +74,7 @@ def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypat
     item = torch.Tensor.item
     # The recipe logs loss values; a meta tensor has none, so it reads as zero here.
     monkeypatch.setattr(torch.Tensor, "item", lambda t: 0.0 if t.device.type == "meta" else item(t))
-    run_config = type("Run", (), {"train": config})()
+    run_config = SimpleNamespace(train=config)  # all of a RunConfig that train_epoch reads
 
     assert train_epoch(engine, captioner, split, run_config, epoch=0) == 0.0
     assert all(p.device.type == "meta" for p in trainable)

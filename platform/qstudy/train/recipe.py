@@ -100,10 +100,11 @@ def caption_batches(split: SplitData, batch_size: int, rng: random.Random, num_b
 
 
 def steps_per_epoch(split: SplitData, train: TrainConfig, world: int | None = None) -> int:
-    """Optimiser steps in one epoch, the same on every rank: whole steps of ``gradient_accumulation_steps``
-    micro-batches from every rank, at most ``max_steps_per_epoch``.
+    """Optimiser steps in one epoch, the same on every rank of ``world`` (default: this process group's).
 
-    Whole steps only, so no epoch ends (and checkpoints) with gradients half accumulated.
+    A step takes ``gradient_accumulation_steps`` micro-batches from every rank; whole steps
+    only, so no epoch ends (and checkpoints) with gradients half accumulated; at most
+    ``max_steps_per_epoch``. ``train_epoch`` asks ``caption_batches`` for exactly these.
     """
     pairs = sum(len(clip.captions) for clip in split.clips)
     steps = pairs // ((world or world_size()) * train.batch_size * train.gradient_accumulation_steps)
