@@ -10,6 +10,7 @@ adapter that makes a tensor without a device breaks only there.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def test_a_ray_task_holding_a_gpu_computes_on_it():
     """)
     with tempfile.TemporaryDirectory(prefix="qsdev", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"})
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
+                                   "RAY_AUTH_TOKEN": secrets.token_hex(16)})  # Ray listens beyond loopback
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["cuda:0", "cpu"]
