@@ -81,8 +81,12 @@ def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypat
     assert all(p.device.type == "meta" for p in trainable)
 
 
-def test_a_process_outside_ray_without_cuda_computes_on_the_cpu():
-    assert worker_device() == torch.device("cpu")
+@pytest.mark.parametrize(("cuda", "expected"), [(False, "cpu"), (True, "cuda:1")])
+def test_a_process_outside_ray_computes_on_its_local_rank_gpu_or_the_cpu(cuda, expected, monkeypatch):
+    """torchrun's second rank on a GPU box: where DeepSpeed puts that rank's model too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert worker_device() == torch.device(expected)
 
 
 def test_a_ray_task_holding_a_gpu_computes_on_it():
