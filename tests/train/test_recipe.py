@@ -140,8 +140,15 @@ def test_two_deepspeed_ranks_finish_an_epoch_whose_pairs_do_not_split_evenly(tin
     path.write_text(yaml.safe_dump(config))
     assert len(read_clips("msrvtt", annotations, tmp_path / "data" / "videos", "train")) == 63  # 315 pairs
 
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "qstudy.cli", "train", str(path)], capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "qstudy.cli", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _, stderr = ranks.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun then stops its ranks, which run in sessions of their own (a kill would orphan them).
+        ranks.terminate()
+        pytest.fail(f"2 ranks still running after 180 s: {ranks.communicate(timeout=60)[1][-3000:]}")
+    assert ranks.returncode == 0, stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [0]
