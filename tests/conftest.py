@@ -23,3 +23,14 @@ def tiny_workspace(tmp_path_factory) -> Path:
     prepare_tiny_workspace(home)
     os.environ["QSTUDY_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_random_base(tmp_path_factory):
+    """A ``ModelConfig`` of random tiny towers with a rank-4 merger: for the mechanics, not for learning."""
+    from dataclasses import replace
+
+    from qstudy.data.synthetic import caption_vocabulary
+    from qstudy.model.tiny import build_tiny
+
+    return replace(build_tiny(tmp_path_factory.mktemp("tiny"), caption_vocabulary()), temporal_merger_rank=4)

@@ -155,6 +155,9 @@ class DataConfig:
     image_size: int | None = None  # None: the vision encoder's own input size
     max_val_clips: int | None = None
     blind: bool = False  # blank every frame: the caption-prior floor
+    # How a frame becomes the encoder's square: keep the aspect and cut the centre (as CLIP was
+    # trained), or squash the whole frame.
+    resize: Literal["shorter_side_center_crop", "squash"] = "shorter_side_center_crop"
 
     def __post_init__(self):
         if self.num_frames < 1:
@@ -180,6 +183,9 @@ class ModelConfig:
     # down-projected to this rank), so motion across frames is one token's job. Must match the
     # projector a base was trained with; 0: per-frame tokens only.
     temporal_merger_rank: int = 0
+    # Recompute each vision and LM layer's activations in the backward instead of keeping them:
+    # memory for time, for models whose activations do not fit.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("frame_grid", "temporal_merger_rank"):
@@ -204,6 +210,9 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_ratio: float = 0.05
     log_every: int = 50
+    # One optimiser step per this many micro-batches of batch_size (per rank), loss scaled by its
+    # inverse: the effective batch of a larger LM that fits only in smaller pieces.
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -212,6 +221,8 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

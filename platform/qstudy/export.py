@@ -189,6 +189,7 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
 
     from qstudy.adapters import apply_adapter
     from qstudy.model.captioner import Captioner
+    from qstudy.train.device import select_device
 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     apply_adapter(captioner, config.adapter)
@@ -201,7 +202,7 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
         raise ExportError(f"{weights_path} does not fit {config.adapter.method}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     captioner.load_state_dict(weights, strict=False)
-    return captioner.eval()
+    return captioner.to(select_device()).eval()
 
 
 def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> list[tuple[Path, str | None]]:
@@ -209,17 +210,19 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
     import torch
 
     from qstudy.data.frames import sample_frames
+    from qstudy.train.device import autocast
 
     size = config.data.image_size or captioner.image_size
     results = []
     for video in videos:
         try:
-            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size))[None]
+            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size, config.data.resize))[None]
         except (RuntimeError, IndexError, OSError):  # decord: "Error reading ..."
             results.append((video, None))
             continue
         if config.data.blind:  # trained on blank frames: caption as it was evaluated
             frames = torch.zeros_like(frames)
-        (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
+        with autocast(captioner.device, config.train.precision):
+            (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
         results.append((video, caption))
     return results

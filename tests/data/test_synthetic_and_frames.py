@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from qstudy.data.annotations import Clip, read_clips
 from qstudy.data.frames import decode_clips, sample_frames
 from qstudy.data.synthetic import COLOURS, SyntheticSpec, generate, render_clip, write_mp4
+
+RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +77,33 @@ def test_corrupt_and_missing_videos_are_skipped_and_counted(dataset, tmp_path):
     assert len(decoded.clips) == len(clips) and decoded.frames.shape == (len(clips), 4, 32, 32, 3)
     assert [s["video_id"] for s in decoded.skipped] == ["corrupt", "missing"]
     assert all(s["error"] for s in decoded.skipped)
+
+
+@pytest.fixture(scope="module")
+def wide_clip(tmp_path_factory) -> Path:
+    """A 128x64 clip: red left quarter, blue centre half, green right quarter."""
+    from qstudy.data.synthetic import write_mp4
+
+    frame = np.zeros((64, 128, 3), np.uint8)
+    frame[:, :32], frame[:, 32:96], frame[:, 96:] = RED, BLUE, GREEN
+    path = tmp_path_factory.mktemp("wide") / "wide.mp4"
+    write_mp4(path, np.stack([frame] * 4))
+    return path
+
+
+def nearest(pixels: np.ndarray) -> list[str]:
+    """The name of the nearest of red, blue and green for each pixel of a row."""
+    names, colours = ["red", "blue", "green"], np.array([RED, BLUE, GREEN])
+    return [names[i] for i in np.abs(pixels[:, None].astype(int) - colours).sum(-1).argmin(-1)]
+
+
+@pytest.mark.parametrize(("resize", "left", "middle", "right"), [
+    ("shorter_side_center_crop", "blue", "blue", "blue"),  # the centre square, at its own aspect
+    ("squash", "red", "blue", "green"),  # everything, squeezed
+])
+def test_resize_keeps_the_centre_or_squashes_everything(wide_clip, resize, left, middle, right):
+    # Not 16 px: decord 0.6 garbles widths of 16 and 48 px (rows padded to 64 bytes), in either mode.
+    frames = sample_frames(str(wide_clip), num_frames=2, size=32, resize=resize)
+    assert frames.shape == (2, 32, 32, 3)
+    # Columns clear of the colour edges, which H.264 and scaling blur by a pixel or two.
+    assert nearest(frames[0, 16, [3, 16, 28]]) == [left, middle, right]

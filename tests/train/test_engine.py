@@ -48,3 +48,28 @@ def test_constant_keeps_the_rate_after_warm_up():
     engine, model = engine_and_model(False, "constant")
     rates = train(engine, model, TOTAL_STEPS)
     assert rates[4:] == pytest.approx([0.1] * (TOTAL_STEPS - 4))
+
+
+@pytest.mark.parametrize("deepspeed", [False, True])
+def test_accumulating_two_micro_batches_is_one_step_on_both(deepspeed):
+    inputs, targets = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.linspace(-1, 1, 8)[:, None]
+
+    def weights_after(batch_size: int, accumulation: int) -> list[torch.Tensor]:
+        """The model's weights after each optimiser step over the 8 samples, in order."""
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        config = TrainConfig(batch_size=batch_size, learning_rate=0.1, lr_schedule="constant", warmup_ratio=0.0,
+                             gradient_accumulation_steps=accumulation, deepspeed=deepspeed)
+        engine = make_engine(model, list(model.parameters()), config, total_steps=8 // (batch_size * accumulation))
+        snapshots = [model.weight.detach().clone()]
+        for start in range(0, 8, batch_size):
+            batch = slice(start, start + batch_size)
+            engine.step(nn.functional.mse_loss(engine.model(inputs[batch]), targets[batch]))
+            snapshots.append(model.weight.detach().clone())
+        return snapshots
+
+    whole = weights_after(batch_size=4, accumulation=1)
+    accumulated = weights_after(batch_size=2, accumulation=2)
+    torch.testing.assert_close(accumulated[1], accumulated[0], rtol=0, atol=0)  # half a step: nothing moves yet
+    torch.testing.assert_close(accumulated[2::2], whole[1:])
+    assert not torch.allclose(whole[1], whole[0]) and not torch.allclose(whole[2], whole[1])

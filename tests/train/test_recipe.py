@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from qstudy.cli import DEMO_CONFIG, main
 from qstudy.config import RunConfig
+from qstudy.data.annotations import read_clips
 
 
 def short_run(workspace: Path, tmp_path: Path, **train) -> dict:
@@ -83,3 +88,67 @@ def test_deepspeed_engine_trains_and_resumes_on_cpu(tiny_workspace, tmp_path, ze
 
     resumed = run(config, resume_from=checkpoints[0], progress=False)
     assert [e.epoch for e in resumed.epochs] == [1]  # epoch 0 came from the checkpoint
+
+
+@pytest.mark.parametrize(("pairs", "world", "batch", "accumulation", "max_steps", "steps"), [
+    (315, 2, 79, 1, None, 1),  # the reproducer: per-rank shares of 158 and 157 gave 2 and 1 steps
+    (315, 1, 79, 1, None, 3),
+    (100, 3, 7, 1, None, 4),
+    (100, 3, 7, 2, None, 2),  # whole optimiser steps: 4 micro-batches per rank
+    (100, 3, 7, 1, 3, 3),
+    (100, 3, 7, 2, 1, 1),
+    (16, 4, 4, 1, None, 1),
+    (15, 4, 4, 1, None, 0),  # fewer pairs than one step of every rank: nobody steps
+    (7, 2, 4, 1, None, 0),
+])
+def test_every_rank_takes_the_steps_the_schedule_counts(pairs, world, batch, accumulation, max_steps, steps):
+    from qstudy.config import TrainConfig
+    from qstudy.data.annotations import Clip
+    from qstudy.train.recipe import SplitData, caption_batches, steps_per_epoch
+
+    clips = [Clip(f"clip{i}", Path(f"clip{i}.mp4"), (f"caption {i}",)) for i in range(pairs)]
+    split = SplitData(clips, torch.arange(pairs).view(pairs, 1, 1, 1, 1), [])
+    train = TrainConfig(batch_size=batch, gradient_accumulation_steps=accumulation, max_steps_per_epoch=max_steps)
+    assert steps_per_epoch(split, train, world) == steps
+
+    seen = []
+    for rank in range(world):
+        batches = list(caption_batches(split, batch, random.Random(0), steps * accumulation, shard=(rank, world)))
+        assert len(batches) == steps * accumulation
+        assert all(len(captions) == batch for _, captions in batches)
+        if accumulation == 1 and max_steps is None:  # model/base.py's call: as many as every rank can take
+            assert len(list(caption_batches(split, batch, random.Random(0), shard=(rank, world)))) == steps
+        seen += [int(i) for frames, _ in batches for i in frames.flatten()]
+    assert len(seen) == len(set(seen))  # no pair twice in an epoch
+
+
+def test_two_deepspeed_ranks_finish_an_epoch_whose_pairs_do_not_split_evenly(tiny_workspace, tmp_path):
+    """torchrun, 2 ranks over gloo, ZeRO-2: 315 pairs in batches of 79 would give the ranks 2 and 1 steps.
+
+    A rank that steps once more than the other waits forever in an all-reduce; the timeout
+    turns that hang into a failure.
+    """
+    from qstudy.data.synthetic import SyntheticSpec, generate
+
+    annotations = generate(tmp_path / "data", SyntheticSpec(domain="target", num_clips=90, seed=1), progress=False)
+    config = short_run(tiny_workspace, tmp_path, epochs=1, batch_size=79, deepspeed=True, zero_stage=2,
+                       max_steps_per_epoch=None)
+    config["data"].update({"annotations": str(annotations), "video_dir": str(tmp_path / "data" / "videos"),
+                           "max_val_clips": 4})
+    config["eval"]["max_new_tokens"] = 4
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert len(read_clips("msrvtt", annotations, tmp_path / "data" / "videos", "train")) == 63  # 315 pairs
+
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "qstudy.cli", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _, stderr = ranks.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun then stops its ranks, which run in sessions of their own (a kill would orphan them).
+        ranks.terminate()
+        pytest.fail(f"2 ranks still running after 180 s: {ranks.communicate(timeout=60)[1][-3000:]}")
+    assert ranks.returncode == 0, stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [epoch["epoch"] for epoch in metrics["epochs"]] == [0]

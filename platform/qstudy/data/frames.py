@@ -17,12 +17,25 @@ from qstudy.data.annotations import Clip
 log = logging.getLogger(__name__)
 
 
-def sample_frames(path: str, num_frames: int, size: int) -> np.ndarray:
-    """(num_frames, size, size, 3) uint8 RGB, uniformly spaced over the whole clip."""
+def sample_frames(path: str, num_frames: int, size: int, resize: str = "shorter_side_center_crop") -> np.ndarray:
+    """(num_frames, size, size, 3) uint8 RGB, uniformly spaced over the whole clip.
+
+    ``shorter_side_center_crop`` scales the shorter side to ``size``, keeping the aspect, and
+    keeps the centre square, as CLIP's own preprocessing does; ``squash`` scales the whole
+    frame to the square, distorting shapes in any frame that is not square.
+    """
+    width = height = size
+    if resize == "shorter_side_center_crop":
+        # decord tells a frame's size only by decoding one: the first, once, at native size.
+        native_height, native_width = VideoReader(str(path), ctx=cpu(0), num_threads=1).next().shape[:2]
+        scale = size / min(native_height, native_width)
+        width, height = max(size, round(native_width * scale)), max(size, round(native_height * scale))
     # One decoder thread is faster than decord's default for short, small clips.
-    reader = VideoReader(str(path), ctx=cpu(0), num_threads=1, width=size, height=size)
+    reader = VideoReader(str(path), ctx=cpu(0), num_threads=1, width=width, height=height)
     indices = np.linspace(0, len(reader) - 1, num_frames).round().astype(int).tolist()
-    return reader.get_batch(indices).asnumpy()
+    frames = reader.get_batch(indices).asnumpy()
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
 
 
 @dataclass
@@ -34,12 +47,13 @@ class DecodedClips:
     skipped: list[dict] = field(default_factory=list)
 
 
-def decode_clips(clips: list[Clip], num_frames: int, size: int, progress: bool = True) -> DecodedClips:
+def decode_clips(clips: list[Clip], num_frames: int, size: int, progress: bool = True,
+                 resize: str = "shorter_side_center_crop") -> DecodedClips:
     """Decode every clip once; unreadable ones are logged, counted and left out."""
     kept, frames, skipped = [], [], []
     for clip in tqdm(clips, desc="decoding videos", disable=not progress, leave=False):
         try:
-            frames.append(sample_frames(str(clip.path), num_frames, size))
+            frames.append(sample_frames(str(clip.path), num_frames, size, resize))
             kept.append(clip)
         except (RuntimeError, IndexError, OSError) as error:  # decord: "Error reading ..."
             log.warning("skipping video %s: %s", clip.path, str(error).splitlines()[0])

@@ -67,10 +67,20 @@ class Projector(nn.Module):
         return merged[:, None, :]
 
 
-def load_vision_tower(name_or_path: str, attn_implementation: str | None = None) -> nn.Module:
+def load_vision_tower(name_or_path: str, attn_implementation: str | None = None,
+                      gradient_checkpointing: bool = False) -> nn.Module:
     """A vision tower with ``.encoder.layers``, from a vision-only or a two-tower checkpoint."""
     model = AutoModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+    if gradient_checkpointing:  # on the loaded model: a two-tower checkpoint's vision_model is no PreTrainedModel
+        enable_checkpointing(model)
     return getattr(model, "vision_model", model)
+
+
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every layer of ``model``, non-reentrant."""
+    # With the base frozen, a layer's inputs need no grad: reentrant checkpointing would then
+    # cut the graph there, and the adapters inside the layer would get no gradients.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def image_normalization(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -117,9 +127,12 @@ class Captioner(nn.Module):
         dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames,
                                          frame_grid=config.frame_grid, temporal_merger_rank=config.temporal_merger_rank)
         mean, std = image_normalization(config.vision_encoder)
+        lm = AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation)
+        if config.gradient_checkpointing:
+            enable_checkpointing(lm)
         captioner = cls(
-            vision=load_vision_tower(config.vision_encoder, config.attn_implementation),
-            lm=AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation),
+            vision=load_vision_tower(config.vision_encoder, config.attn_implementation, config.gradient_checkpointing),
+            lm=lm,
             tokenizer=AutoTokenizer.from_pretrained(config.tokenizer or config.language_model),
             dims=dims,
             max_caption_tokens=config.max_caption_tokens,
@@ -171,13 +184,19 @@ class Captioner(nn.Module):
         return base.h if hasattr(base, "h") else base.layers
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are, read from a buffer: ZeRO-3 leaves buffers whole while it shards parameters."""
+        return self.pixel_mean.device
+
+    @property
     def image_size(self) -> int:
         return self.vision.config.image_size
 
     def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames (batch, frames, H, W, 3) -> the vision side's tokens (batch, frames, tokens, vision_hidden)."""
         batch, num_frames = frames.shape[:2]
-        pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
+        # uint8 crosses to the device: a quarter of the bytes of the float pixels made from it there.
+        pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
         output = self.vision(pixel_values=pixels)
         pooled = output.pooler_output
@@ -230,6 +249,7 @@ class Captioner(nn.Module):
     def forward(self, frames: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss over caption tokens (the visual prefix is never a target)."""
         prefix = self.encode_frames(frames)
+        token_ids, token_mask = token_ids.to(self.device), token_mask.to(self.device)
         inputs, mask = self._lm_inputs(prefix, token_ids, token_mask)
         logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits
         caption_len = token_ids.shape[1]

@@ -80,10 +80,15 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_ste
 
 
 class Engine:
-    """Plain PyTorch AdamW (with the run's LR schedule) over the trainable parameters; DDP across processes."""
+    """Plain PyTorch AdamW (with the run's LR schedule) over the trainable parameters; DDP across processes.
+
+    ``total_steps`` counts optimiser steps: one per ``gradient_accumulation_steps`` calls of ``step``.
+    """
 
     def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int):
         self.captioner = captioner
+        self.accumulation = config.gradient_accumulation_steps
+        self.micro_steps = 0
         self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         captioner.to(self.dtype)
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -94,10 +99,17 @@ class Engine:
             self.model = captioner
 
     def step(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Backward one micro-batch's mean loss; the optimiser steps on every ``accumulation``-th.
+
+        Scaled by 1/N, N micro-batches' gradients add up to the mean over their union, as one
+        batch N times the size would give.
+        """
+        (loss / self.accumulation).backward()
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation == 0:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: Path, progress: dict) -> None:
         """Trainable weights (safetensors) + optimiser state + progress; rank 0 writes."""
@@ -130,7 +142,7 @@ class DeepSpeedEngine(Engine):
         self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         ds_config = {
             "train_micro_batch_size_per_gpu": config.batch_size,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
             "zero_optimization": {"stage": config.zero_stage},
             "bf16": {"enabled": config.precision == "bf16"},
             "steps_per_print": 10**9,

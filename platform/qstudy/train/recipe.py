@@ -8,7 +8,6 @@ and checkpoints. Nothing here knows about Ray, Tune or MLflow.
 from __future__ import annotations
 
 import json
-import math
 import logging
 import random
 import tempfile
@@ -22,11 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from qstudy.adapters import apply_adapter, count_parameters
-from qstudy.config import DataConfig, EvalConfig, RunConfig
+from qstudy.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from qstudy.data.annotations import Clip, read_clips
 from qstudy.data.frames import decode_clips
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
+from qstudy.train.device import autocast, select_device
 from qstudy.train.engine import Engine, make_engine, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -72,39 +72,54 @@ class RunResult:
 
 def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
     clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
-    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress)
+    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress, resize=data.resize)
     frames = torch.from_numpy(decoded.frames)
     if data.blind:
         frames = torch.zeros_like(frames)
     return SplitData(decoded.clips, frames, decoded.skipped)
 
 
-def caption_batches(split: SplitData, batch_size: int, rng: random.Random):
-    """One epoch = every (clip, reference caption) pair once, shuffled; this rank's share only."""
+def caption_batches(split: SplitData, batch_size: int, rng: random.Random, num_batches: int | None = None,
+                    shard: tuple[int, int] | None = None):
+    """One epoch of shuffled (clip, reference caption) pairs in full batches: this rank's share of them.
+
+    As ``DistributedSampler(drop_last=True)``: every rank of ``shard = (rank, world)`` (default:
+    this process's) yields the same number of batches, ``num_batches`` or as many as the pairs
+    give every rank, because a rank that steps once more waits forever in an all-reduce the
+    others never join. The same ``rng`` state on every rank gives disjoint shares.
+    """
+    this_rank, world = shard or (rank(), world_size())
     pairs = [(i, caption) for i, clip in enumerate(split.clips) for caption in clip.captions]
     rng.shuffle(pairs)
-    pairs = pairs[rank()::world_size()]
-    for start in range(0, len(pairs) - batch_size + 1, batch_size):  # drop the ragged tail
-        chunk = pairs[start:start + batch_size]
+    if num_batches is None:
+        num_batches = len(pairs) // (world * batch_size)
+    share = pairs[: num_batches * world * batch_size][this_rank::world]
+    for start in range(0, len(share), batch_size):
+        chunk = share[start:start + batch_size]
         yield split.frames[[i for i, _ in chunk]], [caption for _, caption in chunk]
 
 
-def steps_per_epoch(split: SplitData, config: RunConfig) -> int:
-    """Optimiser steps in one epoch on this rank, as ``caption_batches`` and ``max_steps_per_epoch`` make them."""
+def steps_per_epoch(split: SplitData, train: TrainConfig, world: int | None = None) -> int:
+    """Optimiser steps in one epoch, the same on every rank of ``world`` (default: this process group's).
+
+    A step takes ``gradient_accumulation_steps`` micro-batches from every rank; whole steps
+    only, so no epoch ends (and checkpoints) with gradients half accumulated; at most
+    ``max_steps_per_epoch``. ``train_epoch`` asks ``caption_batches`` for exactly these.
+    """
     pairs = sum(len(clip.captions) for clip in split.clips)
-    steps = math.ceil(pairs / world_size()) // config.train.batch_size
-    return min(steps, config.train.max_steps_per_epoch or steps)
+    steps = pairs // ((world or world_size()) * train.batch_size * train.gradient_accumulation_steps)
+    return min(steps, train.max_steps_per_epoch or steps)
 
 
 def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
     captioner.train()
     rng = random.Random(config.train.seed * 1000 + epoch)
+    micro_batches = steps_per_epoch(split, config.train) * config.train.gradient_accumulation_steps
     losses = []
-    for step, (frames, captions) in enumerate(caption_batches(split, config.train.batch_size, rng)):
-        if config.train.max_steps_per_epoch is not None and step >= config.train.max_steps_per_epoch:
-            break
+    for step, (frames, captions) in enumerate(caption_batches(split, config.train.batch_size, rng, micro_batches)):
         token_ids, token_mask = captioner.tokenize(captions)
-        loss = engine.model(frames, token_ids, token_mask)
+        with autocast(captioner.device, config.train.precision):
+            loss = engine.model(frames, token_ids, token_mask)
         engine.step(loss)
         losses.append(loss.item())
         if step % config.train.log_every == 0:
@@ -145,6 +160,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     trainable = apply_adapter(captioner, config.adapter)
     trainable_params, total_params = count_parameters(captioner)
+    device = select_device()
+    captioner.to(device)
 
     # Data: decoded once, kept in memory for every epoch.
     image_size = config.data.image_size or captioner.image_size
@@ -152,7 +169,7 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     val_split = load_split(config.data, config.data.val_split, image_size, config.data.max_val_clips, progress)
 
     # The learning-rate schedule spans the whole run, so the engine needs its length.
-    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps_per_epoch(train_split, config))
+    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps_per_epoch(train_split, config.train))
 
     start_epoch = 0
     if resume_from is not None:
@@ -163,7 +180,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
         for epoch in range(start_epoch, config.train.epochs):
             epoch_started = time.perf_counter()
             loss = train_epoch(engine, captioner, train_split, config, epoch)
-            val, examples = evaluate(captioner, val_split, scorer, config.eval)
+            with autocast(device, config.train.precision):
+                val, examples = evaluate(captioner, val_split, scorer, config.eval)
             result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples)
             epochs.append(result)
             log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))

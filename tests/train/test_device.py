@@ -1,0 +1,107 @@
+"""The device a process computes on, and the inputs that follow the model there.
+
+A captioner on ``meta`` fails on any CPU tensor that reaches it.
+
+No GPU is needed: ``meta`` is a second device every CPU build has, and mixing it with a CPU
+tensor raises as mixing CPU and CUDA does. Every registered method is checked, because an
+adapter that makes a tensor without a device breaks only there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qstudy.adapters import ADAPTERS, apply_adapter
+from qstudy.config import TrainConfig
+from qstudy.data.annotations import Clip
+from qstudy.model.captioner import Captioner
+from qstudy.train.device import worker_device
+from qstudy.train.engine import Engine
+from qstudy.train.recipe import SplitData, train_epoch
+
+NUM_FRAMES = 2
+CAPTIONS = ["a red circle moves left", "a blue square moves up"]
+
+
+def meta_captioner(base, method: str) -> tuple[Captioner, list[torch.nn.Parameter]]:
+    torch.manual_seed(0)
+    captioner = Captioner.from_pretrained(base, NUM_FRAMES)
+    apply_adapter(captioner, ADAPTERS[method]())
+    captioner.to("meta")  # new Parameter objects: a CPU tensor cannot take meta data in place
+    return captioner, [p for p in captioner.parameters() if p.requires_grad]
+
+
+def cpu_frames(captioner: Captioner, batch: int) -> torch.Tensor:
+    size = captioner.image_size
+    return torch.randint(0, 256, (batch, NUM_FRAMES, size, size, 3), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base, method, monkeypatch):
+    captioner, trainable = meta_captioner(tiny_random_base, method)
+    loss = captioner(cpu_frames(captioner, 2), *captioner.tokenize(CAPTIONS))
+    assert loss.device.type == "meta"
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in trainable)
+
+    # Decoding itself needs values (it stops at EOS); what matters is what reaches the LM.
+    seen = {}
+
+    def fake_generate(**inputs):
+        seen.update(inputs)
+        return torch.zeros(inputs["inputs_embeds"].shape[0], 3, dtype=torch.long)
+
+    monkeypatch.setattr(captioner.lm, "generate", fake_generate)
+    assert len(captioner.generate(cpu_frames(captioner, 3), max_new_tokens=3)) == 3
+    assert {seen[key].device.type for key in ("inputs_embeds", "attention_mask")} == {"meta"}
+
+
+def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypatch):
+    captioner, trainable = meta_captioner(tiny_random_base, "qadapter")
+    config = TrainConfig(batch_size=2, epochs=1)
+    engine = Engine(captioner, trainable, config, total_steps=3)
+    clips = [Clip(f"clip{i}", Path(f"clip{i}.mp4"), tuple(CAPTIONS)) for i in range(3)]
+    split = SplitData(clips, cpu_frames(captioner, len(clips)), [])
+    item = torch.Tensor.item
+    # The recipe logs loss values; a meta tensor has none, so it reads as zero here.
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: 0.0 if t.device.type == "meta" else item(t))
+    run_config = SimpleNamespace(train=config)  # all of a RunConfig that train_epoch reads
+
+    assert train_epoch(engine, captioner, split, run_config, epoch=0) == 0.0
+    assert all(p.device.type == "meta" for p in trainable)
+
+
+@pytest.mark.parametrize(("cuda", "expected"), [(False, "cpu"), (True, "cuda:1")])
+def test_a_process_outside_ray_computes_on_its_local_rank_gpu_or_the_cpu(cuda, expected, monkeypatch):
+    """torchrun's second rank on a GPU box: where DeepSpeed puts that rank's model too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert worker_device() == torch.device(expected)
+
+
+def test_a_ray_task_holding_a_gpu_computes_on_it():
+    """What an in-actor trial with ``use_gpu`` gets: Ray's GPU, not the CPU (Ray pretends to have two here)."""
+    script = textwrap.dedent("""
+        import ray
+        from qstudy.train.device import worker_device
+
+        ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        device = ray.remote(worker_device)
+        print(ray.get(device.options(num_cpus=0.5, num_gpus=1).remote()), ray.get(device.options(num_cpus=0.5).remote()))
+    """)
+    with tempfile.TemporaryDirectory(prefix="qsdev", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
+                                   "RAY_AUTH_TOKEN": secrets.token_hex(16)})  # Ray listens beyond loopback
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["cuda:0", "cpu"]
