@@ -55,6 +55,25 @@ def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_work
     assert "1 videos skipped" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("index", [[4, 0, 4], slice(1, 4), slice(3, 99), 2], ids=["list", "slice", "past-end", "int"])
+def test_split_frames_copy_batches_out_of_the_map_and_blind_ones_are_zeros(tmp_path, index):
+    import numpy as np
+    import torch
+
+    from qstudy.train.recipe import SplitFrames
+
+    stored = np.random.default_rng(0).integers(1, 256, (5, 2, 4, 4, 3), dtype=np.uint8)
+    stored.tofile(tmp_path / "frames.u8")
+    mapped = np.memmap(tmp_path / "frames.u8", np.uint8, "r", shape=stored.shape)
+
+    batch = SplitFrames(mapped)[index]
+    assert isinstance(batch, torch.Tensor) and np.array_equal(batch.numpy(), stored[index])
+    batch.zero_()  # its own memory: the read-only map is untouched
+    assert np.array_equal(mapped, stored)
+    blind = SplitFrames(mapped, blind=True)[index]
+    assert blind.shape == batch.shape and not blind.any()
+
+
 def test_unknown_key_fails_before_any_model_is_built(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     config = yaml.safe_load(DEMO_CONFIG.read_text())
