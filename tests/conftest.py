@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,13 @@ def tiny_workspace(tmp_path_factory) -> Path:
     prepare_tiny_workspace(home)
     os.environ["QSTUDY_HOME"] = str(home)
     return home
+
+
+@pytest.fixture
+def corrupt_target_data(tiny_workspace, tmp_path) -> Path:
+    """A copy of the workspace's target dataset whose first training video is garbage bytes."""
+    data = Path(shutil.copytree(tiny_workspace / "data" / "target", tmp_path / "corrupt-target"))
+    annotations = json.loads((data / "annotations.json").read_text())
+    first_train = next(v["video_id"] for v in annotations["videos"] if v["split"] == "train")
+    (data / "videos" / f"{first_train}.mp4").write_bytes(b"not an mp4 at all")
+    return data

@@ -23,20 +23,10 @@ def short_run(workspace: Path, tmp_path: Path, **train) -> dict:
     return config
 
 
-def with_corrupt_video(workspace: Path, tmp_path: Path) -> Path:
-    """A copy of the target dataset whose first training video is garbage bytes."""
-    source = workspace / "data" / "target"
-    data = tmp_path / "data"
-    shutil.copytree(source, data)
-    annotations = json.loads((data / "annotations.json").read_text())
-    first_train = next(v["video_id"] for v in annotations["videos"] if v["split"] == "train")
-    (data / "videos" / f"{first_train}.mp4").write_bytes(b"not an mp4 at all")
-    return data
-
-
-def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_workspace, tmp_path, capsys):
+def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_workspace, corrupt_target_data, tmp_path,
+                                                                      capsys):
     config = short_run(tiny_workspace, tmp_path)
-    data = with_corrupt_video(tiny_workspace, tmp_path)
+    data = corrupt_target_data
     config["data"].update({"annotations": str(data / "annotations.json"), "video_dir": str(data / "videos")})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
