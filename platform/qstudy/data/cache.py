@@ -94,7 +94,7 @@ def cache_key(annotations: Path, clips: list[Clip], settings: DecodeSettings) ->
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def decode_workers(requested: int | None, clips: int) -> int:
+def _worker_count(requested: int | None, clips: int) -> int:
     """Processes for a cold build: as asked, else every core this process may run on; never more than clips."""
     return max(1, min(requested or len(os.sched_getaffinity(0)), clips))
 
@@ -185,7 +185,7 @@ def cached_frames(annotations: Path, clips: list[Clip], settings: DecodeSettings
             lock.acquire()
         try:
             if not entry.exists():  # the process we waited for may have built it
-                _build(entry, clips, settings, decode_workers(workers, len(clips)), progress)
+                _build(entry, clips, settings, _worker_count(workers, len(clips)), progress)
                 decoded = len(clips)
         finally:
             lock.release()
