@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,13 @@ def tiny_random_base(tmp_path_factory):
     from qstudy.model.tiny import build_tiny
 
     return replace(build_tiny(tmp_path_factory.mktemp("tiny"), caption_vocabulary()), temporal_merger_rank=4)
+
+
+@pytest.fixture
+def corrupt_target_data(tiny_workspace, tmp_path) -> Path:
+    """A copy of the workspace's target dataset whose first training video is garbage bytes."""
+    data = Path(shutil.copytree(tiny_workspace / "data" / "target", tmp_path / "corrupt-target"))
+    annotations = json.loads((data / "annotations.json").read_text())
+    first_train = next(v["video_id"] for v in annotations["videos"] if v["split"] == "train")
+    (data / "videos" / f"{first_train}.mp4").write_bytes(b"not an mp4 at all")
+    return data

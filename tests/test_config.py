@@ -48,6 +48,8 @@ def test_valid_config_becomes_typed_objects(tmp_path):
         (lambda d: d["train"].update(gradient_accumulation_steps=0), "train.gradient_accumulation_steps must be >= 1"),
         (lambda d: d["model"].update(gradient_checkpointing="yes"), "model.gradient_checkpointing: expected bool"),
         (lambda d: d["data"].pop("video_dir"), "missing key data.video_dir"),
+        (lambda d: d["data"].update(decode_workers=0), "data.decode_workers must be >= 1"),
+        (lambda d: d["data"].update(cache_dir=""), "data.cache_dir: empty path"),
         (lambda d: d.update(extra=1), "unknown key extra"),
     ],
 )
@@ -78,6 +80,15 @@ def test_config_errors_come_before_torch_is_imported(tmp_path):
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "unknown key train.bogus" in output
     assert output.strip().endswith("False")
+
+
+def test_frame_cache_defaults_to_qstudy_home_and_is_absolute(tmp_path, monkeypatch):
+    """Trials run with other working directories: the path every trial maps must be fixed when read."""
+    monkeypatch.setenv("QSTUDY_HOME", str(tmp_path / "home"))
+    assert RunConfig.from_yaml(write(tmp_path, VALID)).data.cache_dir == str(tmp_path / "home" / "cache")
+    relative = yaml.safe_load(yaml.safe_dump(VALID))
+    relative["data"]["cache_dir"] = "frames"
+    assert RunConfig.from_yaml(write(tmp_path, relative)).data.cache_dir == str(tmp_path / "frames")
 
 
 def test_round_trip_through_dict(tmp_path):

@@ -30,6 +30,29 @@ def cmd_data(args) -> None:
     print(generate(args.out, spec))
 
 
+def run_configs_of(path: Path) -> list[tuple[str, "RunConfig"]]:
+    """``(label, run config)`` for a run config YAML, or one per distinct data section of a search-space YAML."""
+    from qstudy.config import RunConfig, load_yaml
+    from qstudy.study.space import load_space
+
+    if "arms" in load_yaml(path):
+        return load_space(path).data_variants()
+    config = RunConfig.from_yaml(path)
+    return [(config.adapter.method, config)]
+
+
+def cmd_data_cache(args) -> None:
+    from qstudy.data.cache import prebuild
+
+    for label, config in run_configs_of(args.config):
+        if args.workers is not None:
+            config.data.decode_workers = args.workers
+        for entry in prebuild(config):
+            state = f"decoded {entry.decoded} videos" if entry.decoded else "already cached"
+            print(f"{label}: {len(entry.clips)} clips x {entry.frames.shape[1:]} frames, {len(entry.skipped)} "
+                  f"skipped, {state}: {entry.path}")
+
+
 def cmd_base(args) -> None:
     from qstudy.model.base import BaseSpec, pretrain_base
 
@@ -177,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--clips", type=int, default=480)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.set_defaults(handler=cmd_data)
+    cache = data.add_parser("cache", help="decode a run's or a search space's splits into the node's frame cache")
+    cache.add_argument("config", type=Path, help="a run config YAML or a search-space YAML")
+    cache.add_argument("--workers", type=int, help="decoding processes (default: data.decode_workers, else every core)")
+    cache.set_defaults(handler=cmd_data_cache)
 
     base = commands.add_parser("base", help="pretrain the tiny base captioner on the source domain")
     base.add_argument("--out", type=Path, default=None, help="default: $QSTUDY_HOME/base/tiny")

@@ -158,10 +158,18 @@ class DataConfig:
     # How a frame becomes the encoder's square: keep the aspect and cut the centre (as CLIP was
     # trained), or squash the whole frame.
     resize: Literal["shorter_side_center_crop", "squash"] = "shorter_side_center_crop"
+    # Decoded frames are memory-mapped from here, shared by every run on the node (data/cache.py);
+    # None: $QSTUDY_HOME/cache, made absolute when the config is read so all trials agree.
+    cache_dir: str | None = None
+    decode_workers: int | None = None  # processes decoding a cold cache; None: every core this process may use
 
     def __post_init__(self):
         if self.num_frames < 1:
             raise ConfigError(f"data.num_frames must be >= 1, got {self.num_frames}")
+        if self.cache_dir == "":
+            raise ConfigError("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ConfigError(f"data.decode_workers must be >= 1, got {self.decode_workers}")
 
 
 @dataclass
@@ -285,6 +293,7 @@ class RunConfig:
 
         self.data.annotations = resolve(self.data.annotations, may_be_hub_name=False)
         self.data.video_dir = resolve(self.data.video_dir, may_be_hub_name=False)
+        self.data.cache_dir = resolve(self.data.cache_dir or str(qstudy_home() / "cache"), may_be_hub_name=False)
         for name in ("vision_encoder", "language_model", "tokenizer", "projector"):
             setattr(self.model, name, resolve(getattr(self.model, name), may_be_hub_name=True))
 

@@ -209,7 +209,7 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
     """``(video, caption)`` per video, frames sampled as in training; ``None`` for a video that does not decode."""
     import torch
 
-    from qstudy.data.frames import sample_frames
+    from qstudy.data.frames import DECODE_ERRORS, sample_frames
     from qstudy.train.device import autocast
 
     size = config.data.image_size or captioner.image_size
@@ -217,7 +217,7 @@ def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]
     for video in videos:
         try:
             frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size, config.data.resize))[None]
-        except (RuntimeError, IndexError, OSError):  # decord: "Error reading ..."
+        except DECODE_ERRORS:
             results.append((video, None))
             continue
         if config.data.blind:  # trained on blank frames: caption as it was evaluated

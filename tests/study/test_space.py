@@ -111,6 +111,19 @@ def test_budget_marks_configs_infeasible_before_training():
     assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
 
 
+def test_data_variants_are_the_distinct_data_sections_trials_can_get():
+    """What the study driver decodes into the frame cache: every data.* value of every arm, each once."""
+    def frames_per_arm(data):
+        data["arms"]["qadapter"]["data.num_frames"] = {"choices": [4, 8]}
+        data["arms"]["lora"]["data.num_frames"] = {"low": 2, "high": 4}
+        data["arms"]["lora"]["data.max_val_clips"] = 10
+
+    variants = parse(mutated(frames_per_arm)).data_variants()
+    assert sorted((arm, config.data.num_frames, config.data.max_val_clips) for arm, config in variants) == [
+        ("lora", 2, 10), ("lora", 3, 10), ("lora", 4, 10), ("qadapter", 4, None), ("qadapter", 8, None)]
+    assert [arm for arm, _ in parse(TINY_SPACE).data_variants()] == ["qadapter"]  # one data section: one variant
+
+
 def test_space_validation_imports_no_torch():
     code = ("import sys\nsys.path[:0] = [%r, %r]\nfrom test_space import TINY_SPACE, parse\n"
             "space = parse(TINY_SPACE)\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -16,9 +17,13 @@ from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, tiny_space
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, tmp_path, test_env):
+def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, corrupt_target_data, tmp_path, test_env):
     trials = 3
     space = tiny_space(tmp_path, trials=trials, concurrency=2, sampler="random", seed=3)
+    raw = yaml.safe_load(space.read_text())
+    raw["overrides"].update({"data.annotations": str(corrupt_target_data / "annotations.json"),
+                             "data.video_dir": str(corrupt_target_data / "videos")})
+    space.write_text(yaml.safe_dump(raw))
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env_cpu.yaml").read_text())
     runtime_env["env_vars"].update(QSTUDY_HOME=str(study_home), TORCH_EXTENSIONS_DIR=test_env["TORCH_EXTENSIONS_DIR"])
     started = time.monotonic()
@@ -47,6 +52,18 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, tm
     assert len(configs) >= 2
     artifacts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(children[0].info.run_id)}
     assert {"adapter.safetensors", "config.yaml", "metrics.json"} <= artifacts
+
+    # The frame cache: the driver decoded each split once, before any trial (Ray forwards the
+    # trials' output to the job's, so a trial that decoded would log the corrupt video again);
+    # every trial mapped the same entries and reports the same unreadable video.
+    cache = study_home / "cache"
+    assert len(list(cache.glob("*/index.json"))) == 2 and not list(cache.glob("*.partial"))  # train, val
+    skipped = [json.loads(path.read_text())["skipped_videos"]
+               for path in (study_home / "studies" / "e2e" / "trials").glob("*/metrics.json")]
+    assert len(skipped) == trials and all(videos == skipped[0] for videos in skipped)
+    (broken,) = skipped[0]
+    assert Path(broken["path"]).read_bytes() == b"not an mp4 at all"
+    assert (job.stdout + job.stderr).count(f"skipping video {broken['path']}") == 1
 
 
 def test_unreachable_mlflow_server_fails_fast(study_home, tmp_path, monkeypatch, capsys):

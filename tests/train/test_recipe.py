@@ -28,20 +28,10 @@ def short_run(workspace: Path, tmp_path: Path, **train) -> dict:
     return config
 
 
-def with_corrupt_video(workspace: Path, tmp_path: Path) -> Path:
-    """A copy of the target dataset whose first training video is garbage bytes."""
-    source = workspace / "data" / "target"
-    data = tmp_path / "data"
-    shutil.copytree(source, data)
-    annotations = json.loads((data / "annotations.json").read_text())
-    first_train = next(v["video_id"] for v in annotations["videos"] if v["split"] == "train")
-    (data / "videos" / f"{first_train}.mp4").write_bytes(b"not an mp4 at all")
-    return data
-
-
-def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_workspace, tmp_path, capsys):
+def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_workspace, corrupt_target_data, tmp_path,
+                                                                      capsys):
     config = short_run(tiny_workspace, tmp_path)
-    data = with_corrupt_video(tiny_workspace, tmp_path)
+    data = corrupt_target_data
     config["data"].update({"annotations": str(data / "annotations.json"), "video_dir": str(data / "videos")})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,6 +48,25 @@ def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_work
     assert metrics["wall_seconds"] > 0
     assert (tmp_path / "run" / "adapter.safetensors").stat().st_size > 0
     assert "1 videos skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("index", [[4, 0, 4], slice(1, 4), slice(3, 99), 2], ids=["list", "slice", "past-end", "int"])
+def test_split_frames_copy_batches_out_of_the_map_and_blind_ones_are_zeros(tmp_path, index):
+    import numpy as np
+    import torch
+
+    from qstudy.train.recipe import SplitFrames
+
+    stored = np.random.default_rng(0).integers(1, 256, (5, 2, 4, 4, 3), dtype=np.uint8)
+    stored.tofile(tmp_path / "frames.u8")
+    mapped = np.memmap(tmp_path / "frames.u8", np.uint8, "r", shape=stored.shape)
+
+    batch = SplitFrames(mapped)[index]
+    assert isinstance(batch, torch.Tensor) and np.array_equal(batch.numpy(), stored[index])
+    batch.zero_()  # its own memory: the read-only map is untouched
+    assert np.array_equal(mapped, stored)
+    blind = SplitFrames(mapped, blind=True)[index]
+    assert blind.shape == batch.shape and not blind.any()
 
 
 def test_unknown_key_fails_before_any_model_is_built(tmp_path, capsys):

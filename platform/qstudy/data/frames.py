@@ -10,11 +10,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from decord import VideoReader, cpu
+from decord._ffi.base import DECORDError
 from tqdm import tqdm
 
 from qstudy.data.annotations import Clip
 
 log = logging.getLogger(__name__)
+
+# decord raises RuntimeError for a missing or plainly truncated file, but DECORDError (an
+# Exception, not a RuntimeError) for a file without a video stream or with broken metadata.
+DECODE_ERRORS = (RuntimeError, IndexError, OSError, DECORDError)
 
 
 def sample_frames(path: str, num_frames: int, size: int, resize: str = "shorter_side_center_crop") -> np.ndarray:
@@ -47,16 +52,27 @@ class DecodedClips:
     skipped: list[dict] = field(default_factory=list)
 
 
+def try_sample(clip: Clip, num_frames: int, size: int,
+               resize: str = "shorter_side_center_crop") -> tuple[np.ndarray | None, dict | None]:
+    """``(frames, None)``, or ``(None, skip record)`` for a video that cannot be decoded."""
+    try:
+        return sample_frames(str(clip.path), num_frames, size, resize), None
+    except DECODE_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning("skipping video %s: %s", clip.path, message)
+        return None, {"video_id": clip.video_id, "path": str(clip.path), "error": message}
+
+
 def decode_clips(clips: list[Clip], num_frames: int, size: int, progress: bool = True,
                  resize: str = "shorter_side_center_crop") -> DecodedClips:
-    """Decode every clip once; unreadable ones are logged, counted and left out."""
+    """Decode every clip once, in this process; unreadable ones are logged, counted and left out."""
     kept, frames, skipped = [], [], []
     for clip in tqdm(clips, desc="decoding videos", disable=not progress, leave=False):
-        try:
-            frames.append(sample_frames(str(clip.path), num_frames, size, resize))
+        sampled, skip = try_sample(clip, num_frames, size, resize)
+        if skip is None:
+            frames.append(sampled)
             kept.append(clip)
-        except (RuntimeError, IndexError, OSError) as error:  # decord: "Error reading ..."
-            log.warning("skipping video %s: %s", clip.path, str(error).splitlines()[0])
-            skipped.append({"video_id": clip.video_id, "path": str(clip.path), "error": str(error).splitlines()[0]})
+        else:
+            skipped.append(skip)
     stacked = np.stack(frames) if frames else np.zeros((0, num_frames, size, size, 3), np.uint8)
     return DecodedClips(kept, stacked, skipped)

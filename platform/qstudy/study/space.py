@@ -12,6 +12,7 @@ every sampled config; over an optional budget the config is marked infeasible fo
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ class Param:
     def extremes(self) -> list[Any]:
         """The values validation must try: every choice, or both ends of a range."""
         return list(self.choices) if self.choices else [self.low, self.high]
+
+    def every_value(self) -> list[Any]:
+        """Every value the sampler can pick: the choices, or each step of an integer range (no data key is a float)."""
+        return list(self.choices) if self.choices else list(range(self.low, self.high + 1, self.step or 1))
 
     def suggest(self, trial, name: str) -> Any:
         """Sample from an Optuna trial; returns the run-config value (lists decoded)."""
@@ -163,6 +168,19 @@ class SearchSpace:
 
     def arm(self, method: str) -> Arm:
         return next(arm for arm in self.arms if arm.method == method)
+
+    def data_variants(self) -> list[tuple[str, RunConfig]]:
+        """``(arm, run config)`` for each distinct ``data`` section trials can get: what the frame cache must hold.
+
+        Only ``data.*`` keys vary here; the rest of each config is the arm's defaults.
+        """
+        variants = {}
+        for arm in self.arms:
+            params = [param for param in arm.params if param.key.startswith("data.")]
+            for combination in itertools.product(*(param.every_value() for param in params)):
+                config = self.run_config(arm.method, {p.key: v for p, v in zip(params, combination)})
+                variants.setdefault(json.dumps(config.to_dict()["data"], sort_keys=True), (arm.method, config))
+        return list(variants.values())
 
 
 def read_dims(base: dict, path: str) -> ModelDims:

@@ -2,9 +2,10 @@
 
 Order matters: the space is validated and the tracking server checked before Ray starts
 anything; the MLflow experiment and parent run are created here, once, before any trial
-(trials racing to create them collide). The Optuna study lives in an RDB (sqlite) file in the
-study directory and Tune's experiment state beside it, so ``--resume NAME`` continues the
-same study, the same parent run and the same trials. Imports no torch.
+(trials racing to create them collide). The node's frame cache is warmed here too, so trials
+map decoded frames instead of each decoding the dataset. The Optuna study lives in an RDB
+(sqlite) file in the study directory and Tune's experiment state beside it, so ``--resume
+NAME`` continues the same study, the same parent run and the same trials. Imports no torch.
 """
 
 from __future__ import annotations
@@ -111,6 +112,21 @@ def _connect_ray(address: str | None) -> None:
         ray.init(address=address, configure_logging=False)
 
 
+def _warm_frame_cache(space: SearchSpace) -> None:
+    """Decode every split the trials will read into this node's frame cache, once, before any trial.
+
+    A data section that cannot be read is left to its trials, which fail naming it as any
+    trial with a bad config does.
+    """
+    from qstudy.data.cache import prebuild
+
+    for arm, config in space.data_variants():
+        try:
+            prebuild(config)
+        except ConfigError as error:
+            log.warning("frame cache: arm %s not pre-decoded: %s", arm, error)
+
+
 def _check_resources(context: StudyContext) -> None:
     """Refuse a trial shape the cluster can never place: Ray Train V2 would wait for it forever."""
     import ray
@@ -181,6 +197,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer)
     _check_resources(_context(state, directory, space))
+    _warm_frame_cache(space)
 
     settings = space.settings
     state.experiment_id = tracking.ensure_experiment(uri, space.study, options.home / "mlflow" / "artifacts")
@@ -232,6 +249,7 @@ def resume_study(name: str, home: Path, address: str | None = None) -> StudySumm
     _connect_ray(address)
     context = _context(state, directory, space)
     _check_resources(context)
+    _warm_frame_cache(space)
     from ray import tune
 
     # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.

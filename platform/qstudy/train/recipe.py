@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from qstudy.adapters import apply_adapter, count_parameters
 from qstudy.config import DataConfig, EvalConfig, RunConfig, TrainConfig
-from qstudy.data.annotations import Clip, read_clips
-from qstudy.data.frames import decode_clips
+from qstudy.data.annotations import Clip
+from qstudy.data.cache import run_splits, split_frames
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
 from qstudy.train.device import autocast, select_device
@@ -32,12 +32,32 @@ from qstudy.train.engine import Engine, make_engine, rank, world_size
 log = logging.getLogger(__name__)
 
 
+class SplitFrames:
+    """A split's frames as batches of uint8 tensors, copied out of the cache's memory map on indexing.
+
+    A run holds one batch of frames at a time, not the split: the map's pages belong to the
+    node's page cache, shared by every run on the node. Blind frames are zeros of the batch's
+    shape; the split is never read for them.
+    """
+
+    def __init__(self, frames: np.ndarray, blind: bool = False):
+        self._source = np.broadcast_to(np.zeros((), np.uint8), frames.shape) if blind else frames
+        self.shape = frames.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        # One gather into fresh memory, for slices too: a tensor must not alias the read-only map.
+        return torch.from_numpy(np.take(self._source, np.arange(len(self))[index], axis=0))
+
+
 @dataclass
 class SplitData:
-    """A decoded split: clips, their frames in memory, and the videos that could not be read."""
+    """A split: the clips that decoded, their frames, and the videos that could not be read."""
 
     clips: list[Clip]
-    frames: torch.Tensor  # (clips, frames, H, W, 3) uint8
+    frames: SplitFrames  # split.frames[indices] -> (len(indices), frames, H, W, 3) uint8 tensor
     skipped: list[dict]
 
 
@@ -71,12 +91,9 @@ class RunResult:
 
 
 def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
-    clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
-    decoded = decode_clips(clips, data.num_frames, image_size, progress=progress, resize=data.resize)
-    frames = torch.from_numpy(decoded.frames)
-    if data.blind:
-        frames = torch.zeros_like(frames)
-    return SplitData(decoded.clips, frames, decoded.skipped)
+    """A split from the node's frame cache (decoded into it first if no run has yet)."""
+    cached = split_frames(data, split, image_size, limit, progress)
+    return SplitData(cached.clips, SplitFrames(cached.frames, data.blind), cached.skipped)
 
 
 def caption_batches(split: SplitData, batch_size: int, rng: random.Random, num_batches: int | None = None,
@@ -163,10 +180,10 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     device = select_device()
     captioner.to(device)
 
-    # Data: decoded once, kept in memory for every epoch.
+    # Data: decoded once per node into the frame cache, mapped from there for every epoch.
     image_size = config.data.image_size or captioner.image_size
-    train_split = load_split(config.data, config.data.train_split, image_size, progress=progress)
-    val_split = load_split(config.data, config.data.val_split, image_size, config.data.max_val_clips, progress)
+    train_split, val_split = (load_split(config.data, split, image_size, limit, progress)
+                              for split, limit in run_splits(config.data))
 
     # The learning-rate schedule spans the whole run, so the engine needs its length.
     engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps_per_epoch(train_split, config.train))
