@@ -3,6 +3,7 @@
 Usage:
     python bench/cider_ordering.py                                 # the grid: base seeds 0 1 x threads 1 2 x seeds 0 1 2
     python bench/cider_ordering.py --base-seeds 0 --threads 2 --seeds 0
+    python bench/cider_ordering.py --jobs 2                        # two runs at a time (same scores, sooner)
 
 A training seed changes neither the base nor the arithmetic, so a spread over seeds alone
 understates how far a score moves. The grid also rebuilds the base with seeds of its own
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ARMS = ("blind", "frozen", "qadapter")
@@ -38,7 +41,7 @@ def arm_config(arm: str, base_seed: int, seed: int, output_dir: Path):
     from qstudy.train.floors import floor_config
 
     config = RunConfig.from_yaml(DEMO_CONFIG)
-    base = pretrain_base(tiny_base_dir(base_seed), BaseSpec(seed=base_seed))
+    base = pretrain_base(tiny_base_dir(base_seed), BaseSpec(seed=base_seed))  # built already: only read
     config.model.vision_encoder, config.model.language_model = base.vision_encoder, base.language_model
     config.model.projector = base.projector
     config.train.seed = seed
@@ -58,6 +61,21 @@ def attributes(config) -> dict[str, float]:
     return attribute_accuracy(predict(captioner, val, config.eval), config.data.annotations)
 
 
+def run_arm(arm: str, base_seed: int, threads: int, seed: int, output_dir: Path) -> tuple[float, dict[str, float], float]:
+    """(val CIDEr, attribute accuracy, seconds) of one arm in one cell; runs in a worker process."""
+    from qstudy.cli import _quiet_libraries
+    from qstudy.train.engine import cpu_threads
+    from qstudy.train.recipe import run
+
+    _quiet_libraries()
+    config = arm_config(arm, base_seed, seed, output_dir)
+    started = time.perf_counter()
+    with cpu_threads(threads):
+        cider = run(config, progress=False).final["cider"]
+        read = attributes(config)
+    return cider, read, time.perf_counter() - started
+
+
 def summary(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f} | {min(values):.3f}..{max(values):.3f}"
@@ -68,34 +86,37 @@ def main() -> None:
     parser.add_argument("--base-seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     args = parser.parse_args()
-    # Sleeping, not spinning, OpenMP workers: the same arithmetic, but a 2-thread cell on a busy
-    # machine does not slow to a crawl. Must be set before torch loads OpenMP.
+    # Sleeping, not spinning, OpenMP workers: the same arithmetic, but a 2-thread run beside
+    # another does not slow to a crawl. Set before any torch loads OpenMP (workers inherit it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from qstudy.cli import _quiet_libraries
-    from qstudy.train.engine import cpu_threads
-    from qstudy.train.recipe import run
+    from qstudy.cli import _quiet_libraries, tiny_base_dir
+    from qstudy.model.base import BaseSpec, pretrain_base
 
     _quiet_libraries()
+    for base_seed in args.base_seeds:  # before any run, so that no two workers build one base
+        pretrain_base(tiny_base_dir(base_seed), BaseSpec(seed=base_seed))
     cells = list(itertools.product(args.base_seeds, args.threads, args.seeds))
-    scores: dict[tuple, dict[str, float]] = {}
+    scores: dict[tuple, dict[str, float]] = {cell: {} for cell in cells}
     reads: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for base_seed, threads, seed in cells:
-            for arm in ARMS:
-                config = arm_config(arm, base_seed, seed, Path(tmp))
-                started = time.perf_counter()
-                with cpu_threads(threads):
-                    cider = run(config, progress=False).final["cider"]
-                    read = attributes(config)
-                scores.setdefault((base_seed, threads, seed), {})[arm] = cider
-                reads[arm].append(read)
-                print(f"base {base_seed} threads {threads} seed {seed} {arm:9s} CIDEr {cider:.3f}  "
-                      + "  ".join(f"{k} {v:.2f}" for k, v in read.items())
-                      + f"  {time.perf_counter() - started:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp, \
+            ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = {pool.submit(run_arm, arm, *cell, Path(tmp)): (cell, arm) for cell in cells for arm in ARMS}
+        for future in as_completed(runs):
+            (base_seed, threads, seed), arm = runs[future]
+            cider, read, seconds = future.result()
+            scores[(base_seed, threads, seed)][arm] = cider
+            reads[arm].append(read)
+            print(f"base {base_seed} threads {threads} seed {seed} {arm:9s} CIDEr {cider:.3f}  "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in read.items()) + f"  {seconds:.0f} s", flush=True)
 
     print(f"\n{len(cells)} cells: base seeds {args.base_seeds} x threads {args.threads} x seeds {args.seeds}")
+    print("\n| base seed | threads | seed | blind | frozen | qadapter |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for cell, by_arm in scores.items():
+        print(f"| {' | '.join(map(str, cell))} | " + " | ".join(f"{by_arm[arm]:.3f}" for arm in ARMS) + " |")
     print("\n| arm | val CIDEr mean ± sd | min..max | colour | shape | direction |")
     print("|---|---:|---|---:|---:|---:|")
     for arm in ARMS:
@@ -103,13 +124,15 @@ def main() -> None:
         read = {k: statistics.mean(r[k] for r in reads[arm]) for k in ("colour", "shape", "direction")}
         print(f"| {arm} | {summary(values)} | {read['colour']:.2f} | {read['shape']:.2f} | {read['direction']:.2f} |")
     ordered = [cell for cell in scores.values() if cell["blind"] < cell["frozen"] < cell["qadapter"]]
-    gaps = [cell["qadapter"] - cell["frozen"] for cell in scores.values()]
+    gaps = {name: [cell[high] - cell[low] for cell in scores.values()]
+            for name, (low, high) in {"frozen - blind": ("blind", "frozen"), "qadapter - frozen": ("frozen", "qadapter")}.items()}
     spread = max(statistics.stdev([cell[arm] for cell in scores.values()]) if len(scores) > 1 else 0.0
                  for arm in ("frozen", "qadapter"))
-    mean_gap = statistics.mean(gaps)
-    print(f"\nblind < frozen < qadapter in {len(ordered)} of {len(scores)} cells; qadapter - frozen: "
-          f"mean {mean_gap:.3f}, smallest {min(gaps):.3f}; largest arm sd {spread:.3f} "
-          f"(gap / sd = {mean_gap / spread if spread else float('inf'):.1f}, target >= 3)")
+    mean_gap = statistics.mean(gaps["qadapter - frozen"])
+    print(f"\nblind < frozen < qadapter in {len(ordered)} of {len(scores)} cells; "
+          + "; ".join(f"{name}: mean {statistics.mean(v):.3f}, smallest {min(v):.3f}" for name, v in gaps.items())
+          + f"; largest sd of frozen, qadapter {spread:.3f} "
+          f"(qadapter - frozen mean / sd = {mean_gap / spread if spread else float('inf'):.1f}, target >= 3)")
 
 
 if __name__ == "__main__":
