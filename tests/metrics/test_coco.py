@@ -25,3 +25,21 @@ def test_without_meteor():
         # CIDEr's IDF needs more than one clip: with one, every n-gram has IDF log(1/1) = 0.
         scores = scorer.score({"a": "a red circle moves left", "b": "a blue square moves up"}, REFERENCES)
     assert "meteor" not in scores and scores["cider"] > 0
+
+
+def test_scores_equal_pycocoevalcaps_own_pipeline():
+    """One tokenizer call for hypotheses and references scores exactly as tokenizing each side apart does."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    references = {**REFERENCES, "c": ["A green triangle, moving down.", "the green triangle goes down!"]}
+    predictions = {"a": "a red circle moves left.", "b": "A blue square, moving up", "c": "green green green"}
+    tokenizer = PTBTokenizer()
+    hypotheses = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    refs = tokenizer.tokenize({i: [{"caption": c} for c in cs] for i, cs in references.items()})
+    expected = {"bleu4": Bleu(4).compute_score(refs, hypotheses, verbose=0)[0][3],
+                "rouge_l": Rouge().compute_score(refs, hypotheses)[0], "cider": Cider().compute_score(refs, hypotheses)[0]}
+    with CaptionScorer(meteor=False) as scorer:
+        assert scorer.score(predictions, references) == expected

@@ -40,10 +40,14 @@ class CaptionScorer:
     def score(self, predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
         """Corpus-level metrics over the clips in ``predictions``."""
         ids = sorted(predictions)
+        # One tokenizer call for both sides: each call starts a JVM, and it tokenizes line by line.
+        tokenized = self._tokenizer.tokenize({
+            **{("hypothesis", i): [{"caption": predictions[i] or "<empty>"}] for i in ids},
+            **{("reference", i): [{"caption": c} for c in references[i]] for i in ids},
+        })
         # The PTB tokenizer drops an empty caption to nothing; scorers need one token at least.
-        hypotheses = self._tokenizer.tokenize({i: [{"caption": predictions[i] or "<empty>"}] for i in ids})
-        hypotheses = {i: [h or "<empty>"] for i, (h,) in hypotheses.items()}
-        refs = self._tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+        hypotheses = {i: [tokenized[("hypothesis", i)][0] or "<empty>"] for i in ids}
+        refs = {i: tokenized[("reference", i)] for i in ids}
         bleu, _ = Bleu(4).compute_score(refs, hypotheses, verbose=0)
         scores = {
             "bleu4": bleu[3],
