@@ -5,11 +5,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from qstudy.model.base import BaseSpec, pretrain_base
 
 SHORT = BaseSpec(source_clips=48, steps=24, batch_size=16)
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path, monkeypatch):
+    """The build decodes through the frame cache under $QSTUDY_HOME: keep it out of the checkout."""
+    monkeypatch.setenv("QSTUDY_HOME", str(tmp_path / "home"))
 
 
 def _weights(directory: Path) -> dict[str, str]:
