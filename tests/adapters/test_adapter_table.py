@@ -9,6 +9,7 @@ rotary positions, grouped KV heads, tied embeddings), built once per session fro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -65,8 +66,9 @@ class Bench:
 
     def __init__(self, model_config):
         preset = RunConfig.from_yaml(DEMO_CONFIG)
-        self.model_config, self.num_frames = model_config, preset.data.num_frames
+        self.num_frames = preset.data.num_frames
         clips = read_clips(preset.data.format, preset.data.annotations, preset.data.video_dir, "train")[:CLIPS]
+        self.loaded = Captioner.from_pretrained(model_config, self.num_frames)
         base = self.build()
         decoded = decode_clips(clips, self.num_frames, base.image_size, progress=False)
         self.frames = torch.from_numpy(decoded.frames)
@@ -75,7 +77,8 @@ class Bench:
         self.base_captions = base.generate(self.frames, max_new_tokens=NEW_TOKENS)
 
     def build(self) -> Captioner:
-        return Captioner.from_pretrained(self.model_config, self.num_frames)
+        """A fresh base: a copy of the one loaded from disk (loading is most of a row's time)."""
+        return copy.deepcopy(self.loaded)
 
     def loss_and_logits(self, captioner: Captioner) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode loss on the fixed batch and the LM's logits of that forward."""
