@@ -1,7 +1,7 @@
 """Helper of gpu_check.sh: writes the data, base and run configs of its trials, then tabulates their metrics.json.
 
     python bench/gpu_check.py prepare {paper,tiny} {bf16,fp32} WORKERS DIR   # -> DIR/single.yaml, DIR/zero2.yaml
-    python bench/gpu_check.py summary DIR/single.yaml DIR/zero2.yaml
+    python bench/gpu_check.py summary DIR/single.yaml:1 DIR/zero2.yaml:2   # CONFIG:WORKERS of each run
 
 Paper scale is step_cost.py's (CLIP ViT-B/16 + GPT-2 124M from configs, random weights, 8 frames at
 224 px, batch 2); tiny is the tiny preset's towers. The clips are the synthetic ones (32 px, resized
@@ -26,6 +26,7 @@ STEPS_PER_EPOCH = 8
 
 
 def prepare(preset: str, precision: str, workers: int, directory: Path) -> None:
+    """Synthetic clips, a random-weight base and the two run configs (one worker; ZeRO-2) under ``directory``."""
     from qstudy.data import synthetic
 
     frames, batch = PRESETS[preset]
@@ -51,6 +52,7 @@ def prepare(preset: str, precision: str, workers: int, directory: Path) -> None:
 
 
 def summary(configs: list[Path], workers: list[int]) -> str:
+    """A markdown row per run from its metrics.json: step time, samples/s over all workers, peak GPU memory."""
     rows = ["| run | workers | precision | step s | samples/s | peak GPU memory MiB |", "|---|---:|---|---:|---:|---:|"]
     for path, world in zip(configs, workers):
         config = yaml.safe_load(path.read_text())

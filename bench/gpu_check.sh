@@ -10,7 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
-work=${WORK:-$(mktemp -d -t gpu_check.XXXXXX)}
 
 if [[ "${1:-}" == "--cpu-dry-run" ]]; then
     preset=tiny precision=fp32 workers=2
@@ -26,6 +25,7 @@ else
     preset=paper precision=bf16 workers=$(( gpus >= 2 ? 2 : 1 ))
 fi
 
+work=${WORK:-$(mktemp -d -t gpu_check.XXXXXX)}
 echo "gpu_check: $preset preset, $precision, ZeRO-2 on $workers worker(s), work dir $work"
 "$python" bench/gpu_check.py prepare "$preset" "$precision" "$workers" "$work"
 "$python" -m qstudy.cli train "$work/single.yaml"
