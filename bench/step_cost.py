@@ -3,7 +3,7 @@
 Usage:
     python bench/step_cost.py                     # tiny preset, then paper scale (CLIP ViT-B/16 + GPT-2 124M)
     python bench/step_cost.py --presets tiny --steps 20
-    python bench/step_cost.py --table-only        # paper-scale trainable-parameter share, no training
+    python bench/step_cost.py --table-only        # paper-scale trainable share, GPT-2 124M and Qwen2-0.5B LMs, no training
 
 Each (preset, method) runs in a fresh subprocess so that its peak RSS is its own. Memory is
 reported two ways: the process's peak RSS while training (model included), and the training increment (that peak minus
