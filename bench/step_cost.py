@@ -3,7 +3,7 @@
 Usage:
     python bench/step_cost.py                     # tiny preset, then paper scale (CLIP ViT-B/16 + GPT-2 124M)
     python bench/step_cost.py --presets tiny --steps 20
-    python bench/step_cost.py --table-only        # paper-scale trainable-parameter share, no training
+    python bench/step_cost.py --table-only        # paper-scale trainable share, GPT-2 124M and Qwen2-0.5B LMs, no training
 
 Each (preset, method) runs in a fresh subprocess so that its peak RSS is its own. Memory is
 reported two ways: the process's peak RSS while training (model included), and the training increment (that peak minus
@@ -25,19 +25,34 @@ from pathlib import Path
 PRESETS = {"tiny": (4, 32), "paper": (8, 2)}
 
 
+def paper_towers() -> tuple[tuple, dict[str, tuple]]:
+    """Paper scale as (model class, config): CLIP ViT-B/16, and the LMs by name (GPT-2 124M, a Qwen2-0.5B shape)."""
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    vision = (CLIPVisionModel, CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, image_size=224, patch_size=16))
+    lms = {
+        "GPT-2 124M": (GPT2LMHeadModel, GPT2Config(n_embd=768, n_layer=12, n_head=12)),
+        "Qwen2-0.5B": (Qwen2ForCausalLM, Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                                      num_key_value_heads=2, intermediate_size=4864,
+                                                      vocab_size=151936, tie_word_embeddings=True)),
+    }
+    return vision, lms
+
+
 def build_models(preset: str, directory: Path):
     """Random-weight towers from config classes, saved in HF format; returns their ModelConfig."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
-
     from qstudy.config import ModelConfig
     from qstudy.data.synthetic import caption_vocabulary
     from qstudy.model.tiny import build_tiny, build_tokenizer
 
     if preset == "tiny":
         return build_tiny(directory, caption_vocabulary())
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, image_size=224, patch_size=16)).save_pretrained(directory / "vision")
-    GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12)).save_pretrained(directory / "lm")
+    (vision_class, vision_config), lms = paper_towers()
+    lm_class, lm_config = lms["GPT-2 124M"]
+    vision_class(vision_config).save_pretrained(directory / "vision")
+    lm_class(lm_config).save_pretrained(directory / "lm")
     build_tokenizer(caption_vocabulary()).save_pretrained(directory / "lm")
     return ModelConfig(vision_encoder=str(directory / "vision"), language_model=str(directory / "lm"))
 
@@ -91,19 +106,37 @@ def _rss_mb(field: str = "VmHWM") -> float:
 
 
 def share_table(methods: list[str]) -> str:
-    """Trainable share at paper scale from the closed-form counts (nothing is instantiated)."""
+    """Trainable count and share at paper scale for each paper LM, from the closed-form counts."""
     from qstudy.adapters import ADAPTERS
     from qstudy.model.dims import ModelDims
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_models("paper", Path(tmp))
-        dims = ModelDims.from_pretrained(model.vision_encoder, model.language_model, PRESETS["paper"][0])
-    rows = ["| method | trainable | share of total |", "|---|---:|---:|"]
+    vision, lms = paper_towers()
+    vision_config, vision_shapes = _meta_shapes(*vision)
+    dims = {}
+    for name, lm in lms.items():
+        lm_config, lm_shapes = _meta_shapes(*lm)
+        dims[name] = ModelDims.from_configs(vision_config, lm_config, vision_shapes, lm_shapes, PRESETS["paper"][0])
+    header = "| method | " + " | ".join(f"trainable ({name}) | share" for name in dims) + " |"
+    rows = [header, "|---|" + "---:|---:|" * len(dims)]
     for method in methods:
-        trainable = ADAPTERS[method]().count_trainable(dims)
-        rows.append(f"| {method} | {trainable:,} | {100 * trainable / dims.total_params:.2f}% |")
-    return f"Paper scale: CLIP ViT-B/16 vision ({dims.vision_params:,}) + GPT-2 124M LM ({dims.lm_params:,}), " \
-           f"8 frames; default hyperparameters of each method\n" + "\n".join(rows)
+        counts = [(ADAPTERS[method]().count_trainable(d), d.total_params) for d in dims.values()]
+        rows.append(f"| {method} | " + " | ".join(f"{n:,} | {100 * n / total:.2f}%" for n, total in counts) + " |")
+    totals = ", ".join(f"{name} LM ({d.lm_params:,}; total {d.total_params:,})" for name, d in dims.items())
+    return (f"Paper scale: CLIP ViT-B/16 vision ({next(iter(dims.values())).vision_params:,}) + {totals}, "
+            f"8 frames; default hyperparameters of each method\n" + "\n".join(rows))
+
+
+def _meta_shapes(model_class, config) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(config dict, parameter shapes) of a model instantiated on the meta device: no memory, no init.
+
+    Its named parameters are what ``save_pretrained`` writes (tied weights once, no buffers),
+    so the closed forms see the shapes a saved checkpoint's header would give.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = model_class(config)
+    return config.to_dict(), {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def main() -> None:

@@ -1,10 +1,16 @@
-"""Every registered adapter through the same checks: counts, freezing, training, save/reload, zero-init.
+"""Every registered adapter on every backbone pair through the same checks: counts, freezing, training, save/reload, zero-init.
 
 One table, one row per method and the configs where a method's variants differ in what they
 build. A method registered without a row here fails ``test_every_registered_method_has_a_row``.
+Each row runs on the pretrained tiny base (CLIP + GPT-2) and on random tiny towers of the other
+families users bring (SigLIP: no CLS token, attention-pool head; Qwen2: Llama-style blocks,
+rotary positions, grouped KV heads, tied embeddings), built once per session from config classes.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,8 +22,10 @@ from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
 from qstudy.data.annotations import read_clips
 from qstudy.data.frames import decode_clips
+from qstudy.data.synthetic import caption_vocabulary
 from qstudy.model.captioner import Captioner
 from qstudy.model.dims import is_norm_module
+from qstudy.model.tiny import build_tiny
 from qstudy.train.engine import trainable_state
 
 TABLE = {
@@ -28,7 +36,8 @@ TABLE = {
     "lora-both": {"method": "lora"},
     "qadapter-none": {"method": "qadapter", "gating": "none", "rank": 8},
     "qadapter-tanh": {"method": "qadapter", "gating": "tanh", "insertion_layers": "every:2"},
-    "qadapter-sigmoid": {"method": "qadapter", "gating": "sigmoid", "insertion_layers": [3]},
+    # A layer list that every pair's tower has (the tiny SigLIP has 2 layers, CLIP 4).
+    "qadapter-sigmoid": {"method": "qadapter", "gating": "sigmoid", "insertion_layers": [1]},
     "qadapter-queries_to_lm": {"method": "qadapter", "gating": "tanh", "queries_to_lm": True, "num_query_tokens": 2},
     "bottleneck-lm": {"method": "bottleneck"},
     "bottleneck-both-single": {"method": "bottleneck", "target": "both", "sharing": "single", "reduction_factor": 8},
@@ -48,15 +57,18 @@ STEPS = 4
 LEARNING_RATE = 2e-3
 NEW_TOKENS = 8
 MERGER = "projector.temporal_merger."  # pretrained with the base, frozen with the vision tower
+# (vision family, LM family); the first is the pretrained tiny base, the others random tiny towers.
+PAIRS = [("clip", "gpt2"), ("clip", "qwen2"), ("siglip", "gpt2"), ("siglip", "qwen2")]
 
 
 class Bench:
-    """The tiny base, a fixed batch of decoded target clips, and the base model's outputs on it."""
+    """A base captioner, a fixed batch of decoded target clips, and the base model's outputs on it."""
 
-    def __init__(self, workspace):
+    def __init__(self, model_config):
         preset = RunConfig.from_yaml(DEMO_CONFIG)
-        self.model_config, self.num_frames = preset.model, preset.data.num_frames
+        self.num_frames = preset.data.num_frames
         clips = read_clips(preset.data.format, preset.data.annotations, preset.data.video_dir, "train")[:CLIPS]
+        self.loaded = Captioner.from_pretrained(model_config, self.num_frames)
         base = self.build()
         decoded = decode_clips(clips, self.num_frames, base.image_size, progress=False)
         self.frames = torch.from_numpy(decoded.frames)
@@ -65,7 +77,8 @@ class Bench:
         self.base_captions = base.generate(self.frames, max_new_tokens=NEW_TOKENS)
 
     def build(self) -> Captioner:
-        return Captioner.from_pretrained(self.model_config, self.num_frames)
+        """A fresh base: a copy of the one loaded from disk (loading is most of a row's time)."""
+        return copy.deepcopy(self.loaded)
 
     def loss_and_logits(self, captioner: Captioner) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode loss on the fixed batch and the LM's logits of that forward."""
@@ -78,13 +91,23 @@ class Bench:
         return loss, seen[0]
 
 
-@pytest.fixture(scope="module")
-def bench(tiny_workspace):
+@pytest.fixture(scope="session", params=PAIRS, ids=["-".join(pair) for pair in PAIRS])
+def bench(request, tiny_workspace, tmp_path_factory):
     # Tiny matmuls gain nothing from intra-op threads; on a shared 2-core machine the threads'
     # waiting made these tests ~10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Bench(tiny_workspace)
+    preset = RunConfig.from_yaml(DEMO_CONFIG)
+    model = preset.model
+    if request.param != PAIRS[0]:
+        vision, lm = request.param
+        directory = tmp_path_factory.mktemp(f"{vision}-{lm}")
+        towers = build_tiny(directory / "towers", caption_vocabulary(), vision=vision, lm=lm)
+        # Saved as a base, so the projector too loads the same weights into every captioner built from it.
+        model = Captioner.from_pretrained(replace(towers, frame_grid=model.frame_grid,
+                                                  temporal_merger_rank=model.temporal_merger_rank),
+                                          preset.data.num_frames).save_base(directory / "base")
+    yield Bench(model)
     torch.set_num_threads(threads)
 
 

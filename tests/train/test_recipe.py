@@ -43,6 +43,9 @@ def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_work
     for epoch in metrics["epochs"]:
         assert set(epoch["val"]) == {"bleu4", "rouge_l", "cider"}  # METEOR off in this config
         assert epoch["train_loss"] > 0
+        # Step time and throughput come from these (bench/gpu_check.sh): training only, without eval.
+        assert epoch["train_steps"] == 6 and 0 < epoch["train_seconds"] < epoch["seconds"]
+        assert epoch["peak_memory_mb"] is None  # CPU: torch counts no peak
     assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
     assert metrics["num_skipped_videos"] == 1 and "not" not in metrics["skipped_videos"][0]["video_id"]
     assert metrics["wall_seconds"] > 0

@@ -1,7 +1,7 @@
 """The video captioner: vision tower -> per-frame tokens -> projector -> causal language model.
 
 Each frame goes through the vision tower on its own; its pooled token (CLIP's CLS after the
-final norm, SigLIP's attention-pool output), plus any tokens an adapter adds, is projected to
+final norm, SigLIP's attention-pool output, or the patches' mean for a tower without a head), plus any tokens an adapter adds, is projected to
 the LM's width with a learned frame-position embedding; optionally one clip token merged from
 all frames follows them. These tokens form a prefix the LM conditions on; training is
 next-token loss on the caption only, decoding is greedy (or beam search). Everything loads
@@ -200,6 +200,8 @@ class Captioner(nn.Module):
         pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
         output = self.vision(pixel_values=pixels)
         pooled = output.pooler_output
+        if pooled is None:  # a SigLIP tower shipped without its attention-pool head, as VLMs often take it
+            pooled = output.last_hidden_state.mean(dim=1)
         tokens = [pooled[:, None, :]] + self._grid_tokens(output.last_hidden_state)
         tokens += [extra() for extra in self.extra_frame_tokens]
         return torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])

@@ -88,17 +88,26 @@ class ModelDims:
     @classmethod
     def from_pretrained(cls, vision_encoder: str, language_model: str, num_frames: int, frame_grid: int = 2,
                         temporal_merger_rank: int = 0) -> "ModelDims":
-        vision = vision_tower_config(read_config(vision_encoder))
-        lm = read_config(language_model)
+        return cls.from_configs(read_config(vision_encoder), read_config(language_model),
+                                vision_tower_shapes(read_weight_shapes(vision_encoder)),
+                                read_weight_shapes(language_model), num_frames, frame_grid, temporal_merger_rank)
+
+    @classmethod
+    def from_configs(cls, vision_config: dict, lm_config: dict, vision_shapes: dict[str, tuple[int, ...]],
+                     lm_shapes: dict[str, tuple[int, ...]], num_frames: int, frame_grid: int = 2,
+                     temporal_merger_rank: int = 0) -> "ModelDims":
+        """From config dicts (``config.json`` contents) and weight shapes, however they were obtained."""
+        vision = vision_tower_config(vision_config)
+        # GPT-2 names its widths n_embd/n_layer; Llama-family and most other LMs hidden_size/num_hidden_layers.
         return cls(
             vision_hidden=vision["hidden_size"],
             vision_layers=vision["num_hidden_layers"],
             vision_intermediate=vision["intermediate_size"],
-            lm_hidden=lm.get("hidden_size", lm.get("n_embd")),
-            lm_layers=lm.get("num_hidden_layers", lm.get("n_layer")),
+            lm_hidden=lm_config.get("hidden_size", lm_config.get("n_embd")),
+            lm_layers=lm_config.get("num_hidden_layers", lm_config.get("n_layer")),
             num_frames=num_frames,
-            vision_shapes=vision_tower_shapes(read_weight_shapes(vision_encoder)),
-            lm_shapes=read_weight_shapes(language_model),
+            vision_shapes=vision_shapes,
+            lm_shapes=lm_shapes,
             vision_image_size=vision.get("image_size"),
             vision_patch_size=vision.get("patch_size"),
             frame_grid=frame_grid,
@@ -153,8 +162,8 @@ class ModelDims:
 def is_norm_module(name: str) -> bool:
     """Whether a dotted module name is a LayerNorm/RMSNorm one.
 
-    Covers CLIP's layer_norm1/post_layernorm/pre_layrnorm, GPT-2's ln_1/ln_f and Llama's
-    input_layernorm/norm. Closed-form counts and the torch side both select norms with this
+    Covers CLIP's layer_norm1/post_layernorm/pre_layrnorm, SigLIP's head.layernorm, GPT-2's
+    ln_1/ln_f and Llama/Qwen2's input_layernorm/post_attention_layernorm/norm. Closed-form counts and the torch side both select norms with this
     one rule, so they cannot disagree.
     """
     leaf = name.rpartition(".")[2].lower()

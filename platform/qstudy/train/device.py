@@ -46,6 +46,11 @@ def select_device() -> torch.device:
     return device
 
 
+def peak_memory_mb(device: torch.device) -> float | None:
+    """``torch.cuda.max_memory_allocated`` of ``device`` in MiB; None where torch keeps no such count."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast on a GPU for ``precision: bf16`` (softmax, norms and the loss stay fp32); nothing elsewhere."""
     if device.type == "cuda" and precision == "bf16":

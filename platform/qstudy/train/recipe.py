@@ -26,7 +26,7 @@ from qstudy.data.annotations import Clip
 from qstudy.data.cache import run_splits, split_frames
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
-from qstudy.train.device import autocast, select_device
+from qstudy.train.device import autocast, peak_memory_mb, select_device
 from qstudy.train.engine import Engine, make_engine, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class EpochResult:
     val: dict[str, float]
     seconds: float
     examples: dict[str, str] = field(default_factory=dict)
+    # The training part of ``seconds`` and its optimiser steps: step time and throughput, without eval.
+    train_seconds: float = 0.0
+    train_steps: int = 0
+    peak_memory_mb: float | None = None  # the accelerator's peak allocated so far in the run; None on CPU
 
 
 @dataclass
@@ -196,10 +200,12 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     with CaptionScorer(meteor=config.eval.meteor) as scorer:
         for epoch in range(start_epoch, config.train.epochs):
             epoch_started = time.perf_counter()
-            loss = train_epoch(engine, captioner, train_split, config, epoch)
+            loss = train_epoch(engine, captioner, train_split, config, epoch)  # loss.item() syncs every step
+            train_seconds = time.perf_counter() - epoch_started
             with autocast(device, config.train.precision):
                 val, examples = evaluate(captioner, val_split, scorer, config.eval)
-            result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples)
+            result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples, train_seconds,
+                                 steps_per_epoch(train_split, config.train), peak_memory_mb(device))
             epochs.append(result)
             log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))
             if on_epoch is not None:
