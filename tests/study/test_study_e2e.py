@@ -35,8 +35,9 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
         env=ray_head.env, capture_output=True, text=True, timeout=540)
     print(f"ray job submit: {time.monotonic() - started:.0f} s")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    # The head has no CPUs, as in ray_cluster.yaml: the study's driver runs there (a job's
-    # entrypoint asks for no resources), every trial on the worker node (checked per run below).
+    # The head has no CPUs, as in ray_cluster.yaml: the job's supervisor, which starts the study's
+    # driver, runs there (an entrypoint that asks for no resources is pinned to the head), every
+    # trial on the worker node (checked per run below).
     details = ray_api(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"], "/api/jobs/qstudy-e2e")
     assert details["status"] == "SUCCEEDED" and details["driver_node_id"] == ray_head.head_node
 
