@@ -1,7 +1,8 @@
-"""Helpers of the study tests: ports, waiting, stopping what a test started, reading MLflow back."""
+"""Helpers of the study tests: ports, waiting, stopping what a test started, reading Ray and MLflow back."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -63,12 +64,30 @@ def stop(process: subprocess.Popen, grace_s: float = 10) -> None:
         process.wait()
 
 
+def ray_api(dashboard: str, token: str, path: str):
+    """GET one of the dashboard's JSON endpoints (jobs, state API); token authentication covers them too."""
+    request = urllib.request.Request(f"{dashboard}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def alive_nodes(dashboard: str, token: str) -> list[dict]:
+    """The cluster's live nodes, as Ray's state API lists them (node_id, is_head_node, ...)."""
+    try:
+        nodes = ray_api(dashboard, token, "/api/v0/nodes")["data"]["result"]["result"]
+    except OSError:
+        return []
+    return [node for node in nodes if node["state"] == "ALIVE"]
+
+
 @dataclass(frozen=True)
 class RayHead:
     address: str  # GCS address for `qstudy study --address`
     dashboard: str  # job API for `ray job submit --address`
     env: dict  # what a client process needs: the token, the temp dir
-    session: int  # the session id of every process the head started (its `ray start --block` pid)
+    worker_session: int  # the session id of every process the worker node started, trials included
+    head_node: str  # Ray node ids
+    worker_node: str
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ def mlflow_runs(uri: str, experiment: str):
 
 
 def trial_process(session: int, trial_id: str) -> int | None:
-    """The pid of the head's process that runs a Tune trial: Tune makes the trial's directory its cwd."""
+    """The pid of the process in ``session`` that runs a Tune trial: Tune makes the trial's directory its cwd."""
     listing = subprocess.run(["ps", "-s", str(session), "-o", "pid="], capture_output=True, text=True)
     for pid in (int(line) for line in listing.stdout.split()):
         try:

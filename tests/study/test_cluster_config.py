@@ -17,8 +17,9 @@ def test_cluster_config_passes_rays_schema():
 
     head = config["available_node_types"][config["head_node_type"]]
     workers = [spec for name, spec in config["available_node_types"].items() if name != config["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0 and any(spec["resources"].get("GPU", 0) >= 1 for spec in workers)
+    assert head["resources"] == {"CPU": 0} and any(spec["resources"].get("GPU", 0) >= 1 for spec in workers)
     start_head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start_head and "RAY_AUTH_MODE=token" in start_head
+    assert "--num-cpus=0" in start_head  # no trial on the head, as the tests' cluster (conftest.py)
     assert "0.0.0.0" not in yaml.safe_dump(config)
     assert any("pip install" in command and "qstudy" in command for command in config["setup_commands"])

@@ -1,4 +1,4 @@
-"""A tiny study submitted with `ray job submit` to a real Ray head, tracked by a real `mlflow server`."""
+"""A tiny study submitted with `ray job submit` to a real two-node Ray cluster, tracked by a real `mlflow server`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from qstudy.cli import main
-from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, tiny_space
+from qstudy.study.tracking import NODE_TAG
+from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, ray_api, tiny_space
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, corrupt_target_data, tmp_path, test_env):
-    trials = 3
+    trials = 4
     space = tiny_space(tmp_path, trials=trials, concurrency=2, sampler="random", seed=3)
     raw = yaml.safe_load(space.read_text())
     raw["overrides"].update({"data.annotations": str(corrupt_target_data / "annotations.json"),
@@ -28,12 +29,17 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     runtime_env["env_vars"].update(QSTUDY_HOME=str(study_home), TORCH_EXTENSIONS_DIR=test_env["TORCH_EXTENSIONS_DIR"])
     started = time.monotonic()
     job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--submission-id", "qstudy-e2e",
+         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
          "python", "jobs/study.py", str(space), "--mlflow-uri", mlflow_server.uri, "--name", "e2e"],
         env=ray_head.env, capture_output=True, text=True, timeout=540)
     print(f"ray job submit: {time.monotonic() - started:.0f} s")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    # The head has no CPUs, as in ray_cluster.yaml: the job's supervisor, which starts the study's
+    # driver, runs there (an entrypoint that asks for no resources is pinned to the head), every
+    # trial on the worker node (checked per run below).
+    details = ray_api(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"], "/api/jobs/qstudy-e2e")
+    assert details["status"] == "SUCCEEDED" and details["driver_node_id"] == ray_head.head_node
 
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")  # the study family's experiment
     parents = [run for run in parents if run.data.tags["qstudy.study"] == "e2e"]  # other tests share the server
@@ -43,6 +49,7 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["qstudy.status"] == "FINISHED"
+        assert run.data.tags[NODE_TAG] == ray_head.worker_node != ray_head.head_node
         assert run.data.metrics["cider"] >= 0 and run.data.metrics["trainable_params"] > 0
         assert run.data.metrics["total_params"] > run.data.metrics["trainable_params"]
         assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0, 1]  # one per epoch

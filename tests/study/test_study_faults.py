@@ -1,7 +1,7 @@
 """Fault tolerance against a real Ray head and MLflow server: a trial that raises, a killed trial, a killed driver.
 
 The drivers run as `qstudy study --address` processes of their own, so a test can kill one
-the way a crash would (SIGKILL), and kill a trial's process on the head the same way.
+the way a crash would (SIGKILL), and kill a trial's process on the worker node the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
         for trial_dir in tune_dir.glob("trial_*"):
             if (trial_dir / "checkpoint_000000").exists() and not (trial_dir / f"checkpoint_{epochs - 1:06d}").exists():
                 trial_id = trial_dir.name.removeprefix("trial_")
-                pid = trial_process(ray_head.session, trial_id)
+                pid = trial_process(ray_head.worker_session, trial_id)
                 if pid is not None:
                     return trial_id, pid
         return None

@@ -29,6 +29,7 @@ from qstudy.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATUS_TAG = "qstudy.status"
+NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).

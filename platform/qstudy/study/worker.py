@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qstudy.config import RunConfig
-from qstudy.study.tracking import FINISHED, TrialTarget, TrialTracker
+from qstudy.study.tracking import FINISHED, NODE_TAG, TrialTarget, TrialTracker
 
 FAILED_MARKER = "failed.txt"
 EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
@@ -83,6 +83,11 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], None], checkpo
     _quiet_libraries()
     config = RunConfig.from_dict(task.run_config)
     tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None
+    if tracker is not None:
+        import ray
+
+        # Which machine to read logs on when a trial misbehaves; a restart on another node overwrites it.
+        tracker.set_tags({NODE_TAG: ray.get_runtime_context().get_node_id()})
 
     def on_epoch(result, checkpoint: Path) -> None:
         metrics = epoch_metrics(result, task.predicted_trainable)
