@@ -2,6 +2,7 @@
 
 Usage:
     python bench/encoder_probe.py                    # trains the tiny preset's Q-Adapter run (seed 0) first
+    python bench/encoder_probe.py --base-seed 1      # the same on the base built with seed 1
     python bench/encoder_probe.py --adapted RUN_DIR  # probes a finished run's output directory instead
 
 Logistic-regression probes, one per attribute, scored on val clips, over two feature sets
@@ -78,19 +79,25 @@ def main() -> None:
 
     import torch
 
-    from qstudy.cli import DEMO_CONFIG, _quiet_libraries
-    from qstudy.config import RunConfig, qstudy_home
+    from qstudy.cli import DEMO_CONFIG, _quiet_libraries, tiny_base_dir
+    from qstudy.config import RunConfig
     from qstudy.export import load_trained
+    from qstudy.model.base import BaseSpec, pretrain_base
     from qstudy.model.captioner import Captioner
     from qstudy.train.recipe import run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapted", type=Path, help="output directory of a finished Q-Adapter run")
+    parser.add_argument("--base-seed", type=int, default=0, help="the tiny base of this seed (built if missing)")
     args = parser.parse_args()
     _quiet_libraries()
     torch.set_num_threads(1)
 
     config = RunConfig.from_yaml(DEMO_CONFIG)
+    base_dir = tiny_base_dir(args.base_seed)
+    built = pretrain_base(base_dir, BaseSpec(seed=args.base_seed))
+    config.model.vision_encoder, config.model.language_model = built.vision_encoder, built.language_model
+    config.model.projector = built.projector
     with tempfile.TemporaryDirectory() as tmp:
         adapted_dir = args.adapted
         if adapted_dir is None:
@@ -99,8 +106,8 @@ def main() -> None:
             run(config, progress=False)
         adapted_config = RunConfig.from_dict(json.loads((Path(adapted_dir) / "metrics.json").read_text())["config"])
         base = Captioner.from_pretrained(config.model, config.data.num_frames).eval()
-        source = dataclasses.replace(config.data, annotations=str(qstudy_home() / "base/tiny/source-data/annotations.json"),
-                                     video_dir=str(qstudy_home() / "base/tiny/source-data/videos"))
+        source = dataclasses.replace(config.data, annotations=str(base_dir / "source-data" / "annotations.json"),
+                                     video_dir=str(base_dir / "source-data" / "videos"))
         adapted = load_trained(adapted_config, Path(adapted_dir) / "adapter.safetensors")
         base_source = {split: split_features(base, source, split) for split in ("train", "val")}
         base_target = {split: split_features(base, config.data, split) for split in ("train", "val")}
