@@ -22,8 +22,8 @@ def tiny_workspace(tmp_path_factory) -> Path:
     from qstudy.cli import prepare_tiny_workspace
 
     home = Path(os.environ.get("QSTUDY_TEST_CACHE") or tmp_path_factory.mktemp("qstudy_home"))
+    os.environ["QSTUDY_HOME"] = str(home)  # before the build: the base's frames go to this home's frame cache
     prepare_tiny_workspace(home)
-    os.environ["QSTUDY_HOME"] = str(home)
     return home
 
 
