@@ -100,7 +100,7 @@ def test_a_ray_task_holding_a_gpu_computes_on_it():
         print(ray.get(device.options(num_cpus=0.5, num_gpus=1).remote()), ray.get(device.options(num_cpus=0.5).remote()))
     """)
     with tempfile.TemporaryDirectory(prefix="qsdev", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
                                    "RAY_AUTH_TOKEN": secrets.token_hex(16)})  # Ray listens beyond loopback
     assert done.returncode == 0, done.stderr[-3000:]
