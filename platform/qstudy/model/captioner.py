@@ -1,9 +1,9 @@
 """The video captioner: vision tower -> per-frame tokens -> projector -> causal language model.
 
 Each frame goes through the vision tower on its own; its pooled token (CLIP's CLS after the
-final norm, SigLIP's attention-pool output, or the patches' mean for a tower without a head), plus any tokens an adapter adds, is projected to
-the LM's width with a learned frame-position embedding; optionally one clip token merged from
-all frames follows them. These tokens form a prefix the LM conditions on; training is
+final norm, SigLIP's attention-pool output, or the patches' mean for a tower without a
+head), plus any tokens an adapter adds, is projected to the LM's width with a learned
+frame-position embedding; optionally one clip token merged from all frames follows them. These tokens form a prefix the LM conditions on; training is
 next-token loss on the caption only, decoding is greedy (or beam search). Everything loads
 through ``from_pretrained(name_or_path)``.
 """

@@ -163,7 +163,8 @@ def is_norm_module(name: str) -> bool:
     """Whether a dotted module name is a LayerNorm/RMSNorm one.
 
     Covers CLIP's layer_norm1/post_layernorm/pre_layrnorm, SigLIP's head.layernorm, GPT-2's
-    ln_1/ln_f and Llama/Qwen2's input_layernorm/post_attention_layernorm/norm. Closed-form counts and the torch side both select norms with this
+    ln_1/ln_f and Llama/Qwen2's input_layernorm/post_attention_layernorm/norm. Closed-form
+    counts and the torch side both select norms with this
     one rule, so they cannot disagree.
     """
     leaf = name.rpartition(".")[2].lower()
