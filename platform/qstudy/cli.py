@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from qstudy.config import ConfigError, qstudy_home
+from qstudy.config import ConfigError, QstudyError, check_path_component, qstudy_home
 
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
@@ -89,11 +89,16 @@ def print_result(result) -> None:
 
 def cmd_train(args) -> None:
     from qstudy.config import RunConfig
-    from qstudy.train.recipe import run
+    from qstudy.data.annotations import read_clips
+    from qstudy.data.cache import run_splits
 
-    config = RunConfig.from_yaml(args.config)  # fails on bad keys before any model is built
+    config = RunConfig.from_yaml(args.config)  # fails on bad keys before torch is even imported
     if args.output_dir:
         config.output_dir = args.output_dir
+    for split, _ in run_splits(config.data):  # and on bad annotations, before a model is built
+        read_clips(config.data.format, config.data.annotations, config.data.video_dir, split)
+    from qstudy.train.recipe import run
+
     _quiet_libraries()
     print_result(run(config))
 
@@ -154,13 +159,13 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     from qstudy.analysis.mlflow_records import StudyNotFound
     from qstudy.analysis.report import read_studies
-    from qstudy.export import ExportError, Selection, export_trials
+    from qstudy.export import Selection, export_trials
     from qstudy.study.tracking import TrackingUnavailable
 
     choice = Selection.parse(args.select)
     try:
         index = export_trials(read_studies(args.studies, args.mlflow_uri), choice, args.export_dir)
-    except (StudyNotFound, TrackingUnavailable, ExportError) as error:
+    except (StudyNotFound, TrackingUnavailable) as error:
         sys.exit(f"qstudy: {error}")
     print(index.read_text())
     print(f"index: {index}")
@@ -171,11 +176,21 @@ def cmd_caption(args) -> None:
 
     _quiet_libraries()
     captioner, config = load_adapter(args.adapter)
-    results = caption_videos(captioner, config, args.videos)
-    for video, caption in results:
-        print(f"{video}\t{caption if caption is not None else '(could not decode this video)'}")
-    if any(caption is None for _, caption in results):
+    undecoded = 0
+    # Each caption is printed as it is made: a later failure loses none of them.
+    for video, caption in caption_videos(captioner, config, args.videos):
+        print(f"{video}\t{caption if caption is not None else '(could not decode this video)'}", flush=True)
+        undecoded += caption is None
+    if undecoded:
         sys.exit(1)
+
+
+def _study_name(text: str) -> str:
+    """A study name names a directory under $QSTUDY_HOME/studies: it must stay there."""
+    try:
+        return check_path_component(text, "study name")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser, trials: int | None = None) -> None:
@@ -218,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="run a hyperparameter study (Ray Tune + Optuna, tracked in MLflow)")
     study.add_argument("space", type=Path, nargs="?", help="search-space YAML (see search_spaces/)")
-    study.add_argument("--resume", metavar="NAME", help="continue a study whose driver stopped")
-    study.add_argument("--name", help="study name (default: the space's study family)")
+    study.add_argument("--resume", metavar="NAME", type=_study_name, help="continue a study whose driver stopped")
+    study.add_argument("--name", type=_study_name, help="study name (default: the space's study family)")
     _add_study_arguments(study)
     study.set_defaults(handler=cmd_study)
 
@@ -259,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out = qstudy_home() / "base" / "tiny"
     try:
         args.handler(args)
-    except ConfigError as error:
-        print(f"qstudy: config error: {error}", file=sys.stderr)
+    except QstudyError as error:
+        kind = "config error: " if isinstance(error, ConfigError) else ""
+        message = " ".join(str(error).split())  # one line, whatever a library put into it (YAML errors span several)
+        print(f"qstudy: {kind}{message}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ validation and the Tune driver can use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -29,8 +30,27 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-class ConfigError(ValueError):
+class QstudyError(Exception):
+    """Bad input, or a run that cannot train: one line naming the field or file, which the CLI prints before exiting 2."""
+
+
+class ConfigError(QstudyError, ValueError):
     """A config file or mapping does not match the schema; the message names the field."""
+
+
+def check_path_component(value: str, where: str) -> str:
+    """``value`` if it names one entry inside a directory: a name or id read from a file must not reach outside it."""
+    if value in ("", ".", "..") or any(sep in value for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"{where}: {value!r} is not a plain name (no path separators, not '.' or '..')")
+    return value
+
+
+def check_at_least(section: str, obj: Any, **minimums: int | float) -> None:
+    """Each named field of ``obj`` is ``None`` (where its type allows) or at least its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
 
 
 def _type_name(annotation: Any) -> str:
@@ -75,6 +95,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: no setting means either
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -164,12 +186,9 @@ class DataConfig:
     decode_workers: int | None = None  # processes decoding a cold cache; None: every core this process may use
 
     def __post_init__(self):
-        if self.num_frames < 1:
-            raise ConfigError(f"data.num_frames must be >= 1, got {self.num_frames}")
+        check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1)
         if self.cache_dir == "":
             raise ConfigError("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            raise ConfigError(f"data.decode_workers must be >= 1, got {self.decode_workers}")
 
 
 @dataclass
@@ -196,9 +215,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        for name in ("frame_grid", "temporal_merger_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least("model", self, frame_grid=0, temporal_merger_rank=0, max_caption_tokens=1)
 
 
 @dataclass
@@ -223,14 +240,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if self.learning_rate <= 0:
+        check_at_least("train", self, epochs=1, batch_size=1, weight_decay=0, max_steps_per_epoch=1, log_every=1,
+                       gradient_accumulation_steps=1)
+        if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-        if self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -243,6 +256,9 @@ class EvalConfig:
     num_beams: int = 1
     batch_size: int = 64
     meteor: bool = True  # METEOR needs Java; the other metrics do not
+
+    def __post_init__(self):
+        check_at_least("eval", self, max_new_tokens=1, num_beams=1, batch_size=1)
 
 
 @dataclass
