@@ -14,9 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from qstudy.config import ConfigError
+from qstudy.config import ConfigError, check_path_component
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".mxf")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Clip:
     captions: tuple[str, ...]
 
 
-def _video_path(video_dir: Path, video_id: str) -> Path:
+def _video_path(video_dir: Path, video_id: str, annotations: Path) -> Path:
+    check_path_component(video_id, f"{annotations}: video id")  # an id like ../../x would read outside video_dir
     for extension in VIDEO_EXTENSIONS:
         candidate = video_dir / f"{video_id}{extension}"
         if candidate.exists():
@@ -36,16 +37,23 @@ def _video_path(video_dir: Path, video_id: str) -> Path:
     return video_dir / f"{video_id}.mp4"  # missing: the frame reader skips and counts it
 
 
+def _caption(text, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: expected a non-empty caption string, got {text!r}")
+    return text.strip()
+
+
 def read_msrvtt(annotations: Path, video_dir: Path, split: str) -> list[Clip]:
     try:
         data = json.loads(annotations.read_text())
-        ids = [v["video_id"] for v in data["videos"] if v.get("split", split) == split]
+        ids = [str(v["video_id"]) for v in data["videos"] if v.get("split", split) == split]
         captions = defaultdict(list)
-        for sentence in data["sentences"]:
-            captions[sentence["video_id"]].append(sentence["caption"].strip())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        for number, sentence in enumerate(data["sentences"]):
+            captions[str(sentence["video_id"])].append(
+                _caption(sentence["caption"], f"{annotations}: sentences[{number}].caption"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{annotations}: not an MSR-VTT annotation file ({type(error).__name__}: {error})") from None
-    return [Clip(i, _video_path(video_dir, i), tuple(captions[i])) for i in ids if captions[i]]
+    return [Clip(i, _video_path(video_dir, i, annotations), tuple(captions[i])) for i in ids if captions[i]]
 
 
 def _msvd_captions(annotations: Path) -> dict[str, list[str]]:
@@ -77,7 +85,7 @@ def read_msvd(annotations: Path, video_dir: Path, split: str) -> list[Clip]:
             break
     else:
         raise ConfigError(f"{annotations.parent}: no {split}.txt or {split}_list.txt listing the {split!r} split")
-    return [Clip(i, _video_path(video_dir, i), tuple(captions[i])) for i in ids if captions.get(i)]
+    return [Clip(i, _video_path(video_dir, i, annotations), tuple(captions[i])) for i in ids if captions.get(i)]
 
 
 READERS = {"msrvtt": read_msrvtt, "msvd": read_msvd}

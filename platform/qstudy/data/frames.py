@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from decord import VideoReader, cpu
@@ -52,15 +53,26 @@ class DecodedClips:
     skipped: list[dict] = field(default_factory=list)
 
 
+def sample_or_skip(path: str | Path, num_frames: int, size: int,
+                   resize: str = "shorter_side_center_crop") -> tuple[np.ndarray | None, str | None]:
+    """``(frames, None)``, or ``(None, why)`` for a video that cannot be decoded.
+
+    The one place a decode failure becomes a skip: training, the frame cache and ``qstudy
+    caption`` all read videos through it.
+    """
+    try:
+        return sample_frames(str(path), num_frames, size, resize), None
+    except DECODE_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning("skipping video %s: %s", path, message)
+        return None, message
+
+
 def try_sample(clip: Clip, num_frames: int, size: int,
                resize: str = "shorter_side_center_crop") -> tuple[np.ndarray | None, dict | None]:
     """``(frames, None)``, or ``(None, skip record)`` for a video that cannot be decoded."""
-    try:
-        return sample_frames(str(clip.path), num_frames, size, resize), None
-    except DECODE_ERRORS as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        log.warning("skipping video %s: %s", clip.path, message)
-        return None, {"video_id": clip.video_id, "path": str(clip.path), "error": message}
+    frames, error = sample_or_skip(clip.path, num_frames, size, resize)
+    return frames, None if error is None else {"video_id": clip.video_id, "path": str(clip.path), "error": error}
 
 
 def decode_clips(clips: list[Clip], num_frames: int, size: int, progress: bool = True,

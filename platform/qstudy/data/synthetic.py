@@ -19,6 +19,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from qstudy.config import ConfigError, check_at_least
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 # The target domain keeps the caption language (so the frozen LM can already say every word,
 # as a pretrained MLLM can) but shifts what the encoder sees: hollow outlines on a light
@@ -53,6 +55,13 @@ class SyntheticSpec:
     size: int = 32
     captions_per_clip: int = 5
     seed: int = 0
+
+    def __post_init__(self):
+        check_at_least("synthetic", self, num_clips=1, num_frames=1, captions_per_clip=1)
+        if self.captions_per_clip > len(TEMPLATES):
+            raise ConfigError(f"synthetic.captions_per_clip must be <= {len(TEMPLATES)}, got {self.captions_per_clip}")
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"synthetic.domain: unknown domain {self.domain!r} (one of: {', '.join(DOMAINS)})")
 
 
 def caption_vocabulary() -> list[str]:
@@ -130,8 +139,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
 
 def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = True) -> Path:
     """Write ``videos/*.mp4`` and ``annotations.json`` (MSR-VTT format); return the JSON path."""
-    if spec.domain not in DOMAINS:
-        raise ValueError(f"domain: unknown domain {spec.domain!r} (one of: {', '.join(DOMAINS)})")
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
