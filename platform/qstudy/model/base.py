@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from qstudy.adapters import apply_adapter
 from qstudy.adapters.full import FullFineTuningConfig
-from qstudy.config import DataConfig, ModelConfig, TrainConfig
+from qstudy.config import DataConfig, ModelConfig, TrainConfig, check_at_least
 from qstudy.data import synthetic
 from qstudy.model.captioner import Captioner
 from qstudy.model.tiny import build_tiny
+from qstudy.train.checks import check_steps
 from qstudy.train.engine import cpu_threads, make_engine
-from qstudy.train.recipe import caption_batches, load_split
+from qstudy.train.recipe import caption_batches, load_split, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class BaseSpec:
     # whatever thread count the caller runs with (the thread count changes the arithmetic).
     # One thread also cannot be oversubscribed: two 2-thread builds on 2 busy cores ran 15x slower.
     threads: int = 1
+
+    def __post_init__(self):
+        check_at_least("base", self, source_clips=1, num_frames=1, frame_grid=0, temporal_merger_rank=0, steps=1,
+                       batch_size=1, threads=1)
 
 
 def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: bool = True) -> ModelConfig:
@@ -67,6 +72,7 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     engine = make_engine(captioner, trainable, train, total_steps=spec.steps)
     data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames)
     train_split = load_split(data, "train", captioner.image_size, progress=progress)
+    check_steps(steps_per_epoch(train_split, train), train_split.clips, train)  # else the loop below never ends
     rng = random.Random(spec.seed)
 
     captioner.train()

@@ -26,6 +26,7 @@ from qstudy.data.annotations import Clip
 from qstudy.data.cache import run_splits, split_frames
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
+from qstudy.train.checks import check_decoded, check_loss, check_steps, prepare_output_dir
 from qstudy.train.device import autocast, peak_memory_mb, select_device
 from qstudy.train.engine import Engine, make_engine, rank, world_size
 
@@ -95,8 +96,9 @@ class RunResult:
 
 
 def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
-    """A split from the node's frame cache (decoded into it first if no run has yet)."""
+    """A split from the node's frame cache (decoded into it first if no run has yet); one clip at least."""
     cached = split_frames(data, split, image_size, limit, progress)
+    check_decoded(data, split, cached.clips, cached.skipped)
     return SplitData(cached.clips, SplitFrames(cached.frames, data.blind), cached.skipped)
 
 
@@ -175,6 +177,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
         resume_from: Path | None = None, progress: bool = True) -> RunResult:
     """Train and evaluate one config; ``on_epoch(result, checkpoint_dir)`` after every epoch."""
     started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    prepare_output_dir(output_dir)
     torch.manual_seed(config.train.seed)
 
     # Model: base + adapter; only what the adapter returns trains.
@@ -190,17 +194,19 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
                               for split, limit in run_splits(config.data))
 
     # The learning-rate schedule spans the whole run, so the engine needs its length.
-    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps_per_epoch(train_split, config.train))
+    steps = steps_per_epoch(train_split, config.train)
+    check_steps(steps, train_split.clips, config.train)
+    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps)
 
     start_epoch = 0
     if resume_from is not None:
         start_epoch = engine.load(resume_from)["epoch"] + 1
     epochs: list[EpochResult] = []
-    output_dir = Path(config.output_dir)
     with CaptionScorer(meteor=config.eval.meteor) as scorer:
         for epoch in range(start_epoch, config.train.epochs):
             epoch_started = time.perf_counter()
             loss = train_epoch(engine, captioner, train_split, config, epoch)  # loss.item() syncs every step
+            check_loss(loss, epoch, config.train)
             train_seconds = time.perf_counter() - epoch_started
             with autocast(device, config.train.precision):
                 val, examples = evaluate(captioner, val_split, scorer, config.eval)

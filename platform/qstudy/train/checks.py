@@ -1,0 +1,52 @@
+"""Checks that stop a run which would train nothing, or lose what it trained, naming the cause before the work is done.
+
+A run that took no optimiser step, or whose loss went to nan, would still evaluate and
+report a score; its trial would count on the Pareto plane. These checks make it an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from qstudy.config import ConfigError, DataConfig, QstudyError, TrainConfig
+from qstudy.data.annotations import Clip
+from qstudy.train.engine import world_size
+
+
+class TrainingDiverged(QstudyError):
+    """The training loss became nan or inf: the weights are garbage and no score may be reported."""
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the run's output directory now, so that a path that cannot hold the weights fails before training."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir: cannot create {output_dir} ({error.strerror})") from None
+    if not os.access(output_dir, os.W_OK):
+        raise ConfigError(f"output_dir: {output_dir} is not writable")
+
+
+def check_decoded(data: DataConfig, split: str, clips: list, skipped: list[dict]) -> None:
+    """A split of which no video decoded cannot train or be scored."""
+    if not clips:
+        first = f" (first: {skipped[0]['path']}: {skipped[0]['error']})" if skipped else ""
+        raise ConfigError(f"data.video_dir {data.video_dir}: none of the {len(skipped)} videos of split "
+                          f"{split!r} could be decoded{first}")
+
+
+def check_steps(steps: int, clips: list[Clip], train: TrainConfig) -> None:
+    """An epoch must take at least one optimiser step: only whole steps are taken, so a batch can outgrow the data."""
+    if steps < 1:
+        pairs = sum(len(clip.captions) for clip in clips)
+        raise ConfigError(f"train.batch_size {train.batch_size} (x gradient_accumulation_steps "
+                          f"{train.gradient_accumulation_steps} x {world_size()} ranks) is more than the {pairs} "
+                          "training pairs (clip, caption): an epoch would take no step")
+
+
+def check_loss(loss: float, epoch: int, train: TrainConfig) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"train.learning_rate {train.learning_rate}: the training loss is {loss} in epoch "
+                               f"{epoch}, so the weights are unusable and no score is reported")
