@@ -18,7 +18,9 @@ Torch is imported only when loading a model back.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +32,7 @@ import yaml
 from qstudy.analysis.mlflow_records import client_for, download_artifact
 from qstudy.analysis.pareto import TrialRecord, best_under_budget
 from qstudy.analysis.report import StudySelection, parameter_count
-from qstudy.config import ConfigError, RunConfig
+from qstudy.config import ConfigError, QstudyError, RunConfig
 
 if TYPE_CHECKING:
     from qstudy.model.captioner import Captioner
@@ -42,8 +44,8 @@ INDEX_FILE = "index.yaml"
 SELECTIONS = ("front", "knee", "best", "budget=<count or %>")
 
 
-class ExportError(RuntimeError):
-    """The selection is empty, or a trial's artifacts are missing or do not match its record."""
+class ExportError(QstudyError):
+    """The selection is empty, a trial's artifacts are missing or do not match its record, or weights do not load."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def select_trials(selection: StudySelection, choice: Selection) -> list[tuple[Tr
     analysis = selection.analysis
     if choice.kind == "front":
         count = len(analysis.front)
+        if not count:
+            raise ExportError("--select front: no finished trial, so the Pareto front is empty")
         return [
             (record, f"on the Pareto front ({rank} of {count}, cheapest first)"
              + (", its knee" if record == analysis.knee else ""))
@@ -90,7 +94,16 @@ def select_trials(selection: StudySelection, choice: Selection) -> list[tuple[Tr
 
 
 def _directory_name(position: int, record: TrialRecord) -> str:
-    return f"{position:02d}-{record.method}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", record.trial_id)
+    """One path component: the method and trial id come from MLflow tags, which anyone may have written."""
+    return f"{position:02d}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{record.method}-{record.trial_id}")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """An export replaces nothing: ``--out`` must be a new or empty directory, so its index lists all it holds."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ExportError(f"--out {out_dir}: not empty; export into a new directory")
 
 
 def _weights_parameter_count(path: Path) -> int:
@@ -148,9 +161,31 @@ def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> 
 
 def export_trials(selection: StudySelection, choice: Selection, out_dir: Path) -> Path:
     """Write the chosen trials under ``out_dir`` and an index of them; return the index's path."""
+    _check_out_dir(out_dir)
     chosen = select_trials(selection, choice)
     client = client_for(selection.tracking_uri)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside --out and renamed into place at the end: a failed export leaves no directory
+    # without its index, and the index never lists what is not there.
+    staging = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed export of the same pid
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise ExportError(f"--out {out_dir}: cannot create it ({error.strerror})") from None
+    try:
+        index_path = _write_export(client, selection, choice, chosen, staging)
+        try:
+            os.rename(staging, out_dir)  # replaces an empty --out; refuses one another export filled meanwhile
+        except OSError as error:
+            raise ExportError(f"--out {out_dir}: {error.strerror}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / index_path.name
+
+
+def _write_export(client, selection: StudySelection, choice: Selection, chosen: list[tuple[TrialRecord, str]],
+                  out_dir: Path) -> Path:
     exported = []
     for position, (record, reason) in enumerate(chosen, start=1):
         directory = out_dir / _directory_name(position, record)
@@ -185,6 +220,7 @@ def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
 def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     """The base of ``config`` with its adapter and the trained weights in ``weights_path``, in eval mode."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from qstudy.adapters import apply_adapter
@@ -195,34 +231,40 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     apply_adapter(captioner, config.adapter)
     # The trial trained (and so captioned) in its precision; bf16 weights in an fp32 model would not match.
     captioner.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float32)
-    weights = load_file(weights_path)
+    try:
+        weights = load_file(weights_path)
+    except (OSError, SafetensorError) as error:
+        raise ExportError(f"{weights_path}: not a readable safetensors file ({error})") from None
     trainable = {name for name, parameter in captioner.named_parameters() if parameter.requires_grad}
     if set(weights) != trainable:
         missing, unexpected = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
         raise ExportError(f"{weights_path} does not fit {config.adapter.method}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    shapes = dict(captioner.named_parameters())
+    wrong = [name for name, tensor in weights.items() if tensor.shape != shapes[name].shape]
+    if wrong:
+        raise ExportError(f"{weights_path} does not fit its config.yaml: {wrong[0]} is "
+                          f"{tuple(weights[wrong[0]].shape)} in the file, {tuple(shapes[wrong[0]].shape)} in the model")
     captioner.load_state_dict(weights, strict=False)
     return captioner.to(select_device()).eval()
 
 
-def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> list[tuple[Path, str | None]]:
-    """``(video, caption)`` per video, frames sampled as in training; ``None`` for a video that does not decode."""
+def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]):
+    """``(video, caption)`` per video as each is made, frames sampled as in training; ``None`` for a video that does not decode."""
     import torch
 
-    from qstudy.data.frames import DECODE_ERRORS, sample_frames
+    from qstudy.data.frames import sample_or_skip
     from qstudy.train.device import autocast
 
     size = config.data.image_size or captioner.image_size
-    results = []
     for video in videos:
-        try:
-            frames = torch.from_numpy(sample_frames(str(video), config.data.num_frames, size, config.data.resize))[None]
-        except DECODE_ERRORS:
-            results.append((video, None))
+        frames, error = sample_or_skip(video, config.data.num_frames, size, config.data.resize)
+        if error is not None:
+            yield video, None
             continue
+        frames = torch.from_numpy(frames)[None]
         if config.data.blind:  # trained on blank frames: caption as it was evaluated
             frames = torch.zeros_like(frames)
         with autocast(captioner.device, config.train.precision):
             (caption,) = captioner.generate(frames, config.eval.max_new_tokens, config.eval.num_beams)
-        results.append((video, caption))
-    return results
+        yield video, caption

@@ -7,11 +7,42 @@ shapes, and a test checks every method's closed form against the instantiated mo
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+
+from qstudy.config import QstudyError
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class ModelNotFound(QstudyError, FileNotFoundError):
+    """A model name that is neither a local directory nor a model this process can get from the hub."""
+
+
+@functools.cache
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None; asked once per process.
+
+    Without this, a model that is not cached costs huggingface_hub's five retries with backoff
+    (24 s on a machine without network) before it says anything.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{constants.ENDPOINT} cannot be reached: {error}"
+    return None
 
 
 def _local_or_hub_file(name_or_path: str, filename: str) -> Path | None:
@@ -20,19 +51,31 @@ def _local_or_hub_file(name_or_path: str, filename: str) -> Path | None:
     if local.is_dir():
         candidate = local / filename
         return candidate if candidate.exists() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 
+    try:
+        cached = try_to_load_from_cache(name_or_path, filename)
+    except HFValidationError:
+        raise ModelNotFound(f"{name_or_path}: no such directory, and not a Hugging Face hub id") from None
+    if isinstance(cached, str):
+        return Path(cached)
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise ModelNotFound(f"{name_or_path}: not a local directory, not in the Hugging Face cache, "
+                            f"and the hub is out of reach ({reason})")
     try:
         return Path(hf_hub_download(name_or_path, filename))
     except EntryNotFoundError:
         return None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"{name_or_path}: not a local directory, and no such model on the hub") from None
 
 
 def read_config(name_or_path: str) -> dict:
     path = _local_or_hub_file(name_or_path, "config.json")
     if path is None:
-        raise FileNotFoundError(f"{name_or_path}: no config.json")
+        raise ModelNotFound(f"{name_or_path}: no config.json")
     return json.loads(path.read_text())
 
 
@@ -45,7 +88,7 @@ def read_weight_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
     else:
         shards = [_local_or_hub_file(name_or_path, "model.safetensors")]
     if None in shards:
-        raise FileNotFoundError(f"{name_or_path}: no model.safetensors")
+        raise ModelNotFound(f"{name_or_path}: no model.safetensors")
     shapes = {}
     for shard in shards:
         with safe_open(str(shard), framework="numpy") as handle:

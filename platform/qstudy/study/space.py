@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qstudy.config import ConfigError, ModelConfig, RunConfig, expand_path, from_mapping, load_yaml
+from qstudy.config import (ConfigError, ModelConfig, RunConfig, check_path_component, expand_path, from_mapping,
+                           load_yaml)
 from qstudy.model.dims import ModelDims
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -134,6 +135,7 @@ class SpaceFile:
     max_failures: int = 1  # restarts of a trial whose worker died (from its last checkpoint)
 
     def __post_init__(self):
+        check_path_component(self.study, "study")  # it names the study's directory under $QSTUDY_HOME/studies
         for name in ("trials", "concurrency", "workers_per_trial"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
