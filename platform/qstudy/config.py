@@ -31,7 +31,7 @@ def expand_path(value: str) -> str:
 
 
 class QstudyError(Exception):
-    """Bad input, or a run that cannot train: one line naming the field or file, which the CLI prints before exiting 2."""
+    """Bad input, or a run that cannot train: one line naming the field or file; the CLI prints it and exits 2."""
 
 
 class ConfigError(QstudyError, ValueError):
@@ -187,6 +187,8 @@ class DataConfig:
 
     def __post_init__(self):
         check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1)
+        for name in ("train_split", "val_split"):  # MSVD reads <split>.txt beside the annotations
+            check_path_component(getattr(self, name), f"data.{name}")
         if self.cache_dir == "":
             raise ConfigError("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
 

@@ -195,10 +195,18 @@ def cached_frames(annotations: Path, clips: list[Clip], settings: DecodeSettings
 
 def split_frames(data: DataConfig, split: str, size: int, limit: int | None = None,
                  progress: bool = True) -> CachedSplit:
-    """One split of a run's data (its first ``limit`` clips) at ``size`` pixels, through the cache."""
+    """One split of a run's data (its first ``limit`` clips) at ``size`` pixels, through the cache.
+
+    A split of which no video decoded is an error: nothing could train on it or score it.
+    """
     clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
-    return cached_frames(Path(data.annotations), clips, DecodeSettings.from_data(data, size), cache_root(data),
-                         data.decode_workers, progress)
+    cached = cached_frames(Path(data.annotations), clips, DecodeSettings.from_data(data, size), cache_root(data),
+                           data.decode_workers, progress)
+    if not cached.clips:
+        first = cached.skipped[0]
+        raise ConfigError(f"data.video_dir {data.video_dir}: none of the {len(clips)} videos of split {split!r} "
+                          f"could be decoded (first: {first['path']}: {first['error']})")
+    return cached
 
 
 def prebuild(config: RunConfig, progress: bool = True) -> list[CachedSplit]:

@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from qstudy.config import ConfigError, DataConfig, QstudyError, TrainConfig
+from qstudy.config import ConfigError, QstudyError, TrainConfig
 from qstudy.data.annotations import Clip
 from qstudy.train.engine import world_size
 
@@ -27,14 +27,6 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"output_dir: cannot create {output_dir} ({error.strerror})") from None
     if not os.access(output_dir, os.W_OK):
         raise ConfigError(f"output_dir: {output_dir} is not writable")
-
-
-def check_decoded(data: DataConfig, split: str, clips: list, skipped: list[dict]) -> None:
-    """A split of which no video decoded cannot train or be scored."""
-    if not clips:
-        first = f" (first: {skipped[0]['path']}: {skipped[0]['error']})" if skipped else ""
-        raise ConfigError(f"data.video_dir {data.video_dir}: none of the {len(skipped)} videos of split "
-                          f"{split!r} could be decoded{first}")
 
 
 def check_steps(steps: int, clips: list[Clip], train: TrainConfig) -> None:
