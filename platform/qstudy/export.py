@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -161,6 +162,7 @@ def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> 
 
 def export_trials(selection: StudySelection, choice: Selection, out_dir: Path) -> Path:
     """Write the chosen trials under ``out_dir`` and an index of them; return the index's path."""
+    out_dir = out_dir.resolve()  # `--out .` has no name to stage beside
     _check_out_dir(out_dir)
     chosen = select_trials(selection, choice)
     client = client_for(selection.tracking_uri)
@@ -249,8 +251,8 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     return captioner.to(select_device()).eval()
 
 
-def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]):
-    """``(video, caption)`` per video as each is made, frames sampled as in training; ``None`` for a video that does not decode."""
+def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> Iterator[tuple[Path, str | None]]:
+    """``(video, caption)`` as each caption is made, frames sampled as in training; ``None``: it does not decode."""
     import torch
 
     from qstudy.data.frames import sample_or_skip
