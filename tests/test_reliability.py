@@ -408,7 +408,7 @@ def cache_case(scene: Scene) -> list[str]:
 
 
 def cache_val_corrupt(scene: Scene) -> list[str]:
-    """What the study driver does before its first trial, on a val split where nothing decodes."""
+    """``qstudy data cache`` (the study driver's warm-up) on a val split where nothing decodes."""
     annotations = scene.dataset(videos={video_id: header_only_mp4 for video_id in scene.split_ids("val")})
     return ["data", "cache", str(scene.config(None, annotations))]
 
