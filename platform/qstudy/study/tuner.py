@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from qstudy.analysis.pareto import TrialRecord, front_table
-from qstudy.analysis.report import read_studies, trial_counts
+from qstudy.analysis.report import format_counts, read_studies, trial_counts
 from qstudy.config import ConfigError, load_yaml
 from qstudy.study import tracking
 from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
@@ -346,7 +346,7 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
     target = _target(state, directory)
     _close_trial_runs(target, trials)
     undelivered = tracking.deliver_all(target, wait_s=120 if tracking.is_remote(state.tracking_uri) else 0)
-    if not interrupted:
+    if not interrupted:  # an interrupted study's running Optuna trials are the ones its resume finishes
         _close_optuna_orphans(state)
     analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
     summary = StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri,
@@ -370,9 +370,8 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
 
 def format_summary(summary: StudySummary) -> str:
     """The final summary the CLI prints: counts, the Pareto front, the best trial, and where everything is."""
-    counts = ", ".join(f"{count} {status.lower()}" for status, count in trial_counts(summary.records).items())
     best = summary.best
-    lines = [f"study {summary.name}: {counts or 'no trials'} in {summary.wall_seconds:.0f} s",
+    lines = [f"study {summary.name}: {format_counts(summary.records)} in {summary.wall_seconds:.0f} s",
              "Pareto front (CIDEr max, trainable parameters min):",
              front_table(summary.front),
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
