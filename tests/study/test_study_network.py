@@ -78,7 +78,8 @@ def test_a_local_study_listens_on_loopback_only_and_prints_its_table_and_summary
     assert f"Study directory: {study_dir}" in output and "Result logdir" not in output
     assert "study local: 2 finished" in output and "best CIDEr: " in output
     for noise in ("PTBTokenizer", "tokenization", "Checkpoint successfully created", "alembic",
-                  "ds_accelerator", "deduplicates logs", "Loading weights"):
+                  "ds_accelerator", "deduplicates logs", "Loading weights", "database tables",
+                  "A new study created"):
         assert noise not in output, noise
     assert output.count("== Status ==") <= 8, output
     assert Path(study_dir / "tune").is_dir()

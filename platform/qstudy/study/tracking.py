@@ -49,6 +49,11 @@ def fail_fast_on_outage() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+def quiet_logs() -> None:
+    """MLflow's INFO lines (creating and migrating a sqlite store) stay out of a study's terminal."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+
+
 def default_tracking_uri(home: Path) -> str:
     """The embedded default: a sqlite store under ``$QSTUDY_HOME/mlflow``."""
     (home / "mlflow").mkdir(parents=True, exist_ok=True)

@@ -207,11 +207,17 @@ def _trainable(context: StudyContext):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), context.driver_resources())
 
 
-def _prepare_ray_output() -> None:
+def _prepare_output(verbose: int) -> None:
+    """The live table and the summary; the libraries' INFO lines (study created, tables migrated) only with -v."""
     # The classic reporter prints one compact live table; the new output engine prints every config key.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if verbose <= 1:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        tracking.quiet_logs()
 
 
 def run_study(options: StudyOptions) -> StudySummary:
@@ -227,7 +233,7 @@ def run_study(options: StudyOptions) -> StudySummary:
     uri = options.mlflow_uri or tracking.default_tracking_uri(options.home)
     tracking.check_reachable(uri)
 
-    _prepare_ray_output()
+    _prepare_output(options.verbose)
     _connect_ray(options.address, options.verbose)
     state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
@@ -281,7 +287,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
     tracking.check_reachable(state.tracking_uri)
 
-    _prepare_ray_output()
+    _prepare_output(verbose)
     _connect_ray(address, verbose)
     context = _context(state, directory, space)
     _check_resources(context)
