@@ -30,13 +30,14 @@ from qstudy.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATUS_TAG = "qstudy.status"
+_ENTRIES = "entries.jsonl"  # a trial's outbox: one JSON line per MLflow call, in order
 NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
 INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
 _MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
-                  INTERRUPTED: "KILLED", RUNNING: "RUNNING"}
+                  INTERRUPTED: "KILLED"}
 
 
 class TrackingUnavailable(ConfigError):
@@ -152,7 +153,7 @@ class TrialTracker:
         self.run_name = run_name
         self.outbox = Path(target.outbox_root) / trial_id
         self.outbox.mkdir(parents=True, exist_ok=True)
-        self._entries = self.outbox / "entries.jsonl"
+        self._entries = self.outbox / _ENTRIES
         (self.outbox / "run_name").write_text(run_name)  # for the driver's sweep after the study
 
     # -- what a trial logs ---------------------------------------------------------------------
@@ -249,7 +250,7 @@ def _send(client, run_id: str, entry: dict) -> None:
 
 def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: str) -> bool:
     """Deliver one outbox in order, recording progress after every acknowledged entry."""
-    entries_path, sent_path, run_id_path = outbox / "entries.jsonl", outbox / "sent", outbox / "run_id"
+    entries_path, sent_path, run_id_path = outbox / _ENTRIES, outbox / "sent", outbox / "run_id"
     entries = _entries(entries_path)
     sent = int(sent_path.read_text()) if sent_path.exists() else 0
     if sent >= len(entries):
@@ -302,8 +303,10 @@ def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = 
     for outbox in sorted(Path(target.outbox_root).glob("*")):
         if outbox.name in keep or (only is not None and outbox.name not in only):
             continue
+        if not (outbox / _ENTRIES).exists():
+            continue
         tracker = TrialTracker(target, outbox.name, _run_name(outbox))
-        if not tracker._entries.exists() or tracker.status() is not None:
+        if tracker.status() is not None:
             continue
         tracker.finish(status)
         closed.append(outbox.name)
