@@ -1,10 +1,11 @@
 """The live trial table a study prints: Tune's status table, printed when it has news, pointing at the study directory.
 
 Tune's ``CLIReporter`` prints its table every ``max_report_frequency`` seconds whether or not
-anything changed, and names Ray's staging directory in the session temp dir as the result
-directory. This one prints when a trial has started, finished or reached another epoch (at
-most every ``max_report_frequency`` seconds) and at the end, and names the study directory,
-where Tune's experiment state, the trials' outputs and the Optuna study are. Imports no torch.
+anything changed (a two-minute demo printed ~150 lines of tables), and names Ray's staging
+directory in the session temp dir as the result directory. This one prints when a trial has
+started, finished or failed (at most every ``max_report_frequency`` seconds, so trials that
+change together share a table) and at the end, and names the study directory, where Tune's
+experiment state, the trials' outputs and the Optuna study are. Imports no torch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class LiveTable(CLIReporter):
         self._shown: tuple = ()
 
     def should_report(self, trials, done: bool = False) -> bool:
-        news = tuple((trial.trial_id, trial.status, trial.last_result.get("epoch")) for trial in trials)
+        news = tuple((trial.trial_id, trial.status) for trial in trials)
         if done or (news != self._shown and time.time() - self._last_report_time >= self._max_report_freqency):
             self._shown = news
             self._last_report_time = time.time()
