@@ -113,7 +113,7 @@ def _check_address(address: str) -> None:
     if not port.isdigit():
         return  # "auto" and other forms Ray resolves itself
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
     except OSError as error:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({error}); start one "
                           "(`ray start --head`) or leave out --address for a local instance") from None
