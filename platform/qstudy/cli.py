@@ -108,26 +108,39 @@ def _study_options(args, space_path: Path, name: str | None):
 
     return StudyOptions(space_path=space_path, home=qstudy_home(), name=name, address=args.address,
                         mlflow_uri=args.mlflow_uri, trials=args.trials, concurrency=args.concurrency,
-                        workers_per_trial=args.workers_per_trial, sampler=args.sampler)
+                        workers_per_trial=args.workers_per_trial, sampler=args.sampler,
+                        verbose=_study_verbosity(args))
+
+
+def _study_verbosity(args) -> int:
+    """Tune's verbosity: the live table and the summary; with -v also every trial's own output."""
+    return 2 if args.verbose else 1
+
+
+def _print_summary(summary) -> None:
+    from qstudy.study.tuner import format_summary
+
+    print(format_summary(summary))
+    if summary.interrupted:
+        sys.exit(130)  # the shell's code for a Ctrl-C
 
 
 def cmd_study(args) -> None:
-    from qstudy.study.tuner import format_summary, resume_study, run_study
+    from qstudy.study.tuner import resume_study, run_study
 
     if (args.space is None) == (args.resume is None):
         raise ConfigError("give a search-space file or --resume NAME (not both)")
     if args.resume:
-        summary = resume_study(args.resume, qstudy_home(), args.address)
+        _print_summary(resume_study(args.resume, qstudy_home(), args.address, _study_verbosity(args)))
     else:
-        summary = run_study(_study_options(args, args.space, args.name))
-    print(format_summary(summary))
+        _print_summary(run_study(_study_options(args, args.space, args.name)))
 
 
 def cmd_demo(args) -> None:
     """A small Q-Adapter study on a local Ray instance, tracked in the embedded sqlite MLflow store."""
     import time
 
-    from qstudy.study.tuner import format_summary, run_study
+    from qstudy.study.tuner import run_study
 
     home = qstudy_home()
     print(f"preparing the tiny workspace in {home} (synthetic mp4 clips, pretrained tiny base)")
@@ -136,8 +149,7 @@ def cmd_demo(args) -> None:
     space = DEMO_SPACE if DEMO_SPACE.exists() else Path.cwd() / "search_spaces" / DEMO_SPACE.name
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     print(f"running study {name} from {space} on a local Ray instance")
-    summary = run_study(_study_options(args, space, name))
-    print(format_summary(summary))
+    _print_summary(run_study(_study_options(args, space, name)))
 
 
 def cmd_report(args) -> None:
@@ -279,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line, whatever a library put into it (YAML errors span several)
         print(f"qstudy: {kind}{message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a study's trials started; once they run, the study handles Ctrl-C
+        print("qstudy: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -96,11 +96,12 @@ class MlflowServer:
     log: Path
 
 
-def tiny_space(tmp_path: Path, **changes) -> Path:
-    """search_spaces/qadapter_tiny.yaml cut down to seconds per trial; ``changes`` update its top level."""
+def tiny_space(tmp_path: Path, overrides: dict | None = None, **changes) -> Path:
+    """search_spaces/qadapter_tiny.yaml cut down to seconds per trial; ``overrides`` update its run-config
+    overrides, ``changes`` its top level."""
     space = yaml.safe_load((SPACES / "qadapter_tiny.yaml").read_text())
     space["overrides"].update({"train.epochs": 2, "train.max_steps_per_epoch": 6, "train.batch_size": 16,
-                               "data.max_val_clips": 16, "eval.max_new_tokens": 12})
+                               "data.max_val_clips": 16, "eval.max_new_tokens": 12, **(overrides or {})})
     space.update(changes)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -130,10 +131,10 @@ def trial_process(session: int, trial_id: str) -> int | None:
     return None
 
 
-def study(ray_head, home: Path, *args: str) -> subprocess.Popen:
-    """`qstudy study ARGS` as a driver process of its own, connected to the test head."""
+def study(ray_head, home: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`qstudy study ARGS` as a driver process of its own, connected to the test head; ``env`` adds variables."""
     return subprocess.Popen([str(BIN / "qstudy"), "study", *args, "--address", ray_head.address],
-                            env={**ray_head.env, "QSTUDY_HOME": str(home)}, stdout=subprocess.PIPE,
+                            env={**ray_head.env, "QSTUDY_HOME": str(home), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import time
+import subprocess
+from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
+from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from servers import finish, metric_steps, mlflow_runs, study, tiny_space, trial_process, wait_until
+from servers import BIN, finish, metric_steps, mlflow_runs, study, tiny_space, trial_process, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,12 +33,10 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
     """Arm `lora` reads annotations that do not exist (a config that genuinely raises); a
     qadapter trial is SIGKILLed after its first checkpoint and must finish from it."""
     epochs = 3
-    space = tiny_space(tmp_path, trials=3, concurrency=2, sampler="random", seed=10,  # qadapter, qadapter, lora
+    space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=3, concurrency=2, sampler="random",
+                       seed=10,  # qadapter, qadapter, lora
                        arms={"qadapter": {"adapter.rank": {"choices": [4, 8]}},
                              "lora": {"adapter.rank": 4, "data.annotations": str(tmp_path / "missing.json")}})
-    raw = yaml.safe_load(space.read_text())
-    raw["overrides"]["train.epochs"] = epochs
-    space.write_text(yaml.safe_dump(raw))
     driver = study(ray_head, study_home, str(space), "--name", "faults", "--mlflow-uri", mlflow_server.uri)
     tune_dir = study_home / "studies" / "faults" / "tune"
 
@@ -82,30 +82,151 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
     assert set(metric_steps(mlflow_server.uri, resumed.info.run_id, "val_cider")) == set(range(epochs))
 
 
-def test_killed_driver_resumes_without_losing_or_duplicating_trials(ray_head, mlflow_server, study_home, tmp_path):
-    trials = 3
-    space = tiny_space(tmp_path, trials=trials, concurrency=2, sampler="tpe")
-    driver = study(ray_head, study_home, str(space), "--name", "resumed", "--mlflow-uri", mlflow_server.uri)
-    outbox = study_home / "studies" / "resumed" / "outbox"
+def _trial_state(study_dir: Path) -> dict[str, dict]:
+    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes.
 
-    def one_trial_closed():
-        return any('"op": "end"' in path.read_text() for path in outbox.glob("*/entries.jsonl"))
+    A trial that has just started may have its outbox before Tune made its directory, or the reverse.
+    """
+    trials = {}
+    started = {path.name for path in (study_dir / "outbox").glob("*")}
+    for trial_id in started | {path.name.removeprefix("trial_") for path in (study_dir / "tune").glob("trial_*")}:
+        trial_dir = study_dir / "tune" / f"trial_{trial_id}"
+        entries = study_dir / "outbox" / trial_id / "entries.jsonl"
+        outputs = study_dir / "trials" / trial_id / "metrics.json"
+        trials[trial_id] = {
+            "finished": entries.exists() and '"qstudy.status": "FINISHED"' in entries.read_text(),
+            "checkpoints": sorted(int(path.name.removeprefix("checkpoint_")) for path in trial_dir.glob("checkpoint_*")),
+            "outputs": outputs.read_bytes() if outputs.exists() else None}
+    return trials
 
-    wait_until(one_trial_closed, 300, "the first finished trial", driver)
+
+def _report(ray_head, home: Path, name: str, uri: str, out: Path) -> str:
+    report = subprocess.run([str(BIN / "qstudy"), "report", name, "--mlflow-uri", uri, "--no-png", "--out", str(out)],
+                            env={**ray_head.env, "QSTUDY_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    return report.stdout
+
+
+def assert_one_story(ray_head, home: Path, name: str, uri: str, summary: str, tmp_path: Path) -> dict:
+    """The summary, the parent run and `qstudy report` agree on every trial's status and the best CIDEr;
+    no run is left open and no metric step was logged twice. Returns the child runs by trial id."""
+    parents, children = mlflow_runs(uri, "qadapter-tiny")
+    (parent,) = [run for run in parents if run.info.run_name == name]
+    runs = {run.data.tags["qstudy.trial_id"]: run for run in children if run.data.tags["qstudy.study"] == name}
+    assert len(runs) == len([run for run in children if run.data.tags["qstudy.study"] == name])
+    statuses = {trial_id: run.data.tags["qstudy.status"] for trial_id, run in runs.items()}
+    assert all(run.info.status != "RUNNING" for run in runs.values()) and "RUNNING" not in statuses.values()
+    client = MlflowClient(uri)
+    for run in runs.values():
+        for key in run.data.metrics:
+            steps = metric_steps(uri, run.info.run_id, key)
+            assert len(steps) == len(set(steps)), (run.data.tags["qstudy.trial_id"], key, steps)
+
+    parent_summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert {trial["trial_id"]: trial["status"] for trial in parent_summary["trials"]} == statuses
+    counts = Counter(statuses.values())
+    said = ", ".join(f"{count} {status.lower()}" for status, count in sorted(counts.items()))
+    report = _report(ray_head, home, name, uri, tmp_path / "report")
+    assert f"study {name}: {said} in " in summary and f"{len(runs)} trials: {said}" in report
+    best_id, best = max(((trial_id, run.data.metrics["cider"]) for trial_id, run in runs.items()
+                         if statuses[trial_id] == "FINISHED"), key=lambda pair: pair[1])
+    assert f"best CIDEr: {best:.4f} (trial {best_id})" in summary
+    assert re.search(rf"best CIDEr: .*\(trial {best_id}\): CIDEr {best:.4f}", report)
+    assert client.get_run(parent.info.run_id).data.metrics["best_cider"] == pytest.approx(best)
+    assert parent.info.status == "FINISHED" and parent.data.tags["qstudy.status"] == "FINISHED"
+    return runs
+
+
+def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, study_dir: Path, epochs: int,
+                                   uri: str) -> int:
+    """Each trial Tune's saved state knew continued from where it was: a trained one was not trained
+    again, one with checkpoints resumed from the newest it persisted (the newest on disk, or the one
+    before it when the kill caught that one being written). Returns how many trials that covered."""
+    covered = 0
+    for trial_id, state in before.items():
+        run = runs.get(trial_id)
+        if run is None:  # its actor started but its function never did: no work to resume
+            continue
+        after = study_dir / "trials" / trial_id / "metrics.json"
+        if state["finished"]:
+            assert after.read_bytes() == state["outputs"] and "qstudy.restarted_from" not in run.data.tags, trial_id
+            covered += trial_id in saved
+        elif state["checkpoints"] and trial_id in saved and run.data.tags["qstudy.status"] == "FINISHED":
+            tag = run.data.tags.get("qstudy.restarted_from")
+            restarted = int(tag.removeprefix("checkpoint_")) if tag else -1  # -1: trained from scratch
+            assert restarted >= state["checkpoints"][-1] - 1, (trial_id, restarted, state["checkpoints"])
+            # Its second life trained only the epochs after that checkpoint (its first life's checkpoint_N is epoch N).
+            resumed = [epoch["epoch"] for epoch in json.loads(after.read_text())["epochs"]]
+            assert resumed == list(range(restarted + 1, epochs)), (trial_id, restarted, resumed)
+            covered += restarted >= 0
+        if run.data.tags["qstudy.status"] == "FINISHED":
+            assert set(metric_steps(uri, run.info.run_id, "val_cider")) == set(range(epochs)), trial_id
+    return covered
+
+
+def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing(
+        ray_head, mlflow_server, study_home, tmp_path):
+    """SIGKILL the driver once one trial has finished and another has two checkpoints; Tune saves
+    its experiment state every 10 s here, as Ray does by default, so it lags the trials."""
+    epochs, trials = 8, 3
+    space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=trials, concurrency=2, sampler="random", seed=4)
+    driver = study(ray_head, study_home, str(space), "--name", "killed", "--mlflow-uri", mlflow_server.uri,
+                   env={"TUNE_GLOBAL_CHECKPOINT_S": "10"})
+    study_dir = study_home / "studies" / "killed"
+
+    def one_trained_one_checkpointed():
+        state = _trial_state(study_dir)
+        return (any(trial["finished"] for trial in state.values())
+                and any(len(trial["checkpoints"]) >= 2 and not trial["finished"] for trial in state.values()))
+
+    wait_until(one_trained_one_checkpointed, 400, "a finished trial beside one with two checkpoints", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(2)  # let Ray notice the driver's death and release its trials
+    wait_until(lambda: all(trial_process(ray_head.worker_session, trial_id) is None
+                           for trial_id in _trial_state(study_dir)), 60, "the dead driver's trials to stop")
+    before = _trial_state(study_dir)
+    saved = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
 
-    output = finish(study(ray_head, study_home, "--resume", "resumed"))
-    assert "study resumed:" in output
-    states = optuna_states(study_home / "studies" / "resumed", "resumed")
-    assert [state for state, _ in states].count("COMPLETE") == trials
+    summary = finish(study(ray_head, study_home, "--resume", "killed"))
+    runs = assert_one_story(ray_head, study_home, "killed", mlflow_server.uri, summary, tmp_path)
+    assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
+    states = optuna_states(study_dir, "killed")
+    assert [state for state, _ in states].count("COMPLETE") == trials and "RUNNING" not in dict(states)
+    # Trials the dead driver had started but Tune's saved state never knew are not resumed: Tune
+    # trains others in their place. Those that had trained stay FINISHED, the others close as LOST.
+    ran = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+    assert len(ran) == trials and ran <= set(runs)
+    for trial_id in set(runs) - ran:
+        expected = ("FINISHED", "FINISHED") if before[trial_id]["finished"] else ("LOST", "KILLED")
+        assert (runs[trial_id].data.tags["qstudy.status"], runs[trial_id].info.status) == expected, trial_id
+
+
+def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
+        ray_head, mlflow_server, study_home, tmp_path):
+    """Ctrl-C (SIGINT to the driver) while a trial has two checkpoints and is still training."""
+    epochs, trials = 8, 2
+    space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=trials, concurrency=2, sampler="random", seed=5)
+    driver = study(ray_head, study_home, str(space), "--name", "interrupted", "--mlflow-uri", mlflow_server.uri)
+    study_dir = study_home / "studies" / "interrupted"
+
+    def checkpointed():
+        return any(len(trial["checkpoints"]) >= 2 and not trial["finished"] for trial in _trial_state(study_dir).values())
+
+    wait_until(checkpointed, 400, "a trial with two checkpoints", driver)
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, output[-5000:]
+    assert "interrupted: continue with `qstudy study --resume interrupted`" in output
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    assert len([run for run in parents if run.info.run_name == "resumed"]) == 1
-    runs = [run for run in children if run.data.tags["qstudy.study"] == "resumed"]
-    assert len(runs) == len({run.data.tags["qstudy.trial_id"] for run in runs})  # no trial has two runs
-    finished = [run for run in runs if run.info.status == "FINISHED"]
-    assert len(finished) == trials and all("cider" in run.data.metrics for run in finished)
-    # A trial the dead driver had started but not yet saved in Tune's state is closed, never left RUNNING.
-    assert all(run.info.status == "KILLED" and run.data.tags["qstudy.status"] == "LOST"
-               for run in runs if run.info.status != "FINISHED")
+    (parent,) = [run for run in parents if run.info.run_name == "interrupted"]
+    assert parent.info.status == "KILLED" and parent.data.tags["qstudy.status"] == "INTERRUPTED"
+    runs = [run for run in children if run.data.tags["qstudy.study"] == "interrupted"]
+    assert runs and all(run.info.status != "RUNNING" for run in runs)
+    assert any(run.data.tags["qstudy.status"] == "INTERRUPTED" for run in runs)
+    before = _trial_state(study_dir)
+    saved = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+
+    summary = finish(study(ray_head, study_home, "--resume", "interrupted"))
+    runs = assert_one_story(ray_head, study_home, "interrupted", mlflow_server.uri, summary, tmp_path)
+    assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
+    assert sorted(run.data.tags["qstudy.status"] for run in runs.values()) == ["FINISHED"] * trials

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 from qstudy.study import tracking
@@ -40,3 +41,60 @@ def test_outbox_keeps_a_trial_during_an_outage_and_delivers_it_once(tmp_path):
     assert run.data.params == {"adapter.rank": "8", "adapter.insertion_layers": "[1, 3]"}
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_cider")] == [(0, 0.5), (1, 0.9)]
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["adapter.safetensors"]
+
+
+def test_a_resumed_trial_logs_each_step_once_and_reopens_its_interrupted_run(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(store, "resume", tmp_path / "artifacts")
+    parent = tracking.start_study_run(store, experiment, "study", {"trials": 2})
+    target = tracking.TrialTarget(tracking_uri=store, experiment_id=experiment, parent_run_id=parent, study="study",
+                                  outbox_root=str(tmp_path / "outbox"))
+    first = tracking.TrialTracker(target, "trial-1", "qadapter-trial-1")
+    first.log_metrics({"val_cider": 0.5, "loss": 2.0}, step=0)
+    tracking.TrialTracker(target, "trial-2", "qadapter-trial-2").finish(tracking.FINISHED)
+    # Ctrl-C: the open run closes INTERRUPTED, the finished one is left alone.
+    assert tracking.close_open_trials(target, tracking.INTERRUPTED) == ["trial-1"]
+    client = MlflowClient(store)
+    runs = {run.data.tags["qstudy.trial_id"]: run for run in client.search_runs([experiment]) if run.info.run_id != parent}
+    assert (runs["trial-1"].info.status, runs["trial-1"].data.tags[tracking.STATUS_TAG]) == ("KILLED", "INTERRUPTED")
+    assert runs["trial-2"].info.status == "FINISHED"
+
+    resumed = tracking.TrialTracker(target, "trial-1", "qadapter-trial-1")  # the trial's next life
+    resumed.start()
+    assert client.get_run(runs["trial-1"].info.run_id).info.status == "RUNNING" and resumed.status() is None
+    resumed.log_metrics({"val_cider": 0.7, "loss": 1.0}, step=0)  # replayed from its checkpoint
+    resumed.log_metrics({"val_cider": 0.9}, step=1)
+    resumed.finish(tracking.FINISHED)
+    history = client.get_metric_history(runs["trial-1"].info.run_id, "val_cider")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.9)]
+    assert client.get_run(runs["trial-1"].info.run_id).info.status == "FINISHED" and resumed.status() == "FINISHED"
+    assert tracking.close_open_trials(target, tracking.LOST) == []
+
+
+def test_the_driver_leaves_no_run_open_and_no_errored_trial_without_one(tmp_path):
+    """A trial Tune failed before its function ran (its reused actor was dead) opened no run; the
+    driver gives it a FAILED one. Unfinished trials close INTERRUPTED, unknown ones LOST."""
+    from ray.tune.experiment import Trial
+
+    from qstudy.study.tuner import _close_trial_runs
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(store, "closing", tmp_path / "artifacts")
+    parent = tracking.start_study_run(store, experiment, "study", {"trials": 4})
+    target = tracking.TrialTarget(tracking_uri=store, experiment_id=experiment, parent_run_id=parent, study="study",
+                                  outbox_root=str(tmp_path / "outbox"))
+    for trial_id in ("done", "running", "unknown"):
+        tracking.TrialTracker(target, trial_id, f"qadapter-{trial_id}").log_params({"adapter.rank": 4})
+    tracking.TrialTracker(target, "done", "qadapter-done").finish(tracking.FINISHED)
+    trials = [SimpleNamespace(trial_id=trial_id, status=status, config={"method": "qadapter"})
+              for trial_id, status in (("done", Trial.TERMINATED), ("running", Trial.RUNNING),
+                                       ("dead-actor", Trial.ERROR))]
+    _close_trial_runs(target, trials)
+
+    runs = {run.data.tags["qstudy.trial_id"]: run for run in MlflowClient(store).search_runs([experiment])
+            if run.info.run_id != parent}
+    assert {trial_id: (run.data.tags[tracking.STATUS_TAG], run.info.status) for trial_id, run in runs.items()} == {
+        "done": ("FINISHED", "FINISHED"), "running": ("INTERRUPTED", "KILLED"), "unknown": ("LOST", "KILLED"),
+        "dead-actor": ("FAILED", "FAILED")}
+    assert runs["dead-actor"].data.tags["qstudy.method"] == "qadapter"
+    assert runs["dead-actor"].data.tags["mlflow.parentRunId"] == parent

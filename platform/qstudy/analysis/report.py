@@ -8,6 +8,7 @@ comparison. This module imports no torch.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def read_studies(
     return StudySelection(uri, studies, analyse(records, reference_point, budget_count), budget)
 
 
+def trial_counts(records: Iterable[TrialRecord]) -> dict[str, int]:
+    """Trials per status, as the report, the study's summary and its parent run's metrics all count them."""
+    counts = Counter(record.status for record in records)
+    return {status: counts[status] for status in sorted(counts)}
+
+
+def format_counts(records: Iterable[TrialRecord]) -> str:
+    """``2 finished, 1 lost``: the counts line of the report and of the study's summary."""
+    return ", ".join(f"{count} {status.lower()}" for status, count in trial_counts(records).items()) or "no trials"
+
+
 def _describe(record: TrialRecord | None) -> str:
     if record is None:
         return "none"
@@ -86,9 +98,7 @@ def format_report(selection: StudySelection) -> str:
     lines = []
     for study in selection.studies:
         lines.append(f"study {study.name}: MLflow experiment {study.experiment_id}, parent run {study.parent_run_id}")
-    statuses = Counter(record.status for record in analysis.records)
-    counts = ", ".join(f"{count} {status.lower()}" for status, count in sorted(statuses.items()))
-    lines.append(f"{len(analysis.records)} trials: {counts}")
+    lines.append(f"{len(analysis.records)} trials: {format_counts(analysis.records)}")
     lines += ["", f"Pareto front (val CIDEr max, trainable parameters min): {len(analysis.front)} of "
               f"{len(analysis.valid)} finished trials", front_table(analysis.front, analysis.knee), ""]
     cider_floor, params_ceiling = analysis.reference

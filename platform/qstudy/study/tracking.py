@@ -7,7 +7,8 @@ trial's end, or when the study driver sweeps the outboxes after the last trial (
 in the study directory under QSTUDY_HOME, shared storage on a multi-node cluster, so the
 sweep reaches trials that ran on other nodes). Child runs are found again by their
 ``qstudy.trial_id`` tag, so a restarted or resumed trial reuses its run instead of creating a
-duplicate. Only the MlflowClient API is used (never the fluent
+duplicate, and a metric is logged at most once per step: an epoch a resumed trial replays from
+its checkpoint is not logged again. Only the MlflowClient API is used (never the fluent
 ``mlflow.start_run``): an inherited ``MLFLOW_RUN_ID`` cannot hijack the nesting.
 """
 
@@ -29,11 +30,14 @@ from qstudy.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATUS_TAG = "qstudy.status"
+_ENTRIES = "entries.jsonl"  # a trial's outbox: one JSON line per MLflow call, in order
 NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
+INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
-_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED"}
+_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
+                  INTERRUPTED: "KILLED"}
 
 
 class TrackingUnavailable(ConfigError):
@@ -44,6 +48,11 @@ def fail_fast_on_outage() -> None:
     """A down server should cost one refused connection, not MLflow's minutes of retries."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def quiet_logs() -> None:
+    """MLflow's INFO lines (creating and migrating a sqlite store) stay out of a study's terminal."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -98,7 +107,15 @@ def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, 
     return run.info.run_id
 
 
+def reopen_study_run(uri: str, run_id: str) -> None:
+    """A resumed study's parent run is RUNNING again until the study closes it."""
+    client = _client(uri)
+    client.set_tag(run_id, STATUS_TAG, RUNNING)
+    client.update_run(run_id, status=RUNNING)
+
+
 def finish_study_run(uri: str, run_id: str, metrics: dict[str, float], summary: dict, status: str) -> None:
+    """Close the parent run; ``metrics`` at step 0, so only a study's final close may log them (once)."""
     from mlflow.entities import Metric
 
     client = _client(uri)
@@ -136,16 +153,24 @@ class TrialTracker:
         self.run_name = run_name
         self.outbox = Path(target.outbox_root) / trial_id
         self.outbox.mkdir(parents=True, exist_ok=True)
-        self._entries = self.outbox / "entries.jsonl"
+        self._entries = self.outbox / _ENTRIES
         (self.outbox / "run_name").write_text(run_name)  # for the driver's sweep after the study
 
     # -- what a trial logs ---------------------------------------------------------------------
+    def start(self) -> None:
+        """The run is RUNNING again: a trial (re)starting after a Ctrl-C closed its run as INTERRUPTED."""
+        self._append({"op": "tags", "values": {STATUS_TAG: RUNNING}})
+        self._append({"op": "reopen"})
+
     def log_params(self, params: dict[str, Any]) -> None:
         self._append({"op": "params", "values": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._append({"op": "metrics", "values": {k: float(v) for k, v in metrics.items()}, "step": step,
-                      "timestamp": int(time.time() * 1000)})
+        """Log each metric at ``step`` unless it was logged there before (a replayed epoch keeps its first value)."""
+        logged = self._logged_steps()
+        values = {k: float(v) for k, v in metrics.items() if (k, step) not in logged}
+        if values:
+            self._append({"op": "metrics", "values": values, "step": step, "timestamp": int(time.time() * 1000)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._append({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
@@ -162,7 +187,19 @@ class TrialTracker:
         self._append({"op": "end", "status": _MLFLOW_STATUS[status]})
         self.deliver()
 
+    def status(self) -> str | None:
+        """The qstudy status this trial last closed its run with; None while it never closed it."""
+        status = None
+        for entry in _entries(self._entries):
+            if entry["op"] == "tags" and STATUS_TAG in entry["values"]:
+                status = entry["values"][STATUS_TAG]
+        return None if status == RUNNING else status
+
     # -- delivery ------------------------------------------------------------------------------
+    def _logged_steps(self) -> set[tuple[str, int]]:
+        return {(key, entry["step"]) for entry in _entries(self._entries) if entry["op"] == "metrics"
+                for key in entry["values"]}
+
     def _append(self, entry: dict) -> None:
         with self._entries.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
@@ -186,6 +223,10 @@ def _find_or_create_run(client, target: TrialTarget, trial_id: str, run_name: st
     return run.info.run_id
 
 
+def _entries(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _send(client, run_id: str, entry: dict) -> None:
     from mlflow.entities import Metric, RunTag
 
@@ -199,6 +240,8 @@ def _send(client, run_id: str, entry: dict) -> None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["values"].items()])
     elif op == "artifact":
         client.log_artifact(run_id, entry["path"])
+    elif op == "reopen":
+        client.update_run(run_id, status=RUNNING)
     elif op == "end":
         client.set_terminated(run_id, status=entry["status"])
     else:
@@ -207,10 +250,8 @@ def _send(client, run_id: str, entry: dict) -> None:
 
 def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: str) -> bool:
     """Deliver one outbox in order, recording progress after every acknowledged entry."""
-    entries_path, sent_path, run_id_path = outbox / "entries.jsonl", outbox / "sent", outbox / "run_id"
-    if not entries_path.exists():
-        return True
-    entries = [json.loads(line) for line in entries_path.read_text().splitlines() if line.strip()]
+    entries_path, sent_path, run_id_path = outbox / _ENTRIES, outbox / "sent", outbox / "run_id"
+    entries = _entries(entries_path)
     sent = int(sent_path.read_text()) if sent_path.exists() else 0
     if sent >= len(entries):
         return True
@@ -240,21 +281,36 @@ def deliver_all(target: TrialTarget, wait_s: float = 0.0) -> int:
         time.sleep(5)
 
 
-def close_lost_trials(target: TrialTarget, known_trial_ids: set[str]) -> list[str]:
-    """Close the child runs of trials the study no longer knows, so none stays RUNNING forever.
+def close_trial(target: TrialTarget, trial_id: str, run_name: str, status: str, tags: dict[str, str]) -> None:
+    """Close a trial's run as ``status`` unless the trial closed it; open one first if it never did."""
+    tracker = TrialTracker(target, trial_id, run_name)
+    if tracker.status() is None:
+        tracker.set_tags(tags)
+        tracker.finish(status)
 
-    A driver killed between starting a trial and saving Tune's experiment state (every few
-    seconds) leaves a trial that a resumed study never sees again; Tune samples a new one in
-    its place. Its run is marked LOST (MLflow status KILLED), never counted as a result.
+
+def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = None,
+                      keep: set[str] = frozenset()) -> list[str]:
+    """Close every child run still open (``only`` those trials, never those in ``keep``) as ``status``.
+
+    So that no run stays RUNNING forever: after a Ctrl-C the interrupted trials close as
+    INTERRUPTED (a resumed trial reopens its run); a driver killed between starting a trial and
+    saving Tune's experiment state (every few seconds) leaves a trial that a resumed study never
+    sees again, Tune samples a new one in its place, and its run closes as LOST (MLflow status
+    KILLED), never counted as a result.
     """
-    lost = []
+    closed = []
     for outbox in sorted(Path(target.outbox_root).glob("*")):
-        entries = outbox / "entries.jsonl"
-        if outbox.name in known_trial_ids or not entries.exists() or '"op": "end"' in entries.read_text():
+        if outbox.name in keep or (only is not None and outbox.name not in only):
             continue
-        TrialTracker(target, outbox.name, _run_name(outbox)).finish(LOST)
-        lost.append(outbox.name)
-    return lost
+        if not (outbox / _ENTRIES).exists():
+            continue
+        tracker = TrialTracker(target, outbox.name, _run_name(outbox))
+        if tracker.status() is not None:
+            continue
+        tracker.finish(status)
+        closed.append(outbox.name)
+    return closed
 
 
 def _run_name(outbox: Path) -> str:

@@ -6,7 +6,10 @@ train. With several workers (or ``force_trainer``) the driver starts a ``TorchTr
 Train V2's pattern for Train inside Tune; a single worker trains in this actor instead,
 which saves the controller, worker group and placement group a ``TorchTrainer`` costs per
 trial (bench/study_overhead.py shows both). Any exception marks the trial FAILED in MLflow
-and is re-raised so Tune and Optuna record it too. Imports no torch.
+and is re-raised so Tune and Optuna record it too. A trial Tune starts again (its actor died,
+or a resumed study's saved state is older than the trial) continues from the newest
+checkpoint it persisted, and one that had already trained reports its result again without
+training. Imports no torch.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 import yaml
 
 from qstudy.study.space import SampledConfig, SearchSpace
-from qstudy.study.tracking import FAILED, INFEASIBLE, TrialTarget, TrialTracker
-from qstudy.study.worker import WorkerTask, mark_failed, raise_if_failed_before, train, train_loop_per_worker
+from qstudy.study.tracking import FAILED, FINISHED, INFEASIBLE, TrialTarget, TrialTracker
+from qstudy.study.worker import (WorkerTask, final_result, mark_failed, newest_checkpoint, raise_if_failed_before, train,
+                                 train_loop_per_worker)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class StudyContext:
         return self.worker_resources() if self.in_actor else {"CPU": 0.01}  # Tune rejects 0
 
 
+def run_name(method: str, trial_id: str) -> str:
+    """A trial's MLflow run name."""
+    return f"{method}-{trial_id}"
+
+
 def run_trial(config: dict, context: StudyContext) -> None:
     """Tune's trainable: one trial from the sampler's ``config`` to a final report."""
     from ray import tune
@@ -52,11 +61,17 @@ def run_trial(config: dict, context: StudyContext) -> None:
     sampled = SampledConfig.from_tune_config(config)
     run_config = context.space.run_config(sampled.method, sampled.values)
     run_config.output_dir = str(Path(context.study_dir) / "trials" / trial_id)
-    task = WorkerTask(trial_id=trial_id, run_name=f"{sampled.method}-{trial_id}", run_config=run_config.to_dict(),
+    task = WorkerTask(trial_id=trial_id, run_name=run_name(sampled.method, trial_id), run_config=run_config.to_dict(),
                       predicted_trainable=sampled.trainable_params, tracking=context.tracking)
     raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
     tracker = TrialTracker(context.tracking, trial_id, task.run_name)
-    checkpoint = tune.get_checkpoint()
+    if tracker.status() == FINISHED:  # trained before a killed driver's last saved state knew it
+        tune.report(final_result(Path(run_config.output_dir)))
+        return
+    given = tune.get_checkpoint()
+    newest = newest_checkpoint(Path(run_config.output_dir), given.path if given is not None else None)
+    checkpoint = tune.Checkpoint.from_directory(newest) if newest is not None else None
+    tracker.start()
 
     if checkpoint is None:  # a restarted trial logged all this the first time
         tracker.set_tags({"qstudy.method": sampled.method})
@@ -92,8 +107,9 @@ def run_trial(config: dict, context: StudyContext) -> None:
 def _train_in_actor(task: WorkerTask, checkpoint) -> None:
     from ray import tune
 
-    def report(metrics: dict, directory: Path | None) -> None:
+    def report(metrics: dict, directory: Path | None) -> str | None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+        return tune.get_checkpoint().path if directory else None  # Tune's copy in storage, once persisted
 
     if checkpoint is None:
         train(task, report, None)

@@ -5,7 +5,9 @@ anything; the MLflow experiment and parent run are created here, once, before an
 (trials racing to create them collide). The node's frame cache is warmed here too, so trials
 map decoded frames instead of each decoding the dataset. The Optuna study lives in an RDB
 (sqlite) file in the study directory and Tune's experiment state beside it, so ``--resume
-NAME`` continues the same study, the same parent run and the same trials. Imports no torch.
+NAME`` continues the same study, the same parent run and the same trials. A Ctrl-C closes
+every open run as INTERRUPTED and says how to resume. The summary is ``qstudy report``'s own
+reading of the study from MLflow, so the two always agree. Imports no torch.
 """
 
 from __future__ import annotations
@@ -13,22 +15,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from qstudy.analysis.pareto import TrialRecord, front_table, pareto_front
+from qstudy.analysis.pareto import TrialRecord, front_table
+from qstudy.analysis.report import format_counts, read_studies, trial_counts
 from qstudy.config import ConfigError, load_yaml
 from qstudy.study import tracking
 from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
-from qstudy.study.trial import StudyContext, run_trial
+from qstudy.study.trial import StudyContext, run_name, run_trial
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
+_RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class StudySummary:
     wall_seconds: float
     records: list[TrialRecord] = field(default_factory=list)
     front: list[TrialRecord] = field(default_factory=list)
+    best: TrialRecord | None = None
+    interrupted: bool = False  # Ctrl-C: `qstudy study --resume NAME` continues
 
     def count(self, status: str) -> int:
         return sum(record.status == status for record in self.records)
@@ -100,16 +107,44 @@ def _parse_snapshot(snapshot: dict, origin: Path) -> SearchSpace:
         raise ConfigError(f"{origin}: {error}") from None
 
 
-def _connect_ray(address: str | None) -> None:
+def _check_address(address: str) -> None:
+    """Fail in seconds, naming it, when nothing listens at a Ray address: ``ray.init`` would retry forever."""
+    host, _, port = address.rpartition("://")[2].rpartition(":")
+    if not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({error}); start one "
+                          "(`ray start --head`) or leave out --address for a local instance") from None
+
+
+def _connect_ray(address: str | None, verbose: int) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance bound to loopback only.
+
+    Trials' own output (tokenizer JVMs, library warnings, Ray's per-checkpoint lines) reaches
+    the terminal only when ``verbose`` > 1; Ray keeps it in its session logs either way.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        _check_address(address)
+    else:
+        # Ray turns a loopback node address into the machine's own unless it runs single-machine
+        # (its macOS/Windows mode), so this keeps every port it opens on 127.0.0.1. Its child
+        # processes read the variable; this process reads the constant, set when Ray was imported.
+        os.environ[_RAY_SINGLE_MACHINE] = "0"
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        # The embedded default: a local instance; the dashboard would only cost memory and seconds.
-        ray.init(include_dashboard=False, configure_logging=False)
+    if address is None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        # The dashboard would only cost memory and seconds (and listen on more ports).
+        ray.init(include_dashboard=False, configure_logging=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=verbose > 1)
     else:  # `ray job submit` sets RAY_ADDRESS to the cluster the job runs on
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=verbose > 1)
 
 
 def _warm_frame_cache(space: SearchSpace) -> None:
@@ -148,10 +183,11 @@ def _check_resources(context: StudyContext) -> None:
 
 def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
     from ray import tune
-    from ray.tune import CLIReporter
 
-    reporter = CLIReporter(
-        metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
+    from qstudy.study.progress import LiveTable
+
+    reporter = LiveTable(
+        str(directory), metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
         parameter_columns={"method": "method"}, max_report_frequency=15, sort_by_metric=False)
     # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
@@ -171,11 +207,17 @@ def _trainable(context: StudyContext):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), context.driver_resources())
 
 
-def _prepare_ray_output() -> None:
+def _prepare_output(verbose: int) -> None:
+    """The live table and the summary; the libraries' INFO lines (study created, tables migrated) only with -v."""
     # The classic reporter prints one compact live table; the new output engine prints every config key.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if verbose <= 1:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        tracking.quiet_logs()
 
 
 def run_study(options: StudyOptions) -> StudySummary:
@@ -191,8 +233,8 @@ def run_study(options: StudyOptions) -> StudySummary:
     uri = options.mlflow_uri or tracking.default_tracking_uri(options.home)
     tracking.check_reachable(uri)
 
-    _prepare_ray_output()
-    _connect_ray(options.address)
+    _prepare_output(options.verbose)
+    _connect_ray(options.address, options.verbose)
     state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer)
@@ -234,7 +276,7 @@ def run_study(options: StudyOptions) -> StudySummary:
     return _finish(state, directory, space, started)
 
 
-def resume_study(name: str, home: Path, address: str | None = None) -> StudySummary:
+def resume_study(name: str, home: Path, address: str | None = None, verbose: int = 1) -> StudySummary:
     """Continue a study whose driver died: unfinished trials resume, finished ones are kept."""
     started = time.perf_counter()
     directory = study_dir(home, name)
@@ -245,8 +287,8 @@ def resume_study(name: str, home: Path, address: str | None = None) -> StudySumm
     space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
     tracking.check_reachable(state.tracking_uri)
 
-    _prepare_ray_output()
-    _connect_ray(address)
+    _prepare_output(verbose)
+    _connect_ray(address, verbose)
     context = _context(state, directory, space)
     _check_resources(context)
     _warm_frame_cache(space)
@@ -255,6 +297,7 @@ def resume_study(name: str, home: Path, address: str | None = None) -> StudySumm
     # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.
     tuner = tune.Tuner.restore(str(directory / "tune"), trainable=_trainable(context),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
+    tracking.reopen_study_run(state.tracking_uri, state.parent_run_id)
     tuner.fit()
     return _finish(state, directory, space, started)
 
@@ -270,66 +313,79 @@ def _target(state: StudyState, directory: Path) -> tracking.TrialTarget:
                                 outbox_root=str(directory / "outbox"))
 
 
-def _records(state: StudyState, space: SearchSpace) -> list[TrialRecord]:
-    """Every Optuna trial as a record; trials a killed driver asked for but never ran are closed as failed."""
+def _close_optuna_orphans(state: StudyState) -> None:
+    """Trials Optuna handed out before a driver died, which no Tune trial ran, are not running forever."""
     import optuna
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=state.name, storage=state.optuna_storage)
-    records = []
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.RUNNING:  # asked before the driver died, never handed to Tune
-            study.tell(trial.number, state=TrialState.FAIL)
-            status = tracking.FAILED
-        elif trial.state == TrialState.COMPLETE:
-            infeasible = any(value > 0 for value in trial.constraints.values())
-            status = tracking.INFEASIBLE if infeasible else tracking.FINISHED
-        else:
-            status = tracking.FAILED if trial.state == TrialState.FAIL else trial.state.name
-        finished = status == tracking.FINISHED
-        records.append(TrialRecord(
-            trial_id=str(trial.number), study=state.name, method=trial.user_attrs.get("method", ""),
-            params=dict(trial.params), cider=trial.values[0] if finished else None,
-            trainable_params=int(trial.values[1]) if finished else trial.user_attrs.get("trainable_params"),
-            total_params=space.dims.total_params, status=status, order=trial.number))
-    return records
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _close_trial_runs(target: tracking.TrialTarget, trials) -> None:
+    """Leave no child run open, and no trial Tune ran without one.
+
+    A trial that errored before its function ran (its reused actor died) opened no run: it
+    gets a FAILED one. Unfinished trials (Ctrl-C) close as INTERRUPTED, trials Tune's
+    experiment state never recorded (a killed driver) as LOST.
+    """
+    from ray.tune.experiment import Trial
+
+    for trial in trials:
+        if trial.status == Trial.ERROR:
+            tracking.close_trial(target, trial.trial_id, run_name(trial.config["method"], trial.trial_id),
+                                 tracking.FAILED, {"qstudy.method": trial.config["method"]})
+    unfinished = {trial.trial_id for trial in trials if trial.status not in (Trial.TERMINATED, Trial.ERROR)}
+    tracking.close_open_trials(target, tracking.INTERRUPTED, only=unfinished)
+    tracking.close_open_trials(target, tracking.LOST, keep={trial.trial_id for trial in trials})
 
 
 def _finish(state: StudyState, directory: Path, space: SearchSpace, started: float) -> StudySummary:
-    """Deliver what trials could not log, close the parent run, and summarise from the Optuna study."""
+    """Close every run, deliver what trials could not log, and summarise the study as ``qstudy report`` reads it."""
     from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
 
+    trials = ExperimentAnalysis(str(directory / "tune")).trials
+    interrupted = len(trials) < space.settings.trials or any(
+        trial.status not in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
     target = _target(state, directory)
-    tracking.close_lost_trials(target, {trial.trial_id for trial in ExperimentAnalysis(str(directory / "tune")).trials})
+    _close_trial_runs(target, trials)
     undelivered = tracking.deliver_all(target, wait_s=120 if tracking.is_remote(state.tracking_uri) else 0)
-    records = _records(state, space)
+    if not interrupted:  # an interrupted study's running Optuna trials are the ones its resume finishes
+        _close_optuna_orphans(state)
+    analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
     summary = StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri,
                            experiment=space.study, parent_run_id=state.parent_run_id,
-                           wall_seconds=time.perf_counter() - started, records=records, front=pareto_front(records))
-    counts = {f"trials_{status.lower()}": summary.count(status)
-              for status in (tracking.FINISHED, tracking.FAILED, tracking.INFEASIBLE)}
-    best = max((record.cider for record in summary.front), default=float("nan"))
+                           wall_seconds=time.perf_counter() - started, records=list(analysis.records),
+                           front=list(analysis.front), best=analysis.best, interrupted=interrupted)
+    # Metrics at step 0 once: an interrupted study logs them when it is resumed to its end.
+    metrics = {} if interrupted else {
+        **{f"trials_{status.lower()}": count for status, count in trial_counts(analysis.records).items()},
+        "best_cider": analysis.best.cider if analysis.best else float("nan"), "undelivered_trials": undelivered,
+        "study_wall_seconds": summary.wall_seconds}
     try:
-        tracking.finish_study_run(state.tracking_uri, state.parent_run_id,
-                                  {**counts, "best_cider": best, "undelivered_trials": undelivered,
-                                   "study_wall_seconds": summary.wall_seconds},
-                                  {"trials": [asdict(r) for r in records], "front": [asdict(r) for r in summary.front]},
-                                  tracking.FINISHED)
-    except Exception as error:  # noqa: BLE001 - the study's results are in Optuna and on disk either way
+        tracking.finish_study_run(state.tracking_uri, state.parent_run_id, metrics,
+                                  {"trials": [asdict(r) for r in summary.records],
+                                   "front": [asdict(r) for r in summary.front]},
+                                  tracking.INTERRUPTED if interrupted else tracking.FINISHED)
+    except Exception as error:  # noqa: BLE001 - the study's results are in MLflow and on disk either way
         log.warning("could not close the MLflow parent run %s: %s", state.parent_run_id, error)
     return summary
 
 
 def format_summary(summary: StudySummary) -> str:
-    """The final summary the CLI prints: counts, the Pareto front, and where everything is."""
-    lines = [f"study {summary.name}: {summary.count(tracking.FINISHED)} finished, "
-             f"{summary.count(tracking.FAILED)} failed, {summary.count(tracking.INFEASIBLE)} infeasible "
-             f"(over the parameter budget) in {summary.wall_seconds:.0f} s",
+    """The final summary the CLI prints: counts, the Pareto front, the best trial, and where everything is."""
+    best = summary.best
+    lines = [f"study {summary.name}: {format_counts(summary.records)} in {summary.wall_seconds:.0f} s",
              "Pareto front (CIDEr max, trainable parameters min):",
              front_table(summary.front),
+             f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
              f"study directory: {summary.study_dir}",
              f"MLflow: {summary.tracking_uri}  experiment {summary.experiment!r}, parent run {summary.parent_run_id}"]
     if not tracking.is_remote(summary.tracking_uri):
         lines.append(f"open the MLflow UI: mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000 "
                      "(then http://127.0.0.1:5000)")
+    if summary.interrupted:
+        lines.append(f"interrupted: continue with `qstudy study --resume {summary.name}`")
     return "\n".join(lines)

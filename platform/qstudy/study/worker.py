@@ -4,7 +4,11 @@ The same function runs on Ray Train workers (``TorchTrainer``, several processes
 over gloo/NCCL) and, for single-worker trials, directly in the Tune trial's own actor; the
 only difference is which ``report``/``get_checkpoint`` pair it is given. Every rank reports
 its checkpoint directory (DeepSpeed writes a shard per rank; Ray merges them); only rank 0
-logs to MLflow.
+logs to MLflow, and only after Ray has persisted the epoch's checkpoint: an epoch's metrics
+are in MLflow only if a restart can resume after that epoch, so no epoch is trained (and
+logged) twice. Rank 0 also keeps the trial's own record beside its outputs: the newest
+checkpoint Ray persisted and, once trained, the final result, which a resumed study needs
+when Tune's experiment state (saved every few seconds) is older than the trial's progress.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from qstudy.study.tracking import FINISHED, NODE_TAG, TrialTarget, TrialTracker
 
 FAILED_MARKER = "failed.txt"
 EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
+LAST_CHECKPOINT = "last_checkpoint.txt"  # in the trial's output dir: the newest persisted checkpoint
+FINAL_RESULT = "final_result.json"  # in the trial's output dir: the last result, once the trial is trained
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,23 @@ def mark_failed(task: WorkerTask, error: BaseException) -> None:
         marker.write_text("".join(traceback.format_exception(error)))
 
 
+def newest_checkpoint(output_dir: Path, given: str | None) -> str | None:
+    """The newer of Tune's checkpoint (``given``) and the one this trial last recorded persisting."""
+    record = output_dir / LAST_CHECKPOINT
+    candidates = [path for path in (given, record.read_text() if record.exists() else None)
+                  if path and (Path(path) / EPOCH_METRICS).exists()]
+    return max(candidates, key=lambda path: checkpoint_metrics(Path(path))["epoch"], default=None)
+
+
+def checkpoint_metrics(directory: Path) -> dict:
+    return json.loads((directory / EPOCH_METRICS).read_text())
+
+
+def final_result(output_dir: Path) -> dict:
+    """The result a trained trial reported last (written before its run closed FINISHED)."""
+    return json.loads((output_dir / FINAL_RESULT).read_text())
+
+
 def epoch_metrics(result, trainable_params: int) -> dict[str, float]:
     """What Tune, Optuna and the live table see after an epoch (``cider``: the objective)."""
     return {"epoch": result.epoch, "cider": result.val["cider"], "trainable_params": trainable_params,
@@ -74,29 +97,43 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def train(task: WorkerTask, report: Callable[[dict, Path | None], None], checkpoint_dir: Path | None) -> None:
-    """Train one trial on this worker; ``report(metrics, checkpoint_dir)`` after every epoch."""
+def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], checkpoint_dir: Path | None) -> None:
+    """Train one trial on this worker; ``report(metrics, checkpoint_dir)`` after every epoch.
+
+    ``report`` returns where Ray persisted the checkpoint (None for none).
+    """
     from qstudy.train.engine import rank
     from qstudy.train.recipe import run
 
     raise_if_failed_before(task)
     _quiet_libraries()
     config = RunConfig.from_dict(task.run_config)
+    output = Path(config.output_dir)
     tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None
+
+    def log_epoch(metrics: dict) -> None:
+        tracker.log_metrics({key: value for key, value in metrics.items()
+                             if key not in ("epoch", "cider", "trainable_params")}, step=metrics["epoch"])
+
     if tracker is not None:
         import ray
 
         # Which machine to read logs on when a trial misbehaves; a restart on another node overwrites it.
         tracker.set_tags({NODE_TAG: ray.get_runtime_context().get_node_id()})
+        output.mkdir(parents=True, exist_ok=True)
+        if checkpoint_dir is not None:  # killed after persisting this epoch, maybe before logging it
+            log_epoch(checkpoint_metrics(checkpoint_dir))
 
     def on_epoch(result, checkpoint: Path) -> None:
         metrics = epoch_metrics(result, task.predicted_trainable)
         if tracker is not None:
-            tracker.log_metrics({key: value for key, value in metrics.items()
-                                 if key not in ("epoch", "cider", "trainable_params")}, step=result.epoch)
             (checkpoint / EPOCH_METRICS).write_text(json.dumps(metrics))
         # An empty directory (plain torch, rank > 0) is no checkpoint.
-        report(metrics, checkpoint if any(checkpoint.iterdir()) else None)
+        persisted = report(metrics, checkpoint if any(checkpoint.iterdir()) else None)
+        if tracker is not None:
+            if persisted is not None:
+                (output / LAST_CHECKPOINT).write_text(persisted)
+            log_epoch(metrics)
 
     try:
         result = run(config, on_epoch=on_epoch, resume_from=checkpoint_dir, progress=False)
@@ -104,19 +141,21 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], None], checkpo
         if rank() == 0:
             mark_failed(task, error)
         raise
-    if not result.epochs and checkpoint_dir is not None:
+    last = epoch_metrics(result.epochs[-1], task.predicted_trainable) if result.epochs else None
+    if last is None and checkpoint_dir is not None:
         # Restarted from the last epoch's checkpoint (killed before the trial closed): Tune still
         # needs a final result, and the checkpoint kept it.
-        report(json.loads((checkpoint_dir / EPOCH_METRICS).read_text()), None)
+        last = checkpoint_metrics(checkpoint_dir)
+        report(last, None)
     if tracker is None:
         return
-    output = Path(config.output_dir)
     final = result.final or {}
     tracker.log_metrics({"trainable_params": result.trainable_params, "total_params": result.total_params,
                          "skipped_videos": len(result.skipped_videos), "wall_seconds": result.wall_seconds,
-                         **final}, step=result.epochs[-1].epoch if result.epochs else 0)
+                         **final}, step=last["epoch"] if last else 0)
     tracker.log_artifact(output / "adapter.safetensors")
     tracker.log_artifact(output / "metrics.json")
+    (output / FINAL_RESULT).write_text(json.dumps(last or {}))
     tracker.finish(FINISHED)
 
 
@@ -128,6 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
 
     def report(metrics: dict, directory: Path | None) -> None:
+        # Ray Train V2 persists the checkpoint and restarts its workers from it itself.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
     os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))
