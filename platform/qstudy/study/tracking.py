@@ -32,8 +32,10 @@ STATUS_TAG = "qstudy.status"
 NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
+STOPPED = "STOPPED"  # stopped early by the study's scheduler: its last CIDEr is a low-fidelity one
+STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a stopped trial reached
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
-_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED"}
+_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED", STOPPED: "KILLED"}
 
 
 class TrackingUnavailable(ConfigError):
@@ -255,6 +257,17 @@ def close_lost_trials(target: TrialTarget, known_trial_ids: set[str]) -> list[st
         TrialTracker(target, outbox.name, _run_name(outbox)).finish(LOST)
         lost.append(outbox.name)
     return lost
+
+
+def mark_stopped(target: TrialTarget, trial_id: str, epochs: int) -> None:
+    """Close a trial's run as STOPPED at the rung of ``epochs`` completed epochs (called by the study driver).
+
+    The trial's own process cannot: Tune ends its thread inside ``tune.report``. Its outbox
+    holds every epoch it logged, so the run is closed after them.
+    """
+    tracker = TrialTracker(target, trial_id, _run_name(Path(target.outbox_root) / trial_id))
+    tracker.set_tags({STOPPED_AT_TAG: epochs})
+    tracker.finish(STOPPED)
 
 
 def _run_name(outbox: Path) -> str:
