@@ -32,6 +32,7 @@ class WorkerTask:
     run_config: dict  # RunConfig.to_dict()
     predicted_trainable: int
     tracking: TrialTarget
+    replay_table: str | None = None  # replay this table's curves (study/replay.py) instead of training
 
 
 class ApplicationFailure(RuntimeError):
@@ -77,7 +78,13 @@ def _quiet_libraries() -> None:
 def train(task: WorkerTask, report: Callable[[dict, Path | None], None], checkpoint_dir: Path | None) -> None:
     """Train one trial on this worker; ``report(metrics, checkpoint_dir)`` after every epoch."""
     from qstudy.train.engine import rank
-    from qstudy.train.recipe import run
+
+    if task.replay_table:
+        from qstudy.study.replay import make_run
+
+        run = make_run(task.replay_table)
+    else:
+        from qstudy.train.recipe import run
 
     raise_if_failed_before(task)
     _quiet_libraries()
