@@ -103,7 +103,8 @@ def _study_options(args, space_path: Path, name: str | None):
 
     return StudyOptions(space_path=space_path, home=qstudy_home(), name=name, address=args.address,
                         mlflow_uri=args.mlflow_uri, trials=args.trials, concurrency=args.concurrency,
-                        workers_per_trial=args.workers_per_trial, sampler=args.sampler)
+                        workers_per_trial=args.workers_per_trial, sampler=args.sampler,
+                        replay_table=getattr(args, "replay", None))
 
 
 def cmd_study(args) -> None:
@@ -116,6 +117,18 @@ def cmd_study(args) -> None:
     else:
         summary = run_study(_study_options(args, args.space, args.name))
     print(format_summary(summary))
+
+
+def cmd_dashboard(args) -> None:
+    """optuna-dashboard on a study's Optuna storage, on this machine only (a live view while it runs)."""
+    from optuna_dashboard import run_server
+
+    from qstudy.study.tuner import load_state
+
+    state = load_state(qstudy_home(), args.study)
+    print(f"optuna-dashboard for study {args.study} ({state.optuna_storage}): http://127.0.0.1:{args.port} "
+          "(Ctrl-C stops it)", flush=True)
+    run_server(state.optuna_storage, host="127.0.0.1", port=args.port)
 
 
 def cmd_demo(args) -> None:
@@ -220,8 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("space", type=Path, nargs="?", help="search-space YAML (see search_spaces/)")
     study.add_argument("--resume", metavar="NAME", help="continue a study whose driver stopped")
     study.add_argument("--name", help="study name (default: the space's study family)")
+    study.add_argument("--replay", metavar="TABLE", type=Path,
+                       help="replay recorded curves (bench/record_curves.py) instead of training each trial")
     _add_study_arguments(study)
     study.set_defaults(handler=cmd_study)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
+    dashboard.add_argument("study", metavar="STUDY", help="study name (a directory under $QSTUDY_HOME/studies)")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(handler=cmd_dashboard)
 
     demo = commands.add_parser("demo", help="the embedded default: synthetic data, tiny base, a small local study")
     _add_study_arguments(demo, trials=6)
