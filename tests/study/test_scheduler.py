@@ -16,11 +16,11 @@ from ray.tune.schedulers import TrialScheduler
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
 
-def test_rungs_sit_below_the_last_epoch():
-    assert rungs(1, 3, 10) == [1, 3, 9]
-    assert rungs(1, 3, 9) == [1, 3]  # a rung at the last epoch would stop nothing
-    assert rungs(2, 2, 10) == [2, 4, 8]
-    assert rungs(3, 4, 3) == []
+def test_rungs_leave_room_for_a_promotion():
+    assert rungs(1, 3, 10) == [1, 3]  # not 9: a promotion from there would buy one epoch, not three-fold
+    assert rungs(1, 3, 9) == [1, 3]
+    assert rungs(2, 2, 10) == [2, 4]
+    assert rungs(1, 3, 2) == []
 
 
 def test_rank_order_fronts_then_crowding_then_arrival():
@@ -72,7 +72,7 @@ def _report(scheduler, trial_id: str, epochs_done: int, cider: float, params: in
 def test_asynchronous_arrival_decides_on_arrival(tmp_path):
     """Trials interleave across rungs; none waits for a rung to fill, each is judged by what its rung had seen."""
     scheduler = MultiObjectiveASHA(grace_epochs=1, reduction_factor=3, epochs=10, state_path=str(tmp_path / "s.json"))
-    assert scheduler.milestones == [1, 3, 9]
+    assert scheduler.milestones == [1, 3]
     assert _report(scheduler, "a", 1, 2.0, 500) == CONTINUE   # rung 1: alone
     assert _report(scheduler, "b", 1, 1.0, 800) == STOP       # rung 1: dominated by a
     assert _report(scheduler, "a", 2, 2.1, 500) == CONTINUE   # no rung at 2 epochs
@@ -83,7 +83,7 @@ def test_asynchronous_arrival_decides_on_arrival(tmp_path):
     assert not continues([(2.0, 500), (1.0, 800), (0.5, 50), (3.0, 100), (2.0, 500)], 3)
     assert _report(scheduler, "d", 3, 2.9, 100) == CONTINUE   # rung 3, n=2, keep 1: d dominates a
     assert _report(scheduler, "e", 3, 1.0, 900) == STOP       # rung 3, n=3, keep 1
-    assert _report(scheduler, "a", 9, 2.4, 500) == CONTINUE   # rung 9: alone
+    assert _report(scheduler, "a", 9, 0.1, 500) == CONTINUE   # not a rung, however bad
     assert _report(scheduler, "a", 10, 2.5, 500) == CONTINUE  # the last epoch is never a rung
     assert scheduler.stopped == {"b": 1, "c": 1, "e": 3}
     # A result that closes no epoch (an infeasible trial's single report) passes untouched.

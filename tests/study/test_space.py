@@ -80,7 +80,7 @@ def arm_param(method: str, key: str, spec):
     (lambda d: d.update(scheduler="asha"), r"scheduler: .*'asha'"),
     (lambda d: d.update(scheduler="moasha", reduction_factor=1), "reduction_factor: 1 must be >= 2"),
     (lambda d: d.update(scheduler="moasha", grace_epochs=0), "grace_epochs: 0 must be >= 1"),
-    (lambda d: d.update(scheduler="moasha", grace_epochs=1), "grace_epochs: 1 leaves no rung below train.epochs 1"),
+    (lambda d: d.update(scheduler="moasha", grace_epochs=1), "grace_epochs: 1 x reduction_factor 3 exceeds train.epochs 1"),
     (lambda d: d.update(scheduler="moasha", grace_epoch=1), "unknown key grace_epoch"),
 ])
 def test_bad_spaces_name_the_field(change, message):

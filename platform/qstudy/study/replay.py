@@ -177,13 +177,20 @@ def _write_weightless_adapter(path: Path, table_path: str, index: int) -> None:
 
 # -- a bare Tune function, for benchmarks -------------------------------------------------------
 
-def replay_trial(config: dict, table_path: str, space) -> None:
-    """Tune function: report the nearest recorded curve of the sampled config, one result per epoch."""
+def replay_trial(config: dict, table_path: str, report_epochs: tuple[int, ...]) -> None:
+    """Tune function: report the nearest recorded curve of the sampled config at the 0-based ``report_epochs``.
+
+    A benchmark reports only the epochs where something is decided (the scheduler's rungs and
+    the last): the searcher ignores intermediate results of a two-objective study and the
+    scheduler acts on rungs only, so the decisions are those of a trial reporting every epoch,
+    at a fraction of Tune's per-result cost. Whoever counts trial-epochs counts the epochs in
+    between from ``epoch``.
+    """
     from ray import tune
 
     from qstudy.study.space import SampledConfig
 
     sampled = SampledConfig.from_tune_config(config)
     curve = load_table(table_path).nearest(sampled.method, sampled.values)
-    for epoch in range(space.base["train"]["epochs"]):
+    for epoch in report_epochs:
         tune.report({"epoch": epoch, "cider": curve.cider[epoch], "trainable_params": sampled.trainable_params})

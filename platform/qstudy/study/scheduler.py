@@ -2,7 +2,10 @@
 
 Ray Tune's own schedulers rank trials by one metric; this one ranks them on both study
 objectives, as syne-tune's MOASHA does (Schmucker et al., arXiv 2106.12639). Rungs sit at
-``grace_epochs * reduction_factor**k`` completed epochs, below the run's last epoch. When a
+``grace_epochs * reduction_factor**k`` completed epochs while a promotion from them still buys
+a further ``reduction_factor``-fold of training within ``train.epochs`` (with 10 epochs and
+eta 3: rungs 1 and 3, not 9, where stopping two trials of three would throw away 18 epochs
+of nearly finished training to save 2). When a
 trial completes a rung's epochs its (CIDEr at that epoch, trainable parameters) joins the
 rung's table, and it continues only if it ranks in the top ``ceil(n / reduction_factor)`` of
 the ``n`` trials the rung has seen so far, itself included. Decisions are taken on arrival and
@@ -37,12 +40,9 @@ CIDER, PARAMS = "cider", "trainable_params"
 
 
 def rungs(grace_epochs: int, reduction_factor: int, epochs: int) -> list[int]:
-    """Completed-epoch counts at which trials are compared: ``r, r*eta, ...`` below ``epochs``.
-
-    A rung at the last epoch would stop nothing (the trial is done), so none sits there.
-    """
+    """Completed-epoch counts at which trials are compared: ``r, r*eta, ...`` while ``rung * eta <= epochs``."""
     milestones, milestone = [], grace_epochs
-    while milestone < epochs:
+    while milestone * reduction_factor <= epochs:
         milestones.append(milestone)
         milestone *= reduction_factor
     return milestones
@@ -88,6 +88,9 @@ def continues(results: Sequence[tuple[float, float]], reduction_factor: int) -> 
 
 class MultiObjectiveASHA(FIFOScheduler):
     """Asynchronous successive halving whose rungs rank by non-dominated sorting on (CIDEr, trainable parameters)."""
+
+    # Buffered results would reach a rung after the trial trained past it.
+    _supports_buffered_results = False
 
     def __init__(self, grace_epochs: int, reduction_factor: int, epochs: int, state_path: str | None = None):
         super().__init__()

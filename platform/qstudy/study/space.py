@@ -279,9 +279,9 @@ def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
         raise ConfigError(f"base: {error}") from None
     resolved.pop("adapter")
     epochs = resolved["train"]["epochs"]
-    if settings.scheduler == "moasha" and settings.grace_epochs >= epochs:
-        raise ConfigError(f"grace_epochs: {settings.grace_epochs} leaves no rung below train.epochs {epochs} "
-                          "(the scheduler compares trials after grace_epochs epochs)")
+    if settings.scheduler == "moasha" and settings.grace_epochs * settings.reduction_factor > epochs:
+        raise ConfigError(f"grace_epochs: {settings.grace_epochs} x reduction_factor {settings.reduction_factor} "
+                          f"exceeds train.epochs {epochs}: no rung to compare trials at (study/scheduler.py)")
     arms = _parse_arms(settings.arms)
     space = SearchSpace(path=path, settings=settings, base=resolved, arms=arms,
                         dims=dims if dims is not None else read_dims(resolved, path))
