@@ -1,15 +1,17 @@
 """Record the per-epoch val CIDEr curves of configs sampled from the tiny search spaces: the table the replay benchmark reads.
 
 Usage:
-    OMP_NUM_THREADS=1 python bench/record_curves.py                      # 40 Q-Adapter + 12 baseline configs
+    OMP_NUM_THREADS=1 python bench/record_curves.py                      # 40 Q-Adapter + 8 baseline configs
     OMP_NUM_THREADS=1 python bench/record_curves.py --qadapter 48 --baselines 16
+    OMP_NUM_THREADS=1 python bench/record_curves.py --shard 1/2 & OMP_NUM_THREADS=1 python bench/record_curves.py --shard 0/2
 
 Configs are drawn (seeded, Optuna's random sampler through the study's own ``SpaceSampler``)
 from ``search_spaces/qadapter_tiny.yaml`` and ``search_spaces/baselines.yaml``, so the replay
 searches the same space the table came from. Each is trained for real, one after the other in
 this process (``train/recipe.py::run`` on the tiny workspace, every epoch evaluated), and the
 table is rewritten after each config: a stopped recording keeps what it finished and a rerun
-skips those. Needs $QSTUDY_HOME prepared (`qstudy demo` or `qstudy base`).
+skips those; ``--shard K/N`` splits the plan between processes that append to one table under a
+file lock. Needs $QSTUDY_HOME prepared (`qstudy demo` or `qstudy base`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = {"qadapter": REPO / "search_spaces" / "qadapter_tiny.yaml",
@@ -93,9 +97,11 @@ def record(space, config: dict, output_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qadapter", type=int, default=40, help="Q-Adapter configs")
-    parser.add_argument("--baselines", type=int, default=12, help="baseline configs (full, frozen, LoRA)")
+    parser.add_argument("--baselines", type=int, default=8, help="baseline configs (full, frozen, LoRA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="record configs K, K+N, K+2N, ... of the plan (N processes filling one table)")
     args = parser.parse_args()
 
     from qstudy.cli import _quiet_libraries
@@ -109,21 +115,39 @@ def main() -> None:
     plan = interleave([("qadapter", c) for c in sample_configs(spaces["qadapter"], args.qadapter, args.seed)],
                       [("baselines", c) for c in sample_configs(spaces["baselines"], args.baselines, args.seed)])
 
-    table = json.loads(args.out.read_text()) if args.out.exists() else {"provenance": provenance(args), "configs": []}
-    table["epochs"] = epochs.pop()
-    done = {json.dumps([c["method"], c["values"]], sort_keys=True) for c in table["configs"]}
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    session = provenance(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for index, (space_name, config) in enumerate(plan):
-            if json.dumps([config["method"], config["values"]], sort_keys=True) in done:
+            if index % shards != shard or _key(config) in {_key(c) for c in _read(args.out)["configs"]}:
                 continue
             row = {"space": space_name, **record(spaces[space_name], config, Path(scratch) / str(index))}
-            table["configs"].append(row)
-            partial = args.out.with_suffix(".tmp")
-            partial.write_text(json.dumps(table, indent=1))
-            partial.replace(args.out)  # whole or not at all: a kill mid-write keeps the last table
+            with FileLock(f"{args.out}.lock"):  # shards append to one table: re-read it under the lock
+                table = _read(args.out)
+                table["epochs"] = next(iter(epochs))
+                if session not in table["provenance"]:
+                    table["provenance"].append(session)
+                table["configs"].append(row)
+                partial = args.out.with_suffix(".tmp")
+                partial.write_text(json.dumps(table, indent=1))
+                partial.replace(args.out)  # whole or not at all: a kill mid-write keeps the last table
             print(f"[{len(table['configs'])}/{len(plan)}] {row['method']} {row['values']} params {row['trainable_params']} "
                   f"CIDEr {' '.join(f'{c:.2f}' for c in row['cider'])}  {row['seconds']:.0f} s", flush=True)
+
+
+def _key(config: dict) -> str:
+    return json.dumps([config["method"], config["values"]], sort_keys=True)
+
+
+def _read(path: Path) -> dict:
+    """The table so far; ``provenance`` lists every recording session that added to it."""
+    if not path.exists():
+        return {"provenance": [], "configs": []}
+    table = json.loads(path.read_text())
+    if isinstance(table["provenance"], dict):
+        table["provenance"] = [table["provenance"]]
+    return table
 
 
 if __name__ == "__main__":
