@@ -70,6 +70,23 @@ def interleave(first: list, second: list) -> list:
     return merged + rest
 
 
+def workspace() -> dict:
+    """What the curves were trained on: the base's build spec and a digest of its weights and of the target data."""
+    import hashlib
+
+    from qstudy.cli import tiny_base_dir
+    from qstudy.config import qstudy_home
+
+    base, data = tiny_base_dir(), qstudy_home() / "data" / "target"
+    files = sorted(base.glob("*/*.safetensors")) + [base / "projector.safetensors", data / "annotations.json",
+                                                     *sorted((data / "videos").glob("*.mp4"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return {"base_spec": json.loads((base / "base.json").read_text())["spec"],
+            "sha256_base_and_target_data": digest.hexdigest()[:16]}
+
+
 def provenance(args) -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"commit": commit, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -77,7 +94,8 @@ def provenance(args) -> dict:
                        + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), no GPU",
             "spaces": {name: str(path.relative_to(REPO)) for name, path in SPACES.items()},
-            "sampler": f"optuna RandomSampler(seed={args.seed}) through qstudy.study.space.SpaceSampler"}
+            "sampler": f"optuna RandomSampler(seed={args.seed}) through qstudy.study.space.SpaceSampler",
+            "workspace": workspace()}
 
 
 def record(space, config: dict, output_dir: Path) -> dict:

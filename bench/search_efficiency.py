@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = Path(os.environ.get("QSTUDY_CURVES", REPO / "bench" / "data" / "tiny_curves.json"))
+TABLE = REPO / "bench" / "data" / "tiny_curves.json"
 SPACES = (REPO / "search_spaces" / "qadapter_tiny.yaml", REPO / "search_spaces" / "baselines.yaml")
 STRATEGIES = ("random", "tpe", "nsga2", "random+moasha", "tpe+moasha")
 DEFAULT_PLOT = REPO / "bench" / "data" / "search_efficiency.png"
@@ -76,7 +76,7 @@ class Budget(_stopper_base()):
         return self.spent >= self.budget
 
 
-def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir: Path) -> dict:
+def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir: Path, table: Path) -> dict:
     """One replayed study; its completed trials in order and what it spent."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -93,7 +93,7 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
     decided = rungs(settings.grace_epochs, settings.reduction_factor, epochs) if settings.scheduler == "moasha" else []
     report_epochs = tuple(milestone - 1 for milestone in decided) + (epochs - 1,)
     trainable = tune.with_resources(
-        tune.with_parameters(replay_trial, table_path=str(TABLE), report_epochs=report_epochs), {"CPU": 1})
+        tune.with_parameters(replay_trial, table_path=str(table), report_epochs=report_epochs), {"CPU": 1})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
@@ -105,7 +105,7 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
             "trials": len(stopper.trained)}
 
 
-def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, reference) -> dict:
+def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, reference, table: Path) -> dict:
     """One study in a pool process, a driver of its own on the shared Ray instance (Tune waits more than it computes)."""
     import ray
 
@@ -114,7 +114,7 @@ def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, 
         ray.init(address=address, configure_logging=False, log_to_driver=False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
-        result = run_one(strategy, seed, budget, concurrency, Path(storage))
+        result = run_one(strategy, seed, budget, concurrency, Path(storage), table)
     result["curve"] = hypervolume_curve(result["completed"], budget, reference)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="trials at a time in a study")
     parser.add_argument("--jobs", type=int, default=4, help="studies at a time, each its own Tune driver")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--table", type=Path, default=TABLE, help="recorded curves (bench/record_curves.py)")
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "data" / "search_efficiency.json")
     args = parser.parse_args()
@@ -230,7 +231,7 @@ def main() -> None:
     runs = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_job, strategy, seed, args.budget, args.concurrency, context.address_info["address"],
-                               reference) for strategy, seed in jobs]
+                               reference, args.table) for strategy, seed in jobs]
         for future in as_completed(futures):
             result = future.result()
             runs.append(result)
@@ -267,7 +268,7 @@ def main() -> None:
     from qstudy.study.scheduler import rungs
 
     print("\nwhat limits early stopping here (the recorded table, CIDEr only):")
-    for line in fidelity_report(TABLE, rungs(1, 3, full.base["train"]["epochs"])):
+    for line in fidelity_report(args.table, rungs(1, 3, full.base["train"]["epochs"])):
         print(f"  {line}")
     args.out.write_text(json.dumps({"budget": args.budget, "reference": reference, "repetitions": args.repetitions,
                                     "concurrency": args.concurrency, "target": target, "summary": summary,
