@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 import random
 from types import SimpleNamespace
 
@@ -99,11 +100,13 @@ def test_resumed_scheduler_keeps_its_rungs(tmp_path):
     first = MultiObjectiveASHA(1, 3, 10, state_path=state)
     assert _report(first, "a", 1, 2.0, 500) == CONTINUE
     assert _report(first, "b", 1, 1.0, 800) == STOP
-    # Ray pickles the scheduler as built: a resumed study starts from an empty object and the file.
-    resumed = MultiObjectiveASHA(1, 3, 10, state_path=state)
+    # Ray restores the scheduler from a pickle (tuner.pkl): whenever it was taken, the file decides.
+    resumed = pickle.loads(pickle.dumps(first))
+    assert _report(first, "z", 3, 9.0, 1) == CONTINUE  # after the pickle: only the file carries it
     assert _report(resumed, "a", 1, 2.0, 500) == CONTINUE    # re-reported by a restored trial: passed before
     assert _report(resumed, "c", 1, 1.5, 900) == STOP        # n=3 with a and b remembered: keep 1
     assert resumed.stopped == {"b": 1, "c": 1}
+    assert [entry[0] for entry in resumed._table()[3]] == ["z"]
 
 
 def _brute_force_fronts(losses: np.ndarray) -> list[int]:

@@ -101,6 +101,14 @@ class MultiObjectiveASHA(FIFOScheduler):
         self._rungs: dict[int, list[list]] | None = None
         self.stopped: dict[str, int] = {}  # trial id -> the milestone it was stopped at
 
+    def __getstate__(self) -> dict:
+        # A pickled copy (Tune's tuner.pkl) reads the rungs back from the state file when used,
+        # never from a snapshot taken whenever it was pickled.
+        state = self.__dict__.copy()
+        if self.state_path:
+            state.update(_rungs=None, stopped={})
+        return state
+
     def _table(self) -> dict[int, list[list]]:
         if self._rungs is None:
             self._rungs = {milestone: [] for milestone in self.milestones}
