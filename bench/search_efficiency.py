@@ -38,13 +38,16 @@ STRATEGIES = ("random", "tpe", "nsga2", "random+moasha", "tpe+moasha")
 DEFAULT_PLOT = REPO / "bench" / "data" / "search_efficiency.png"
 
 
-def replay_space_data(strategy: str, seed: int, concurrency: int) -> dict:
-    """The Q-Adapter space with the baselines' arms beside it, set up for one strategy and seed."""
+def replay_space_data(strategy: str, seed: int, concurrency: int, rungs: tuple[int, int] = (1, 3)) -> dict:
+    """The Q-Adapter space with the baselines' arms beside it, set up for one strategy and seed.
+
+    ``rungs``: MOASHA's (grace_epochs, reduction_factor).
+    """
     qadapter, baselines = (yaml.safe_load(path.read_text()) for path in SPACES)
     sampler, _, scheduler = strategy.partition("+")
     return {**qadapter, "study": "search-efficiency", "arms": {**qadapter["arms"], **baselines["arms"]},
             "sampler": sampler, "seed": seed, "concurrency": concurrency, "scheduler": scheduler or "none",
-            "grace_epochs": 1, "reduction_factor": 3}
+            "grace_epochs": rungs[0], "reduction_factor": rungs[1]}
 
 
 def _stopper_base():
@@ -76,7 +79,8 @@ class Budget(_stopper_base()):
         return self.spent >= self.budget
 
 
-def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir: Path, table: Path) -> dict:
+def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir: Path, table: Path,
+            rung_settings: tuple[int, int]) -> dict:
     """One replayed study; its completed trials in order and what it spent."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -86,7 +90,8 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
     from qstudy.study.space import parse_space
     from qstudy.study.tuner import make_scheduler, make_searcher
 
-    space = parse_space(replay_space_data(strategy, seed, concurrency), "search-efficiency", base_dir=REPO)
+    space = parse_space(replay_space_data(strategy, seed, concurrency, rung_settings), "search-efficiency",
+                        base_dir=REPO)
     epochs, settings = space.base["train"]["epochs"], space.settings
     stopper = Budget(budget, epochs)
     searcher = make_searcher(space, f"{strategy}-{seed}", None, None)
@@ -105,7 +110,8 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
             "trials": len(stopper.trained)}
 
 
-def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, reference, table: Path) -> dict:
+def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, reference, table: Path,
+         rung_settings: tuple[int, int]) -> dict:
     """One study in a pool process, a driver of its own on the shared Ray instance (Tune waits more than it computes)."""
     import ray
 
@@ -114,7 +120,7 @@ def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, 
         ray.init(address=address, configure_logging=False, log_to_driver=False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
-        result = run_one(strategy, seed, budget, concurrency, Path(storage), table)
+        result = run_one(strategy, seed, budget, concurrency, Path(storage), table, rung_settings)
     result["curve"] = hypervolume_curve(result["completed"], budget, reference)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -167,7 +173,8 @@ def plot(curves: dict[str, list[list[float]]], budget: int, target: float, path:
                                     hoverinfo="skip", legendgroup=strategy))
     figure.add_hline(y=target, line_dash="dot", annotation_text="random's final mean hypervolume")
     figure.add_vline(x=budget / 3, line_dash="dash", annotation_text="1/3 of the budget")
-    figure.update_layout(title=title, xaxis_title="cumulative trial-epochs", yaxis_title="hypervolume (mean ± sd)",
+    figure.update_layout(title=title, xaxis_title="cumulative trial-epochs",
+                         yaxis_title="hypervolume, share of the box (mean ± sd)",
                          width=900, height=520, template="plotly_white")
     figure.write_image(str(path))
 
@@ -211,6 +218,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="trials at a time in a study")
     parser.add_argument("--jobs", type=int, default=4, help="studies at a time, each its own Tune driver")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--grace-epochs", type=int, default=1, help="MOASHA's first rung")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="MOASHA keeps 1/this at a rung")
     parser.add_argument("--table", type=Path, default=TABLE, help="recorded curves (bench/record_curves.py)")
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "data" / "search_efficiency.json")
@@ -224,6 +233,11 @@ def main() -> None:
     largest = max(full.run_config(arm.method, {p.key: p.extremes()[-1] for p in arm.params})
                   .adapter.count_trainable(full.dims) for arm in full.arms)
     reference = (0.0, 1.1 * largest)
+    # Hypervolumes print as a share of the box from the reference to (the table's best CIDEr, 0 params).
+    table = json.loads(args.table.read_text())
+    box = max(row["cider"][-1] for row in table["configs"]) * reference[1]
+    oracle = hypervolume_curve([(0, row["cider"][-1], row["trainable_params"]) for row in table["configs"]],
+                               0, reference)[-1] / box
     context = ray.init(num_cpus=args.jobs * args.concurrency, include_dashboard=False, configure_logging=False,
                        log_to_driver=False)
     started = time.perf_counter()
@@ -231,12 +245,14 @@ def main() -> None:
     runs = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_job, strategy, seed, args.budget, args.concurrency, context.address_info["address"],
-                               reference, args.table) for strategy, seed in jobs]
+                               reference, args.table, (args.grace_epochs, args.reduction_factor))
+                   for strategy, seed in jobs]
         for future in as_completed(futures):
             result = future.result()
+            result["curve"] = [value / box for value in result["curve"]]
             runs.append(result)
             print(f"{result['strategy']:14s} seed {result['seed']}: {result['trials']:3d} trials, "
-                  f"{len(result['completed']):3d} completed, final hypervolume {result['curve'][-1]:.0f}  "
+                  f"{len(result['completed']):3d} completed, final hypervolume {result['curve'][-1]:.3f}  "
                   f"({result['seconds']:.0f} s)", flush=True)
     ray.shutdown()
     runs.sort(key=lambda r: (args.strategies.index(r["strategy"]), r["seed"]))
@@ -245,8 +261,10 @@ def main() -> None:
     baseline = "random" if "random" in curves else args.strategies[0]
     target = statistics.mean(curve[-1] for curve in curves[baseline])
     print(f"\n{args.repetitions} repetitions, budget {args.budget} trial-epochs, concurrency {args.concurrency}, "
-          f"reference point (CIDEr 0, {reference[1]:,.0f} trainable params); target: {baseline}'s final mean "
-          f"hypervolume {target:.0f}; {time.perf_counter() - started:.0f} s in all, {args.jobs} studies at a time\n")
+          f"MOASHA grace_epochs {args.grace_epochs}, reduction_factor {args.reduction_factor}; reference point "
+          f"(CIDEr 0, {reference[1]:,.0f} trainable params); hypervolume as a share of the box up to the table's "
+          f"best CIDEr; every recorded config run to the end would reach {oracle:.3f}; target: {baseline}'s final "
+          f"mean hypervolume {target:.3f}; {time.perf_counter() - started:.0f} s in all, {args.jobs} studies at a time\n")
     print("| strategy | trials (mean) | completed (mean) | final hypervolume mean ± sd | HV at 1/3 budget | "
           "trial-epochs to reach the target (mean curve) | share of budget | repetitions reaching it |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -261,16 +279,18 @@ def main() -> None:
         summary[strategy] = {"reached_at": reached, "final_mean": statistics.mean(finals)}
         print(f"| {strategy} | {statistics.mean(r['trials'] for r in mine):.1f} | "
               f"{statistics.mean(len(r['completed']) for r in mine):.1f} | "
-              f"{statistics.mean(finals):.0f} ± {statistics.stdev(finals) if len(finals) > 1 else 0:.0f} | {third:.0f} | "
+              f"{statistics.mean(finals):.3f} ± {statistics.stdev(finals) if len(finals) > 1 else 0:.3f} | {third:.3f} | "
               f"{reached if reached is not None else 'not reached'} | "
               f"{f'{reached / args.budget:.2f}' if reached is not None else '-'} | "
               f"{sum(e is not None for e in each)}/{len(each)} |")
     from qstudy.study.scheduler import rungs
 
     print("\nwhat limits early stopping here (the recorded table, CIDEr only):")
-    for line in fidelity_report(args.table, rungs(1, 3, full.base["train"]["epochs"])):
+    for line in fidelity_report(args.table, rungs(args.grace_epochs, args.reduction_factor,
+                                                  full.base["train"]["epochs"])):
         print(f"  {line}")
-    args.out.write_text(json.dumps({"budget": args.budget, "reference": reference, "repetitions": args.repetitions,
+    args.out.write_text(json.dumps({"budget": args.budget, "reference": reference, "box": box, "oracle": oracle,
+                                    "grace_epochs": args.grace_epochs, "reduction_factor": args.reduction_factor, "repetitions": args.repetitions,
                                     "concurrency": args.concurrency, "target": target, "summary": summary,
                                     "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}, indent=1))
     plot(curves, args.budget, target, args.plot,

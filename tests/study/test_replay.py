@@ -52,7 +52,8 @@ def test_a_curve_shorter_than_the_table_is_refused():
 
 def test_the_committed_table_covers_the_spaces_it_was_sampled_from():
     data = json.loads(TABLE.read_text())
-    assert {"commit", "date", "command"} <= set(data["provenance"])
+    assert data["provenance"] and all({"commit", "date", "command", "workspace"} <= set(session)
+                                      for session in data["provenance"])
     table = CurveTable(data, str(TABLE))
     assert table.epochs >= 9
     methods = [curve.method for curve in table.curves]
