@@ -26,15 +26,29 @@ def test_rungs_leave_room_for_a_promotion():
 
 def test_rank_order_fronts_then_crowding_then_arrival():
     results = [(1.0, 100), (2.0, 200), (0.5, 50), (1.5, 300), (1.0, 100), (2.0, 220)]
-    # Front 0: (2.0, 200), (0.5, 50) at its ends (infinite crowding), (1.0, 100) twice inside it.
-    # Then (2.0, 220) (front 1: only (2.0, 200) dominates it), then (1.5, 300) (front 2: (2.0, 220) does too).
-    assert rank_order(results) == [1, 2, 0, 4, 5, 3]
+    # Front 0: (2.0, 200), (0.5, 50) at its ends (infinite crowding), (1.0, 100) inside it.
+    # Then (2.0, 220) (front 1: only (2.0, 200) dominates it), then (1.5, 300) (front 2: (2.0, 220) does too),
+    # then the repeat of (1.0, 100), after every distinct result.
+    assert rank_order(results) == [1, 2, 0, 5, 3, 4]
 
 
-def test_identical_results_share_crowding_and_rank_by_arrival():
+def test_identical_results_share_crowding_and_repeats_rank_last():
     points = np.array([[0.0, 1.0], [1.0, 0.5], [2.0, 0.0], [1.0, 0.5]])
     assert crowding_distance(points).tolist() == [np.inf, 2.0, np.inf, 2.0]
     assert rank_order([(3.0, 10), (3.0, 10), (3.0, 10)]) == [0, 1, 2]
+    # A repeat of the cheap end of front 0 ranks after (1.0, 800), which is on front 1.
+    assert rank_order([(0.5, 50), (2.0, 500), (1.0, 800), (0.5, 50)]) == [0, 1, 2, 3]
+
+
+def test_repeats_of_an_extreme_point_do_not_shut_the_rung():
+    """One cheap config sampled again and again (a pinned arm) must not crowd out new configs."""
+    scheduler = MultiObjectiveASHA(1, 3, 10)
+    decisions = []
+    for i in range(12):
+        decisions.append(_report(scheduler, f"frozen{i}", 1, 1.5, 25_000))
+        decisions.append(_report(scheduler, f"new{i}", 1, 1.0 + 0.1 * i, 30_000 + 1_000 * i))
+    assert decisions[0] == CONTINUE and CONTINUE not in decisions[2::2]  # repeats after the first stop
+    assert decisions[1::2].count(CONTINUE) >= 4  # distinct configs still get their share
 
 
 # One rung, eta = 3, in arrival order: (cider, params) and whether it continues. A newcomer is

@@ -14,7 +14,7 @@ and with ``n`` below ``reduction_factor`` only the best one does, as in Ray's AS
 
 The ranking is non-dominated sorting (CIDEr max, parameters min), then, inside a front,
 NSGA-II's crowding distance (larger first: the extremes and sparse regions of the front are
-kept), then arrival order (identical results rank the earlier arrival first). The sorting is
+kept), then arrival order; a result identical to an earlier one ranks after every distinct one. The sorting is
 Optuna's ``_fast_non_domination_rank``, the routine its NSGA-II sampler ranks with: a
 maintained implementation already installed, but private API, so
 ``tests/study/test_scheduler.py`` pins its meaning against a brute-force definition.
@@ -68,7 +68,13 @@ def crowding_distance(points: np.ndarray) -> np.ndarray:
 
 
 def rank_order(results: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of ``(cider, trainable_params)`` results, best first (arrival order breaks the last ties)."""
+    """Indices of ``(cider, trainable_params)`` results, best first (arrival order breaks the last ties).
+
+    A result identical to an earlier one at the rung (the same config sampled again, or two
+    configs that score and cost the same) ranks after every distinct result: it adds nothing
+    to the front, and otherwise repeats of one extreme point, each with its infinite crowding
+    distance, would fill the rung's top places and stop every new config.
+    """
     if not results:
         return []
     losses = np.array([[-cider, params] for cider, params in results], dtype=float)  # both minimised
@@ -77,7 +83,11 @@ def rank_order(results: Sequence[tuple[float, float]]) -> list[int]:
     for front in np.unique(fronts):
         members = np.flatnonzero(fronts == front)
         crowding[members] = crowding_distance(losses[members])
-    return sorted(range(len(results)), key=lambda index: (fronts[index], -crowding[index], index))
+    seen, repeat = set(), []
+    for result in map(tuple, losses):
+        repeat.append(result in seen)
+        seen.add(result)
+    return sorted(range(len(results)), key=lambda index: (repeat[index], fronts[index], -crowding[index], index))
 
 
 def continues(results: Sequence[tuple[float, float]], reduction_factor: int) -> bool:
