@@ -1,18 +1,21 @@
 """P4, search efficiency: hypervolume against trial-epochs spent, for five search strategies replayed on recorded curves.
 
 Usage:
-    python bench/search_efficiency.py                      # 10 repetitions x 5 strategies, 300 trial-epochs each
-    python bench/search_efficiency.py --repetitions 2 --budget 100 --strategies random tpe+moasha
+    python bench/search_efficiency.py                      # 10 repetitions x 5 strategies, 150 trial-epochs each
+    python bench/search_efficiency.py --repetitions 2 --budget 100 --strategies random tpe+moasha --grace-epochs 3
 
 Every study runs through the real stack: a Ray Tune ``Tuner`` with the study's own searcher
 (``study/tuner.py::make_searcher``: Optuna TPE, NSGA-II or random, two objectives) and, for
 ``+moasha``, its scheduler (``study/scheduler.py``); trials are ``study/replay.py``'s replay of
 ``bench/data/tiny_curves.json`` (curves recorded with ``bench/record_curves.py``), so a study
-of hundreds of trial-epochs takes seconds. Each study gets the same budget of trial-epochs
-(one per reported epoch, stopped trials' included); the hypervolume after ``e`` trial-epochs is
+of hundreds of trial-epochs takes seconds, and ``--jobs`` studies run at a time, each its own
+Tune driver on one Ray instance. Each study gets the same budget of trial-epochs (every epoch
+a trial trained, stopped trials' included); the hypervolume after ``e`` trial-epochs is
 that of the trials that completed every epoch by then (a stopped trial never counts), with
 ``analysis/pareto.py::hypervolume`` and a fixed reference point (CIDEr 0, 1.1 x the largest
-trainable count the space can sample: full fine-tuning). Prints the table and writes the plot.
+trainable count the space can sample: full fine-tuning), as a share of the box up to the
+table's best CIDEr. Prints the table, what limits early stopping on this table (how well a
+rung's CIDEr orders the configs), and writes the plot and every run's completions as JSON.
 Needs $QSTUDY_HOME with the tiny base (its shapes count parameters).
 """
 
@@ -214,9 +217,9 @@ def fidelity_report(table_path: Path, milestones: list[int]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=10)
-    parser.add_argument("--budget", type=int, default=300, help="trial-epochs per study")
+    parser.add_argument("--budget", type=int, default=150, help="trial-epochs per study")
     parser.add_argument("--concurrency", type=int, default=4, help="trials at a time in a study")
-    parser.add_argument("--jobs", type=int, default=4, help="studies at a time, each its own Tune driver")
+    parser.add_argument("--jobs", type=int, default=6, help="studies at a time, each its own Tune driver")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--grace-epochs", type=int, default=1, help="MOASHA's first rung")
     parser.add_argument("--reduction-factor", type=int, default=3, help="MOASHA keeps 1/this at a rung")
