@@ -102,7 +102,6 @@ def prepare(directory: Path, distinct: int, sizes: list[int]) -> None:
 
 def measure(mode: str, dataset: Path, cache_dir: Path) -> dict:
     """Runs inside the subprocess: one measurement of one mode, after the imports a trial has."""
-    import numpy as np
     import torch  # noqa: F401 - a trial has it loaded: its RSS is not the data's
 
     from qstudy.config import DataConfig

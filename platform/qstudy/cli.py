@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from qstudy.config import ConfigError, QstudyError, check_path_component, qstudy_home
+from qstudy.config import ConfigError, QstudyError, RunConfig, check_path_component, load_yaml, qstudy_home
 
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
@@ -30,9 +30,8 @@ def cmd_data(args) -> None:
     print(generate(args.out, spec))
 
 
-def run_configs_of(path: Path) -> list[tuple[str, "RunConfig"]]:
+def run_configs_of(path: Path) -> list[tuple[str, RunConfig]]:
     """``(label, run config)`` for a run config YAML, or one per distinct data section of a search-space YAML."""
-    from qstudy.config import RunConfig, load_yaml
     from qstudy.study.space import load_space
 
     if "arms" in load_yaml(path):
@@ -88,7 +87,6 @@ def print_result(result) -> None:
 
 
 def cmd_train(args) -> None:
-    from qstudy.config import RunConfig
     from qstudy.data.annotations import read_clips
     from qstudy.data.cache import run_splits
 
@@ -109,7 +107,7 @@ def _study_options(args, space_path: Path, name: str | None):
     return StudyOptions(space_path=space_path, home=qstudy_home(), name=name, address=args.address,
                         mlflow_uri=args.mlflow_uri, trials=args.trials, concurrency=args.concurrency,
                         workers_per_trial=args.workers_per_trial, sampler=args.sampler,
-                        verbose=_study_verbosity(args))
+                        verbose=_study_verbosity(args), replay_table=getattr(args, "replay", None))
 
 
 def _study_verbosity(args) -> int:
@@ -134,6 +132,18 @@ def cmd_study(args) -> None:
         _print_summary(resume_study(args.resume, qstudy_home(), args.address, _study_verbosity(args)))
     else:
         _print_summary(run_study(_study_options(args, args.space, args.name)))
+
+
+def cmd_dashboard(args) -> None:
+    """optuna-dashboard on a study's Optuna storage, on this machine only (a live view while it runs)."""
+    from optuna_dashboard import run_server
+
+    from qstudy.study.tuner import load_state
+
+    state = load_state(qstudy_home(), args.study)
+    print(f"optuna-dashboard for study {args.study} ({state.optuna_storage}): http://127.0.0.1:{args.port} "
+          "(Ctrl-C stops it)", flush=True)
+    run_server(state.optuna_storage, host="127.0.0.1", port=args.port)
 
 
 def cmd_demo(args) -> None:
@@ -247,8 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("space", type=Path, nargs="?", help="search-space YAML (see search_spaces/)")
     study.add_argument("--resume", metavar="NAME", type=_study_name, help="continue a study whose driver stopped")
     study.add_argument("--name", type=_study_name, help="study name (default: the space's study family)")
+    study.add_argument("--replay", metavar="TABLE", type=Path,
+                       help="replay recorded curves (bench/record_curves.py) instead of training each trial")
     _add_study_arguments(study)
     study.set_defaults(handler=cmd_study)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
+    dashboard.add_argument("study", metavar="STUDY", type=_study_name, help="study name (a directory under $QSTUDY_HOME/studies)")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(handler=cmd_dashboard)
 
     demo = commands.add_parser("demo", help="the embedded default: synthetic data, tiny base, a small local study")
     _add_study_arguments(demo, trials=6)

@@ -106,6 +106,20 @@ def test_pareto_view_draws_methods_front_knee_and_budget():
     assert all(len(line) <= 1100 // 8 for line in figure.layout.title.subtitle.text.split("<br>"))
 
 
+def test_a_stopped_trial_is_counted_but_never_drawn():
+    # A trial stopped at a rung: better than every other trial at its low fidelity, but no final CIDEr.
+    stopped = qadapter(8, None, 100_000, 2, "last:1", "none", 4, (0.9,))
+    stopped = replace(stopped, status="STOPPED")
+    analysis = analyse([*RECORDS, stopped], budget=1_000_000)
+    assert [record.trial_id for record in analysis.front] == [record.trial_id for record in ANALYSIS.front]
+    figure = render(VIEWS["pareto"], analysis)
+    assert 100_000 not in [x for trace in figure.data for x in (trace.x or ())]
+    assert figure.layout.title.text == ("Val CIDEr vs trainable parameters: 7 trials, 5 on the Pareto front; "
+                                        "1 stopped early by the scheduler, not shown")
+    every = render(replace(VIEWS["epoch_curves"], options=EpochCurvesOptions(trials="all")), analysis)
+    assert len(every.data) == 6
+
+
 def test_pareto_options_switch_off_marks_and_change_the_axis():
     options = ParetoOptions(params_axis="linear", point_labels="none", mark_knee=False, mark_budget=False)
     figure = render(replace(VIEWS["pareto"], options=options), ANALYSIS)

@@ -77,10 +77,22 @@ def arm_param(method: str, key: str, spec):
      r"arms\.qadapter\.train\.learning_rate\.low: a log range needs low > 0"),
     (lambda d: d.update(concurrency=0), "concurrency: 0 must be >= 1"),
     (lambda d: d.update(parameter_budget="1.5 apples"), "parameter_budget: budget '1.5 apples'"),
+    (lambda d: d.update(scheduler="asha"), r"scheduler: .*'asha'"),
+    (lambda d: d.update(scheduler="moasha", reduction_factor=1), "reduction_factor: 1 must be >= 2"),
+    (lambda d: d.update(scheduler="moasha", grace_epochs=0), "grace_epochs: 0 must be >= 1"),
+    (lambda d: d.update(scheduler="moasha", grace_epochs=1), "grace_epochs: 1 x reduction_factor 3 exceeds train.epochs 1"),
+    (lambda d: d.update(scheduler="moasha", grace_epoch=1), "unknown key grace_epoch"),
 ])
 def test_bad_spaces_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         parse(mutated(change))
+
+
+def test_scheduler_settings_parse():
+    assert parse(TINY_SPACE).settings.scheduler == "none"
+    space = parse(mutated(lambda d: d.update(scheduler="moasha", grace_epochs=2, reduction_factor=2,
+                                             overrides={"train.epochs": 9})))
+    assert (space.settings.scheduler, space.settings.grace_epochs, space.settings.reduction_factor) == ("moasha", 2, 2)
 
 
 def test_errors_from_a_file_name_the_file(tmp_path):

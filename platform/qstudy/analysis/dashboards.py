@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from qstudy.analysis.pareto import StudyAnalysis, TrialRecord
+from qstudy.study.tracking import STOPPED
 from qstudy.analysis.views import (
     EpochCurvesOptions,
     HypervolumeOptions,
@@ -103,7 +104,10 @@ def pareto_figure(analysis: StudyAnalysis, options: ParetoOptions) -> tuple[go.F
         yaxis={"title": {"text": "val CIDEr"}},
         legend={"title": {"text": "method"}},
     )
-    return figure, f"{len(valid)} trials, {len(analysis.front)} on the Pareto front"
+    stopped = sum(record.status == STOPPED for record in analysis.records)
+    # A stopped trial has only a low-fidelity CIDEr: counted here, never drawn on the plane.
+    return figure, (f"{len(valid)} trials, {len(analysis.front)} on the Pareto front"
+                    + (f"; {stopped} stopped early by the scheduler, not shown" if stopped else ""))
 
 
 def hypervolume_figure(analysis: StudyAnalysis, options: HypervolumeOptions) -> tuple[go.Figure, str]:

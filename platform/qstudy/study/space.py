@@ -133,12 +133,19 @@ class SpaceFile:
     use_gpu: bool = False
     parameter_budget: int | str | None = None  # a count (250000, "250k") or a share of all parameters ("2%")
     max_failures: int = 1  # restarts of a trial whose worker died (from its last checkpoint)
+    # Early stopping: "moasha" compares trials at rungs of grace_epochs * reduction_factor**k
+    # epochs and stops those outside the top 1/reduction_factor (study/scheduler.py).
+    scheduler: Literal["none", "moasha"] = "none"
+    grace_epochs: int = 1
+    reduction_factor: int = 3
 
     def __post_init__(self):
         check_path_component(self.study, "study")  # it names the study's directory under $QSTUDY_HOME/studies
-        for name in ("trials", "concurrency", "workers_per_trial"):
+        for name in ("trials", "concurrency", "workers_per_trial", "grace_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction_factor: {self.reduction_factor} must be >= 2 (it keeps 1/reduction_factor)")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
         if not self.arms:
@@ -273,6 +280,10 @@ def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
     except ConfigError as error:
         raise ConfigError(f"base: {error}") from None
     resolved.pop("adapter")
+    epochs = resolved["train"]["epochs"]
+    if settings.scheduler == "moasha" and settings.grace_epochs * settings.reduction_factor > epochs:
+        raise ConfigError(f"grace_epochs: {settings.grace_epochs} x reduction_factor {settings.reduction_factor} "
+                          f"exceeds train.epochs {epochs}: no rung to compare trials at (study/scheduler.py)")
     arms = _parse_arms(settings.arms)
     space = SearchSpace(path=path, settings=settings, base=resolved, arms=arms,
                         dims=dims if dims is not None else read_dims(resolved, path))

@@ -35,9 +35,11 @@ NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
 INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
+STOPPED = "STOPPED"  # stopped early by the study's scheduler: its last CIDEr is a low-fidelity one
+STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a stopped trial reached
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
 _MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
-                  INTERRUPTED: "KILLED"}
+                  INTERRUPTED: "KILLED", STOPPED: "KILLED"}
 
 
 class TrackingUnavailable(ConfigError):
@@ -311,6 +313,17 @@ def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = 
         tracker.finish(status)
         closed.append(outbox.name)
     return closed
+
+
+def mark_stopped(target: TrialTarget, trial_id: str, epochs: int) -> None:
+    """Close a trial's run as STOPPED at the rung of ``epochs`` completed epochs (called by the study driver).
+
+    The trial's own process cannot: Tune ends its thread inside ``tune.report``. Its outbox
+    holds every epoch it logged, so the run is closed after them.
+    """
+    tracker = TrialTracker(target, trial_id, _run_name(Path(target.outbox_root) / trial_id))
+    tracker.set_tags({STOPPED_AT_TAG: epochs})
+    tracker.finish(STOPPED)
 
 
 def _run_name(outbox: Path) -> str:

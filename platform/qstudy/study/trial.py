@@ -34,6 +34,7 @@ class StudyContext:
     space: SearchSpace
     tracking: TrialTarget
     force_trainer: bool = False  # a TorchTrainer even for one worker (the bench's stock path)
+    replay_table: str | None = None  # recorded curves replayed instead of training (study/replay.py)
 
     @property
     def in_actor(self) -> bool:
@@ -62,7 +63,8 @@ def run_trial(config: dict, context: StudyContext) -> None:
     run_config = context.space.run_config(sampled.method, sampled.values)
     run_config.output_dir = str(Path(context.study_dir) / "trials" / trial_id)
     task = WorkerTask(trial_id=trial_id, run_name=run_name(sampled.method, trial_id), run_config=run_config.to_dict(),
-                      predicted_trainable=sampled.trainable_params, tracking=context.tracking)
+                      predicted_trainable=sampled.trainable_params, tracking=context.tracking,
+                      replay_table=context.replay_table)
     raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
     tracker = TrialTracker(context.tracking, trial_id, task.run_name)
     if tracker.status() == FINISHED:  # trained before a killed driver's last saved state knew it

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+SCHEDULER_STATE = "scheduler.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class StudyOptions:
     sampler: str | None = None
     force_trainer: bool = False
     verbose: int = 1
+    replay_table: Path | None = None  # replay recorded curves instead of training (study/replay.py)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class StudyState:
     parent_run_id: str
     optuna_storage: str
     force_trainer: bool
+    replay_table: str | None = None
 
 
 @dataclass
@@ -237,9 +240,11 @@ def run_study(options: StudyOptions) -> StudySummary:
     _connect_ray(options.address, options.verbose)
     state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
-                       force_trainer=options.force_trainer)
+                       force_trainer=options.force_trainer,
+                       replay_table=str(options.replay_table.resolve()) if options.replay_table else None)
     _check_resources(_context(state, directory, space))
-    _warm_frame_cache(space)
+    if state.replay_table is None:
+        _warm_frame_cache(space)
 
     settings = space.settings
     state.experiment_id = tracking.ensure_experiment(uri, space.study, options.home / "mlflow" / "artifacts")
@@ -256,19 +261,14 @@ def run_study(options: StudyOptions) -> StudySummary:
     from optuna.storages import RDBStorage
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    # The first trials try each arm once (Optuna enqueues them; the sampler fills in the arm's
-    # values): a short study over many arms would otherwise leave some off the Pareto plane.
-    first_arms = [{"method": arm.method} for arm in space.arms] if len(space.arms) > 1 else None
-    searcher = OptunaSearch(space=SpaceSampler(space), metric=list(OBJECTIVES), mode=list(OBJECTIVE_MODES),
-                            sampler=make_sampler(settings.sampler, settings.seed), study_name=name,
-                            storage=RDBStorage(state.optuna_storage), points_to_evaluate=first_arms)
+    searcher = make_searcher(space, name, RDBStorage(state.optuna_storage), context.tracking)
     # reuse_actors: a trial inherits the finished trial's process with torch, transformers and
     # MLflow already imported; a fresh actor per trial costs seconds of imports on a busy node.
     tuner = tune.Tuner(
         _trainable(context),
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.concurrency),
+                                    scheduler=make_scheduler(space, directory / SCHEDULER_STATE),
                                     num_samples=settings.trials, reuse_actors=True,
                                     trial_dirname_creator=_trial_dirname),
         run_config=_tuner_run_config(context, directory, options.verbose))
@@ -276,14 +276,44 @@ def run_study(options: StudyOptions) -> StudySummary:
     return _finish(state, directory, space, started)
 
 
+def load_state(home: Path, name: str) -> StudyState:
+    """The ``study.json`` of study ``name`` under ``home``; an unknown name fails listing the known ones."""
+    path = study_dir(home, name) / STATE_FILE
+    if not path.exists():
+        known = sorted(p.name for p in (home / "studies").glob("*") if (p / STATE_FILE).exists())
+        raise ConfigError(f"no study {name!r} in {home / 'studies'} (known: {', '.join(known) or 'none'})")
+    return StudyState(**json.loads(path.read_text()))
+
+
+def make_searcher(space: SearchSpace, name: str, storage, target: tracking.TrialTarget | None):
+    """The study's two-objective Optuna searcher (``storage``: an Optuna storage; ``target``: MLflow or None)."""
+    from qstudy.study.search import StudySearch
+
+    # The first trials try each arm once (Optuna enqueues them; the sampler fills in the arm's
+    # values): a short study over many arms would otherwise leave some off the Pareto plane.
+    first_arms = [{"method": arm.method} for arm in space.arms] if len(space.arms) > 1 else None
+    return StudySearch(space=SpaceSampler(space), metric=list(OBJECTIVES), mode=list(OBJECTIVE_MODES),
+                       sampler=make_sampler(space.settings.sampler, space.settings.seed), study_name=name,
+                       storage=storage, points_to_evaluate=first_arms, epochs=space.base["train"]["epochs"],
+                       target=target)
+
+
+def make_scheduler(space: SearchSpace, state_path: Path | None):
+    """The space's Tune scheduler: ``None`` (every trial runs to its last epoch) or MOASHA."""
+    from qstudy.study.scheduler import MultiObjectiveASHA
+
+    settings = space.settings
+    if settings.scheduler == "none":
+        return None
+    return MultiObjectiveASHA(settings.grace_epochs, settings.reduction_factor, space.base["train"]["epochs"],
+                              state_path=str(state_path) if state_path else None)
+
+
 def resume_study(name: str, home: Path, address: str | None = None, verbose: int = 1) -> StudySummary:
     """Continue a study whose driver died: unfinished trials resume, finished ones are kept."""
     started = time.perf_counter()
     directory = study_dir(home, name)
-    if not (directory / STATE_FILE).exists():
-        known = sorted(p.name for p in (home / "studies").glob("*") if (p / STATE_FILE).exists())
-        raise ConfigError(f"--resume: no study {name!r} in {home / 'studies'} (known: {', '.join(known) or 'none'})")
-    state = StudyState(**json.loads((directory / STATE_FILE).read_text()))
+    state = load_state(home, name)
     space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
     tracking.check_reachable(state.tracking_uri)
 
@@ -291,7 +321,8 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     _connect_ray(address, verbose)
     context = _context(state, directory, space)
     _check_resources(context)
-    _warm_frame_cache(space)
+    if state.replay_table is None:
+        _warm_frame_cache(space)
     from ray import tune
 
     # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.
@@ -304,7 +335,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
 
 def _context(state: StudyState, directory: Path, space: SearchSpace) -> StudyContext:
     return StudyContext(study_dir=str(directory), space=space, tracking=_target(state, directory),
-                        force_trainer=state.force_trainer)
+                        force_trainer=state.force_trainer, replay_table=state.replay_table)
 
 
 def _target(state: StudyState, directory: Path) -> tracking.TrialTarget:

@@ -38,6 +38,7 @@ class WorkerTask:
     run_config: dict  # RunConfig.to_dict()
     predicted_trainable: int
     tracking: TrialTarget
+    replay_table: str | None = None  # replay this table's curves (study/replay.py) instead of training
 
 
 class ApplicationFailure(RuntimeError):
@@ -103,7 +104,13 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
     ``report`` returns where Ray persisted the checkpoint (None for none).
     """
     from qstudy.train.engine import rank
-    from qstudy.train.recipe import run
+
+    if task.replay_table:
+        from qstudy.study.replay import make_run
+
+        run = make_run(task.replay_table)
+    else:
+        from qstudy.train.recipe import run
 
     raise_if_failed_before(task)
     _quiet_libraries()

@@ -1,0 +1,71 @@
+"""A MOASHA study on replayed curves through the whole study path: stopped trials stay off Optuna's and everyone's front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from qstudy.analysis.report import read_studies
+from qstudy.study.search import STOPPED_AT_ATTR
+from qstudy.study.tracking import STOPPED, STOPPED_AT_TAG
+from servers import REPO, SPACES, finish, metric_steps, mlflow_runs, study
+
+pytestmark = pytest.mark.timeout(600)
+
+TABLE = REPO / "bench" / "data" / "tiny_curves.json"
+
+
+def test_moasha_study_on_replayed_curves(ray_head, mlflow_server, study_home, tmp_path):
+    trials, name = 12, "replayed-moasha"
+    space = yaml.safe_load((SPACES / "qadapter_tiny.yaml").read_text())  # 10 epochs: rungs at 1 and 3
+    space.update(trials=trials, concurrency=3, sampler="random", seed=1, scheduler="moasha",
+                 grace_epochs=1, reduction_factor=3)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    output = finish(study(ray_head, study_home, str(path), "--name", name, "--replay", str(TABLE),
+                          "--mlflow-uri", mlflow_server.uri))
+
+    directory = study_home / "studies" / name
+    stopped_by_scheduler = json.loads((directory / "scheduler.json").read_text())["stopped"]  # tune trial id -> rung
+    assert stopped_by_scheduler and set(stopped_by_scheduler.values()) <= {1, 3}
+
+    # Optuna: every stopped trial PRUNED with its rung, every other one COMPLETE with its 10th epoch's CIDEr.
+    ot_trials = optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'optuna.db'}").trials
+    pruned = [t for t in ot_trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in ot_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) == len(stopped_by_scheduler) and len(pruned) + len(complete) == trials
+    assert sorted(t.user_attrs[STOPPED_AT_ATTR] for t in pruned) == sorted(stopped_by_scheduler.values())
+    assert all(t.values is None for t in pruned)
+
+    # MLflow: the same trials closed STOPPED at the same rung, with that many epochs logged.
+    _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
+    runs = {run.data.tags["qstudy.trial_id"]: run for run in children if run.data.tags["qstudy.study"] == name}
+    assert len(runs) == trials
+    for trial_id, run in runs.items():
+        epochs = metric_steps(mlflow_server.uri, run.info.run_id, "val_cider")
+        if trial_id in stopped_by_scheduler:
+            rung = stopped_by_scheduler[trial_id]
+            assert run.data.tags["qstudy.status"] == STOPPED and run.info.status == "KILLED"
+            assert run.data.tags[STOPPED_AT_TAG] == str(rung) and epochs == list(range(rung))
+            assert "cider" not in run.data.metrics  # no final CIDEr for a low-fidelity trial
+        else:
+            assert run.data.tags["qstudy.status"] == "FINISHED" and epochs == list(range(10))
+
+    # The summary (the parent run's summary.json and the printed line) and `qstudy report` agree.
+    parent = next(run for run in mlflow_runs(mlflow_server.uri, "qadapter-tiny")[0]
+                  if run.data.tags["qstudy.study"] == name)
+    summary = json.loads(Path(MlflowClient(mlflow_server.uri).download_artifacts(
+        parent.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert parent.data.metrics["trials_stopped"] == len(pruned)
+    assert f"{len(complete)} finished" in output and f"{len(pruned)} stopped" in output
+    report = read_studies([name], mlflow_server.uri).analysis
+    statuses = sorted(record.status for record in report.records)
+    assert statuses == sorted(record["status"] for record in summary["trials"])
+    assert statuses.count(STOPPED) == len(pruned)
+    front = sorted((record.cider, record.trainable_params) for record in report.front)
+    assert front == sorted((record["cider"], record["trainable_params"]) for record in summary["front"])
+    assert all(record.status == "FINISHED" for record in report.front)
