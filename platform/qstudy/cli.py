@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(handler=cmd_study)
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
-    dashboard.add_argument("study", metavar="STUDY", type=_study_name, help="study name (a directory under $QSTUDY_HOME/studies)")
+    dashboard.add_argument("study", metavar="STUDY", type=_study_name,
+                           help="study name (a directory under $QSTUDY_HOME/studies)")
     dashboard.add_argument("--port", type=int, default=8080)
     dashboard.set_defaults(handler=cmd_dashboard)
 
