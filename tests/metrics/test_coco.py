@@ -1,6 +1,10 @@
 """pycocoevalcap scoring: exact captions score perfectly, unrelated ones near zero, METEOR closes."""
 
-from qstudy.metrics import CaptionScorer
+import os
+
+import pytest
+
+from qstudy.metrics import CaptionScorer, ScorerProcessDied
 
 REFERENCES = {
     "a": ["a red circle moves left", "the red circle is moving left", "a red circle slides left"],
@@ -43,3 +47,22 @@ def test_scores_equal_pycocoevalcaps_own_pipeline():
                 "rouge_l": Rouge().compute_score(refs, hypotheses)[0], "cider": Cider().compute_score(refs, hypotheses)[0]}
     with CaptionScorer(meteor=False) as scorer:
         assert scorer.score(predictions, references) == expected
+
+
+def test_a_killed_meteor_jvm_is_named_as_such(tmp_path):
+    """A trial's kill takes its JVMs first: the scorer must say so, not fail with a parse error."""
+    with CaptionScorer() as scorer:
+        scorer._meteor.meteor_p.kill()
+        scorer._meteor.meteor_p.wait()
+        with pytest.raises(ScorerProcessDied, match="METEOR"):
+            scorer.score({"a": "a red circle moves left", "b": "a blue square moves up"}, REFERENCES)
+
+
+def test_a_tokenizer_jvm_that_dies_is_named_as_such(tmp_path, monkeypatch):
+    java = tmp_path / "java"  # the PTB tokenizer runs `java` from PATH: this one is killed at once
+    java.write_text("#!/bin/sh\nkill -9 $$\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with CaptionScorer(meteor=False) as scorer:
+        with pytest.raises(ScorerProcessDied, match="PTB tokenizer"):
+            scorer.score({"a": "a red circle moves left", "b": "a blue square moves up"}, REFERENCES)

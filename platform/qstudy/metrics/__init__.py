@@ -1,5 +1,5 @@
 """Caption metrics with pycocoevalcap: BLEU@4, METEOR, ROUGE-L and CIDEr(-D)."""
 
-from qstudy.metrics.coco import CaptionScorer
+from qstudy.metrics.coco import CaptionScorer, ScorerProcessDied
 
-__all__ = ["CaptionScorer"]
+__all__ = ["CaptionScorer", "ScorerProcessDied"]

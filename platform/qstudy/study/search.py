@@ -42,4 +42,4 @@ class StudySearch(OptunaSearch):
         self._ot_study.tell(trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
         if self.target is not None:
-            tracking.mark_stopped(self.target, trial_id, completed)
+            tracking.mark_stopped(self.target, trial_id, completed, result)

@@ -37,6 +37,7 @@ LOST = "LOST"  # started by a driver that died before Tune's experiment state re
 INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
 STOPPED = "STOPPED"  # stopped early by the study's scheduler: its last CIDEr is a low-fidelity one
 STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a stopped trial reached
+_EPOCH_KEYS = ("loss", "epoch_seconds")  # with every val_* metric: what a trial logs per epoch
 # MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
 _MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
                   INTERRUPTED: "KILLED", STOPPED: "KILLED"}
@@ -173,6 +174,15 @@ class TrialTracker:
         values = {k: float(v) for k, v in metrics.items() if (k, step) not in logged}
         if values:
             self._append({"op": "metrics", "values": values, "step": step, "timestamp": int(time.time() * 1000)})
+
+    def log_epoch(self, result: dict) -> None:
+        """Log one epoch's report (``epoch``, ``loss``, ``epoch_seconds``, ``val_*``) at its epoch's step.
+
+        The other keys of a report are Tune's or logged once per run (``trainable_params``), and
+        ``cider`` is ``val_cider`` under the name the searcher optimises.
+        """
+        self.log_metrics({key: value for key, value in result.items()
+                          if key in _EPOCH_KEYS or key.startswith("val_")}, step=int(result["epoch"]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._append({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
@@ -315,13 +325,15 @@ def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = 
     return closed
 
 
-def mark_stopped(target: TrialTarget, trial_id: str, epochs: int) -> None:
+def mark_stopped(target: TrialTarget, trial_id: str, epochs: int, last_result: dict) -> None:
     """Close a trial's run as STOPPED at the rung of ``epochs`` completed epochs (called by the study driver).
 
-    The trial's own process cannot: Tune ends its thread inside ``tune.report``. Its outbox
-    holds every epoch it logged, so the run is closed after them.
+    The trial's own process cannot: Tune ends its thread inside ``tune.report``, before the
+    trial logs the epoch it reported (it logs an epoch only once Ray persisted its checkpoint).
+    So the driver logs that last epoch from the report, then closes the run after it.
     """
     tracker = TrialTracker(target, trial_id, _run_name(Path(target.outbox_root) / trial_id))
+    tracker.log_epoch(last_result)
     tracker.set_tags({STOPPED_AT_TAG: epochs})
     tracker.finish(STOPPED)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qstudy.config import RunConfig
+from qstudy.metrics import ScorerProcessDied
 from qstudy.study.tracking import FINISHED, NODE_TAG, TrialTarget, TrialTracker
 
 FAILED_MARKER = "failed.txt"
@@ -118,10 +119,6 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
     output = Path(config.output_dir)
     tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None
 
-    def log_epoch(metrics: dict) -> None:
-        tracker.log_metrics({key: value for key, value in metrics.items()
-                             if key not in ("epoch", "cider", "trainable_params")}, step=metrics["epoch"])
-
     if tracker is not None:
         import ray
 
@@ -129,7 +126,7 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
         tracker.set_tags({NODE_TAG: ray.get_runtime_context().get_node_id()})
         output.mkdir(parents=True, exist_ok=True)
         if checkpoint_dir is not None:  # killed after persisting this epoch, maybe before logging it
-            log_epoch(checkpoint_metrics(checkpoint_dir))
+            tracker.log_epoch(checkpoint_metrics(checkpoint_dir))
 
     def on_epoch(result, checkpoint: Path) -> None:
         metrics = epoch_metrics(result, task.predicted_trainable)
@@ -140,12 +137,14 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
         if tracker is not None:
             if persisted is not None:
                 (output / LAST_CHECKPOINT).write_text(persisted)
-            log_epoch(metrics)
+            tracker.log_epoch(metrics)
 
     try:
         result = run(config, on_epoch=on_epoch, resume_from=checkpoint_dir, progress=False)
     except Exception as error:
-        if rank() == 0:
+        # A JVM killed with the trial is a kill, which Tune restarts from the checkpoint; only
+        # what the run itself raised stays failed.
+        if rank() == 0 and not isinstance(error, ScorerProcessDied):
             mark_failed(task, error)
         raise
     last = epoch_metrics(result.epochs[-1], task.predicted_trainable) if result.epochs else None
