@@ -65,7 +65,9 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     trainable = apply_adapter(captioner, FullFineTuningConfig())
     train = TrainConfig(batch_size=spec.batch_size, learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio)
     engine = make_engine(captioner, trainable, train, total_steps=spec.steps)
-    data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames)
+    # Per-pair batches, as the base was built before batches were grouped by clip: a BaseSpec names the same base.
+    data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames,
+                      batching="pairs")
     train_split = load_split(data, "train", captioner.image_size, progress=progress)
     rng = random.Random(spec.seed)
 
@@ -74,7 +76,7 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     with cpu_threads(spec.threads), tqdm(total=spec.steps, desc="pretraining the tiny base", unit="step",
                                          disable=not progress) as bar:
         while step < spec.steps:
-            for frames, captions in caption_batches(train_split, spec.batch_size, rng):
+            for frames, captions, _ in caption_batches(train_split, data, spec.batch_size, rng):
                 token_ids, token_mask = captioner.tokenize(captions)
                 loss = captioner(frames, token_ids, token_mask)
                 engine.step(loss)
