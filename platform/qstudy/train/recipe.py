@@ -28,6 +28,7 @@ from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
 from qstudy.train.device import autocast, peak_memory_mb, select_device
 from qstudy.train.engine import Engine, join_process_group, make_engine, rank, world_size
+from qstudy.train.prefix_cache import prefix_states, reuse_depth
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,23 @@ def load_split(data: DataConfig, split: str, image_size: int, limit: int | None 
     """A split from the node's frame cache (decoded into it first if no run has yet)."""
     cached = split_frames(data, split, image_size, limit, progress)
     return SplitData(cached.clips, MappedRows(cached.frames, data.blind), cached.skipped, cached.path.name)
+
+
+def reuse_frozen_prefix(captioner: Captioner, splits: list[SplitData], config: RunConfig, progress: bool) -> None:
+    """Where the method leaves the encoder's first layers frozen, the splits' states after them replace their frames.
+
+    The states come from the node's prefix cache (computed into it by the first run that needs
+    them); the captioner then runs only the layers after them. Called before the engine casts
+    the model: the prefix is computed in fp32 whatever the run's precision.
+    """
+    depth, why = reuse_depth(captioner, config)
+    log.info("frozen-prefix reuse: %s", why)
+    if not depth:
+        return
+    for split in splits:
+        states, dtype = prefix_states(captioner, split.frames, split.entry, depth, config, progress)
+        split.states = MappedRows(states, view=dtype)
+    captioner.prefix_depth = depth
 
 
 def epoch_examples(split: SplitData, data: DataConfig, rng: random.Random | None = None) -> list[tuple[int, tuple]]:
@@ -224,6 +242,7 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     image_size = config.data.image_size or captioner.image_size
     train_split, val_split = (load_split(config.data, split, image_size, limit, progress)
                               for split, limit in run_splits(config.data))
+    reuse_frozen_prefix(captioner, [train_split, val_split], config, progress)
 
     # The learning-rate schedule spans the whole run, so the engine needs its length.
     train_steps = steps_per_epoch(train_split, config.data, config.train)
