@@ -136,7 +136,8 @@ class Captioner(nn.Module):
         # Adapters that keep per-clip state for the LM (ADEM-VL's visual features) take each caption
         # row's clip index when a batch has several captions per clip.
         self.row_hooks: list[Callable[[torch.Tensor], None]] = []
-        # Set (by train/prefix_cache.py) when the vision input is the states after this many layers.
+        # Set when a run reuses the frozen prefix (train/recipe.py): the vision input is then the states
+        # after this many layers.
         self.prefix_depth: int | None = None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)

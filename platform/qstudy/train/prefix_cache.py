@@ -78,7 +78,7 @@ def prefix_key(captioner: Captioner, depth: int, frames_entry: str, blind: bool,
     """What the stored states depend on, hashed: the prefix's weights and pixel statistics, the frames, L, numerics."""
     weights = hashlib.sha256()
     for module in _prefix_modules(captioner, depth):
-        for name, tensor in [*module.state_dict(keep_vars=False).items()]:
+        for name, tensor in module.state_dict().items():
             weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             weights.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
     for statistic in (captioner.pixel_mean, captioner.pixel_std):
