@@ -226,6 +226,12 @@ class Captioner(nn.Module):
         pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
         return ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
 
+    def vision_prefix_modules(self, depth: int) -> list[nn.Module]:
+        """What ``vision_prefix`` runs: the embeddings, their norm where the tower has one, the first ``depth`` layers."""
+        normed_embeddings, _ = _SPLIT_TOWERS[self.vision.config.model_type]
+        norm = [self.vision.pre_layrnorm] if normed_embeddings else []
+        return [self.vision.embeddings, *norm, *self.encoder_layers[:depth]]
+
     def vision_prefix(self, frames: torch.Tensor, depth: int) -> torch.Tensor:
         """uint8 frames (batch, frames, H, W, 3) -> hidden states after the tower's first ``depth`` layers.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,6 @@ from qstudy.config import RunConfig
 from qstudy.data.cache import cache_root, publish, write_durably
 from qstudy.model.captioner import Captioner
 from qstudy.train.engine import cpu_threads
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATES_FILE = "states.bin"  # raw 16-bit values, (clips, frames, sequence, vision_hidden)
@@ -59,14 +56,8 @@ def reuse_depth(captioner: Captioner, config: RunConfig) -> tuple[int, str]:
     return depth, f"{method} leaves layers 0..{depth - 1} of {layers} frozen: their states are computed once per clip"
 
 
-def _prefix_modules(captioner: Captioner, depth: int) -> list[torch.nn.Module]:
-    vision = captioner.vision
-    norm = [vision.pre_layrnorm] if hasattr(vision, "pre_layrnorm") else []
-    return [vision.embeddings, *norm, *captioner.encoder_layers[:depth]]
-
-
 def _check_untouched(captioner: Captioner, depth: int, method: str) -> None:
-    for module in _prefix_modules(captioner, depth):
+    for module in captioner.vision_prefix_modules(depth):
         for name, child in module.named_modules():
             trains = any(p.requires_grad for p in child.parameters(recurse=False))
             if trains or child._forward_hooks or child._forward_pre_hooks:
@@ -77,7 +68,7 @@ def _check_untouched(captioner: Captioner, depth: int, method: str) -> None:
 def prefix_key(captioner: Captioner, depth: int, frames_entry: str, blind: bool, storage: torch.dtype) -> str:
     """What the stored states depend on, hashed: the prefix's weights and pixel statistics, the frames, L, numerics."""
     weights = hashlib.sha256()
-    for module in _prefix_modules(captioner, depth):
+    for module in captioner.vision_prefix_modules(depth):
         for name, tensor in module.state_dict().items():
             weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             weights.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
