@@ -40,7 +40,7 @@ def prepare(preset: str, precision: str, workers: int, directory: Path) -> None:
         config = {
             "data": {"annotations": str(annotations), "video_dir": str(directory / "data" / "videos"),
                      "num_frames": frames, "image_size": 224 if preset == "paper" else None, "max_val_clips": 2,
-                     "cache_dir": str(directory / "cache")},
+                     "cache_dir": str(directory / "cache"), "batching": "pairs"},  # P1's batch: 2 pairs
             "model": {key: value for key, value in asdict(model).items() if value is not None},
             "adapter": {"method": "qadapter"},
             "train": {"epochs": EPOCHS, "batch_size": batch, "max_steps_per_epoch": STEPS_PER_EPOCH,

@@ -445,7 +445,7 @@ TABLE = {
     "adapter-float-nan": train_case({"adapter": {"method": "lora", "alpha": NAN}}, "adapter.alpha", "nan"),
     # Class 2: runs that would train nothing, or report the score of garbage, are errors naming the cause.
     "lr-diverges": data_case("train.learning_rate", "loss", overrides={"train.learning_rate": 1e30}),
-    "batch-larger-than-data": data_case("train.batch_size", "training pairs", overrides={"train.batch_size": 21}),
+    "batch-larger-than-data": data_case("train.batch_size", "training clips", overrides={"train.batch_size": 21}),
     "accumulation-larger-than-data": data_case("train.batch_size", "gradient_accumulation_steps",
                                                overrides={"train.gradient_accumulation_steps": 6}),
     "train-all-corrupt": data_case("data.video_dir", "'train'", "could be decoded", videos={"train": half_cut_mp4}),

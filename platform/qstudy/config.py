@@ -184,9 +184,18 @@ class DataConfig:
     # None: $QSTUDY_HOME/cache, made absolute when the config is read so all trials agree.
     cache_dir: str | None = None
     decode_workers: int | None = None  # processes decoding a cold cache; None: every core this process may use
+    # A training batch is a set of clips (train.batch_size of them): the encoder runs once per clip
+    # and the LM trains on its captions. "pairs": every (clip, caption) pair is its own example.
+    batching: Literal["clips", "pairs"] = "clips"
+    # Captions of each clip an epoch trains on, drawn afresh every epoch; None: all of them.
+    captions_per_clip: int | None = None
+    # Compute the hidden states after the encoder layers a method leaves frozen once per clip,
+    # and reuse them in every epoch and trial (train/prefix_cache.py), stored in 16 bits.
+    reuse_frozen_prefix: bool = True
 
     def __post_init__(self):
-        check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1)
+        check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1,
+                       captions_per_clip=1)
         for name in ("train_split", "val_split"):  # MSVD reads <split>.txt beside the annotations
             check_path_component(getattr(self, name), f"data.{name}")
         if self.cache_dir == "":
@@ -225,7 +234,7 @@ class TrainConfig:
     """Optimisation settings; ``deepspeed`` switches the engine, nothing else changes."""
 
     epochs: int = 3
-    batch_size: int = 16
+    batch_size: int = 16  # per rank and micro-batch: clips (data.batching "clips") or (clip, caption) pairs
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     max_steps_per_epoch: int | None = None

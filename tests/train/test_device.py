@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from qstudy.adapters import ADAPTERS, apply_adapter
-from qstudy.config import TrainConfig
+from qstudy.config import DataConfig, TrainConfig
 from qstudy.data.annotations import Clip
 from qstudy.model.captioner import Captioner
 from qstudy.train.device import worker_device
@@ -75,7 +75,7 @@ def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypat
     item = torch.Tensor.item
     # The recipe logs loss values; a meta tensor has none, so it reads as zero here.
     monkeypatch.setattr(torch.Tensor, "item", lambda t: 0.0 if t.device.type == "meta" else item(t))
-    run_config = SimpleNamespace(train=config)  # all of a RunConfig that train_epoch reads
+    run_config = SimpleNamespace(data=DataConfig(annotations="-", video_dir="-"), train=config)  # what train_epoch reads
 
     assert train_epoch(engine, captioner, split, run_config, epoch=0) == 0.0
     assert all(p.device.type == "meta" for p in trainable)

@@ -75,6 +75,10 @@ class AdemVLConfig(AdapterConfig):
         if self.vision_adapter_dim < 0:
             raise ConfigError(f"adapter.vision_adapter_dim: {self.vision_adapter_dim} must be >= 0 (0: none)")
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        # The fusion reads the penultimate layer's output through a hook on it, so that layer must run.
+        return 0 if self.vision_adapter_dim else dims.vision_layers - 2
+
     def extra_trainable(self, dims: ModelDims) -> int:
         d_vision, d_lm, hidden = dims.vision_hidden, dims.lm_hidden, self.projection_hidden
         vision_adapters = dims.vision_layers * 2 * d_vision * self.vision_adapter_dim
@@ -104,6 +108,7 @@ class AdemVLConfig(AdapterConfig):
         for block in captioner.lm_blocks:
             beside_sublayer(sublayer(block, FEED_FORWARD_NAMES), fusion)
         captioner.prefix_hooks.append(partial(clip_cls_token, num_frames=dims.num_frames))
+        captioner.row_hooks.append(fusion.select_rows)
 
 
 def clip_cls_token(prefix, num_frames: int):

@@ -50,6 +50,15 @@ class AdapterConfig:
         """Add the method's modules to ``captioner`` (frozen except its projector)."""
         raise NotImplementedError
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        """Leading vision encoder layers (embeddings included) this method leaves frozen and unhooked.
+
+        Their outputs depend on the clip alone, so a run may compute them once per clip and reuse
+        them (train/prefix_cache.py); ``dims.vision_layers`` when the whole tower is untouched.
+        0, the default, makes a method run the whole encoder every step until it says otherwise.
+        """
+        return 0
+
     def count_trainable(self, dims: ModelDims) -> int:
         return dims.projector_params + self.extra_trainable(dims)
 

@@ -47,6 +47,9 @@ class ResidualAdapterConfig(AdapterConfig):
                 raise ConfigError(f"adapter.reduction_factor: {self.reduction_factor} leaves no bottleneck "
                                   f"for the {tower} model's hidden size {hidden}")
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        return dims.vision_layers if self.target == "lm" else 0
+
     def tower_params(self, hidden: int, bottleneck: int, layers: int) -> int:
         """Closed-form parameter count of one tower's adapters (two positions per layer)."""
         raise NotImplementedError

@@ -19,6 +19,9 @@ class FrozenConfig(AdapterConfig):
     def starts_at_base(self) -> bool:
         return True
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        return dims.vision_layers
+
     def extra_trainable(self, dims: ModelDims) -> int:
         return 0
 

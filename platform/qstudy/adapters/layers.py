@@ -263,6 +263,10 @@ class MultiscaleFusion(nn.Module):
         visual = self.visual_projection(multiscale) * self.visual_scale
         self.visual = visual.reshape(-1, self.num_frames * visual.shape[1], visual.shape[2])
 
+    def select_rows(self, clip_of_row: torch.Tensor) -> None:
+        """Each caption row's clip's V, when a batch holds several captions of a clip."""
+        self.visual = self.visual[clip_of_row]
+
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
         visual = self.visual
         if visual.shape[0] != normed.shape[0]:  # beam search repeats each clip's rows

@@ -58,6 +58,9 @@ class LoraConfig(AdapterConfig):
             if self.rank > smallest:
                 raise ConfigError(f"adapter.rank: {self.rank} exceeds the smallest targeted width {smallest}")
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        return dims.vision_layers if self.target == "lm" else 0
+
     def extra_trainable(self, dims: ModelDims) -> int:
         return sum(self.rank * sum(shape) for _, shapes, modules in self._targets(dims)
                    for shape in _matching_shapes(shapes, modules))

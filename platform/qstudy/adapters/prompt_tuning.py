@@ -33,6 +33,9 @@ class PromptTuningConfig(AdapterConfig):
         if self.mid_dim is not None and self.mid_dim < 1:
             raise ConfigError(f"adapter.mid_dim: {self.mid_dim} must be >= 1 (or null for no reparametrisation)")
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        return dims.vision_layers
+
     def extra_trainable(self, dims: ModelDims) -> int:
         d = dims.lm_hidden
         reparametrisation = 0 if self.mid_dim is None else 2 * d * self.mid_dim + self.mid_dim + d

@@ -67,6 +67,9 @@ class QAdapterConfig(AdapterConfig):
         if self.num_query_tokens < 1:
             raise ConfigError(f"adapter.num_query_tokens: {self.num_query_tokens} must be >= 1")
 
+    def frozen_vision_layers(self, dims: ModelDims) -> int:
+        return resolve_layers(self.insertion_layers, dims.vision_layers)[0]
+
     def extra_trainable(self, dims: ModelDims) -> int:
         hidden, rank = dims.vision_hidden, self.rank
         gate = {"none": 0, "tanh": 1, "sigmoid": hidden}[self.gating]

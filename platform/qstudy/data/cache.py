@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,43 +125,78 @@ def _in_order(pool: ProcessPoolExecutor, decode, clips: list[Clip], window: int)
         yield pending.popleft().result()
 
 
-def _build(entry: Path, clips: list[Clip], settings: DecodeSettings, workers: int, progress: bool) -> None:
-    """Decode every clip into ``<entry>.partial``, then publish it as ``entry`` in one rename."""
-    partial = entry.with_name(entry.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a writer that died: we hold the lock now
-    partial.mkdir()
+def write_durably(path: Path, chunks: Iterable) -> None:
+    """Write ``chunks`` (bytes-like) to ``path`` and fsync it: an entry is published only once its files are on disk."""
+    with open(path, "wb") as out:
+        for chunk in chunks:
+            out.write(memoryview(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def publish(root: Path, name: str, write: Callable[[Path], None]) -> bool:
+    """Make the entry ``root/name`` exist, built by ``write(directory)`` unless a process on this node has; True if built here.
+
+    ``write`` fills a fresh ``<name>.partial`` directory (with :func:`write_durably`) under a
+    per-name lock; one rename then publishes it, so a reader never sees half an entry and a
+    writer that dies leaves only the partial directory, which the next builder removes.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / name
+    if entry.exists():
+        return False
+    lock = FileLock(str(root / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building %s; waiting for it", entry)
+        lock.acquire()
+    try:
+        if entry.exists():  # the process we waited for built it
+            return False
+        partial = entry.with_name(name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a writer that died: we hold the lock now
+        partial.mkdir()
+        write(partial)
+        _fsync_dir(partial)
+        os.rename(partial, entry)
+        _fsync_dir(root)
+        return True
+    finally:
+        lock.release()
+
+
+def _write_frames(partial: Path, clips: list[Clip], settings: DecodeSettings, workers: int, progress: bool) -> None:
+    """Decode every clip into ``partial``: the frames file and the index of what decoded."""
     decode = functools.partial(try_sample, **asdict(settings))
     kept, skipped, clip_shape = [], [], None
     # Spawned, not forked: the caller may be a Ray worker or hold torch's threads.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    try:
+
+    def decoded_frames():
+        nonlocal clip_shape
         results = _in_order(pool, decode, clips, window=4 * workers) if pool else map(decode, clips)
-        with open(partial / FRAMES_FILE, "wb") as out:
-            for position, (frames, skip) in enumerate(tqdm(results, total=len(clips), disable=not progress,
-                                                           desc=f"decoding {len(clips)} videos ({workers} processes)")):
-                if skip is not None:
-                    skipped.append(skip)
-                    continue
-                if clip_shape is None:
-                    clip_shape = frames.shape
-                elif frames.shape != clip_shape:
-                    raise RuntimeError(f"{clips[position].path}: decoded to {frames.shape}, other clips to {clip_shape}")
-                out.write(memoryview(np.ascontiguousarray(frames, np.uint8)))
-                kept.append(position)
-            out.flush()
-            os.fsync(out.fileno())
+        for position, (frames, skip) in enumerate(tqdm(results, total=len(clips), disable=not progress,
+                                                       desc=f"decoding {len(clips)} videos ({workers} processes)")):
+            if skip is not None:
+                skipped.append(skip)
+                continue
+            if clip_shape is None:
+                clip_shape = frames.shape
+            elif frames.shape != clip_shape:
+                raise RuntimeError(f"{clips[position].path}: decoded to {frames.shape}, other clips to {clip_shape}")
+            kept.append(position)
+            yield np.ascontiguousarray(frames, np.uint8)
+
+    try:
+        write_durably(partial / FRAMES_FILE, decoded_frames())
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     shape = [len(kept), *(clip_shape or (settings.num_frames, settings.size, settings.size, 3))]
-    index = {"key": entry.name, "settings": asdict(settings), "shape": shape, "kept": kept, "skipped": skipped}
-    with open(partial / INDEX_FILE, "w") as out:
-        json.dump(index, out, indent=1)
-        out.flush()
-        os.fsync(out.fileno())
-    _fsync_dir(partial)
-    os.rename(partial, entry)
-    _fsync_dir(entry.parent)
+    index = {"key": partial.name.removesuffix(".partial"), "settings": asdict(settings), "shape": shape,
+             "kept": kept, "skipped": skipped}
+    write_durably(partial / INDEX_FILE, [json.dumps(index, indent=1).encode()])
 
 
 def _open(entry: Path, clips: list[Clip], decoded: int) -> CachedSplit:
@@ -174,23 +210,10 @@ def _open(entry: Path, clips: list[Clip], decoded: int) -> CachedSplit:
 def cached_frames(annotations: Path, clips: list[Clip], settings: DecodeSettings, root: Path,
                   workers: int | None = None, progress: bool = True) -> CachedSplit:
     """The frames of ``clips`` from the cache under ``root``, decoding them first if no process on this node has."""
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / cache_key(annotations, clips, settings)
-    decoded = 0
-    if not entry.exists():
-        lock = FileLock(str(root / f"{entry.name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another process is decoding %s; waiting for it", entry)
-            lock.acquire()
-        try:
-            if not entry.exists():  # the process we waited for may have built it
-                _build(entry, clips, settings, _worker_count(workers, len(clips)), progress)
-                decoded = len(clips)
-        finally:
-            lock.release()
-    return _open(entry, clips, decoded)
+    key = cache_key(annotations, clips, settings)
+    built = publish(root, key, functools.partial(_write_frames, clips=clips, settings=settings,
+                                                 workers=_worker_count(workers, len(clips)), progress=progress))
+    return _open(root / key, clips, len(clips) if built else 0)
 
 
 def split_frames(data: DataConfig, split: str, size: int, limit: int | None = None,

@@ -26,7 +26,7 @@ from qstudy.model.captioner import Captioner
 from qstudy.model.tiny import build_tiny
 from qstudy.train.checks import check_steps
 from qstudy.train.engine import cpu_threads, make_engine
-from qstudy.train.recipe import caption_batches, load_split, steps_per_epoch
+from qstudy.train.recipe import caption_batches, epoch_examples, load_split, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,12 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     trainable = apply_adapter(captioner, FullFineTuningConfig())
     train = TrainConfig(batch_size=spec.batch_size, learning_rate=spec.learning_rate, warmup_ratio=spec.warmup_ratio)
     engine = make_engine(captioner, trainable, train, total_steps=spec.steps)
-    data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames)
+    # Per-pair batches, as the base was built before batches were grouped by clip: a BaseSpec names the same base.
+    data = DataConfig(annotations=str(annotations), video_dir=str(data_dir / "videos"), num_frames=spec.num_frames,
+                      batching="pairs")
     train_split = load_split(data, "train", captioner.image_size, progress=progress)
-    check_steps(steps_per_epoch(train_split, train), train_split.clips, train)  # else the loop below never ends
+    # Else the loop below never ends.
+    check_steps(steps_per_epoch(train_split, data, train), len(epoch_examples(train_split, data)), data, train)
     rng = random.Random(spec.seed)
 
     captioner.train()
@@ -80,7 +83,7 @@ def pretrain_base(base_dir: str | Path, spec: BaseSpec = BaseSpec(), progress: b
     with cpu_threads(spec.threads), tqdm(total=spec.steps, desc="pretraining the tiny base", unit="step",
                                          disable=not progress) as bar:
         while step < spec.steps:
-            for frames, captions in caption_batches(train_split, spec.batch_size, rng):
+            for frames, captions, _ in caption_batches(train_split, data, spec.batch_size, rng):
                 token_ids, token_mask = captioner.tokenize(captions)
                 loss = captioner(frames, token_ids, token_mask)
                 engine.step(loss)

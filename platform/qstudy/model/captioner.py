@@ -6,6 +6,11 @@ head), plus any tokens an adapter adds, is projected to the LM's width with a le
 frame-position embedding; optionally one clip token merged from all frames follows them. These tokens form a prefix the LM conditions on; training is
 next-token loss on the caption only, decoding is greedy (or beam search). Everything loads
 through ``from_pretrained(name_or_path)``.
+
+A training batch may hold several captions of one clip: the vision side then runs once per
+clip and each caption row reads its clip's prefix. With ``prefix_depth`` set, the vision input
+is a clip's hidden states after the tower's first ``prefix_depth`` layers (computed once by
+``vision_prefix`` and stored), and only the remaining layers run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ from qstudy.model.dims import ModelDims
 # CLIP's pixel statistics; SigLIP and most towers ship their own in the image processor.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Towers whose forward ``vision_prefix`` and ``_vision_suffix`` split in two, by config model_type:
+# whether the embeddings are normed before the first layer (CLIP's pre_layrnorm), and how the
+# last layer's output becomes (last_hidden_state, pooled) as the tower's own forward makes them.
+_SPLIT_TOWERS = {
+    "clip_vision_model": (True, lambda tower, hidden: (hidden, tower.post_layernorm(hidden[:, 0]))),
+    "siglip_vision_model": (False, lambda tower, hidden: _siglip_end(tower, tower.post_layernorm(hidden))),
+}
+
+
+def _siglip_end(tower, last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return last_hidden, tower.head(last_hidden) if tower.use_head else None
 
 
 class Projector(nn.Module):
@@ -116,6 +133,12 @@ class Captioner(nn.Module):
         # Adapters that feed the LM a different visual prefix (ADEM-VL pools it to one token) map the
         # projected prefix (batch, tokens, lm_hidden) to the one the LM receives.
         self.prefix_hooks: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        # Adapters that keep per-clip state for the LM (ADEM-VL's visual features) take each caption
+        # row's clip index when a batch has several captions per clip.
+        self.row_hooks: list[Callable[[torch.Tensor], None]] = []
+        # Set when a run reuses the frozen prefix (train/recipe.py): the vision input is then the states
+        # after this many layers.
+        self.prefix_depth: int | None = None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         if tokenizer.pad_token_id is None:
@@ -192,22 +215,68 @@ class Captioner(nn.Module):
     def image_size(self) -> int:
         return self.vision.config.image_size
 
-    def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (batch, frames, H, W, 3) -> the vision side's tokens (batch, frames, tokens, vision_hidden)."""
-        batch, num_frames = frames.shape[:2]
+    @property
+    def splits_vision_tower(self) -> bool:
+        """Whether ``vision_prefix`` knows this tower family's forward (frozen-prefix reuse needs it)."""
+        return self.vision.config.model_type in _SPLIT_TOWERS
+
+    def _pixels(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (batch, frames, H, W, 3) -> normalised pixels (batch * frames, 3, H, W) in the model's dtype."""
         # uint8 crosses to the device: a quarter of the bytes of the float pixels made from it there.
         pixels = frames.to(self.device).flatten(0, 1).permute(0, 3, 1, 2).float().div(255)
-        pixels = ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
-        output = self.vision(pixel_values=pixels)
-        pooled = output.pooler_output
+        return ((pixels - self.pixel_mean) / self.pixel_std).to(self.projector.frame_embedding.dtype)
+
+    def vision_prefix_modules(self, depth: int) -> list[nn.Module]:
+        """What ``vision_prefix`` runs: the embeddings, their norm where the tower has one, the first ``depth`` layers."""
+        normed_embeddings, _ = _SPLIT_TOWERS[self.vision.config.model_type]
+        norm = [self.vision.pre_layrnorm] if normed_embeddings else []
+        return [self.vision.embeddings, *norm, *self.encoder_layers[:depth]]
+
+    def vision_prefix(self, frames: torch.Tensor, depth: int) -> torch.Tensor:
+        """uint8 frames (batch, frames, H, W, 3) -> hidden states after the tower's first ``depth`` layers.
+
+        (batch, frames, sequence, vision_hidden): what the tower's own forward holds at that
+        depth, which ``visual_tokens`` continues from when ``prefix_depth`` is ``depth``.
+        """
+        batch, num_frames = frames.shape[:2]
+        normed_embeddings, _ = _SPLIT_TOWERS[self.vision.config.model_type]
+        hidden = self.vision.embeddings(self._pixels(frames))
+        if normed_embeddings:
+            hidden = self.vision.pre_layrnorm(hidden)
+        for layer in self.encoder_layers[:depth]:
+            hidden = layer(hidden, None)  # vision towers attend without a mask
+        return hidden.unflatten(0, (batch, num_frames))
+
+    def _vision_suffix(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored states (batch, frames, sequence, hidden) -> the tower's (last_hidden_state, pooled) per frame."""
+        hidden = states.to(self.device).flatten(0, 1).to(self.projector.frame_embedding.dtype)
+        for layer in self.encoder_layers[self.prefix_depth:]:
+            hidden = layer(hidden, None)
+        _, end = _SPLIT_TOWERS[self.vision.config.model_type]
+        return end(self.vision, hidden)
+
+    def visual_tokens(self, visual: torch.Tensor) -> torch.Tensor:
+        """Vision input -> the vision side's tokens (batch, frames, tokens, vision_hidden).
+
+        ``visual`` is uint8 frames (batch, frames, H, W, 3), or, with ``prefix_depth`` set,
+        the states ``vision_prefix`` gave at that depth (any float dtype; they are cast).
+        """
+        batch, num_frames = visual.shape[:2]
+        if visual.dtype == torch.uint8:
+            output = self.vision(pixel_values=self._pixels(visual))
+            last_hidden, pooled = output.last_hidden_state, output.pooler_output
+        elif self.prefix_depth is None:
+            raise ValueError(f"vision input of dtype {visual.dtype}: frames are uint8; states need prefix_depth set")
+        else:
+            last_hidden, pooled = self._vision_suffix(visual)
         if pooled is None:  # a SigLIP tower shipped without its attention-pool head, as VLMs often take it
-            pooled = output.last_hidden_state.mean(dim=1)
-        tokens = [pooled[:, None, :]] + self._grid_tokens(output.last_hidden_state)
+            pooled = last_hidden.mean(dim=1)
+        tokens = [pooled[:, None, :]] + self._grid_tokens(last_hidden)
         tokens += [extra() for extra in self.extra_frame_tokens]
         return torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (batch, frames, H, W, 3) -> visual prefix (batch, prefix_len, lm_hidden)."""
+        """Vision input (see ``visual_tokens``) of a batch of clips -> visual prefix (batch, prefix_len, lm_hidden)."""
         frame_tokens = self.visual_tokens(frames)
         prefix = self.projector(frame_tokens)
         for hook in self.prefix_hooks:
@@ -248,9 +317,20 @@ class Captioner(nn.Module):
             mask[i, : len(row)] = 1
         return ids, mask
 
-    def forward(self, frames: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss over caption tokens (the visual prefix is never a target)."""
+    def forward(self, frames: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor,
+                clip_of_row: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss over caption tokens (the visual prefix is never a target).
+
+        ``clip_of_row[i]`` is the clip (index into ``frames``) caption row i describes: each
+        clip's vision side runs once however many of its captions the batch holds, and its
+        prefix's gradients sum over them. None: one caption per clip, in order.
+        """
         prefix = self.encode_frames(frames)
+        if clip_of_row is not None:
+            clip_of_row = clip_of_row.to(self.device)
+            prefix = prefix[clip_of_row]
+            for hook in self.row_hooks:
+                hook(clip_of_row)
         token_ids, token_mask = token_ids.to(self.device), token_mask.to(self.device)
         inputs, mask = self._lm_inputs(prefix, token_ids, token_mask)
         logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits

@@ -10,8 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from qstudy.config import ConfigError, QstudyError, TrainConfig
-from qstudy.data.annotations import Clip
+from qstudy.config import ConfigError, DataConfig, QstudyError, TrainConfig
 from qstudy.train.engine import world_size
 
 
@@ -29,13 +28,13 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"output_dir: {output_dir} is not writable")
 
 
-def check_steps(steps: int, clips: list[Clip], train: TrainConfig) -> None:
-    """An epoch must take at least one optimiser step: only whole steps are taken, so a batch can outgrow the data."""
+def check_steps(steps: int, examples: int, data: DataConfig, train: TrainConfig) -> None:
+    """An epoch of ``examples`` must take an optimiser step: only whole steps are taken, so a batch can outgrow the data."""
     if steps < 1:
-        pairs = sum(len(clip.captions) for clip in clips)
+        unit = "training clips" if data.batching == "clips" else "training pairs (clip, caption)"
         raise ConfigError(f"train.batch_size {train.batch_size} (x gradient_accumulation_steps "
-                          f"{train.gradient_accumulation_steps} x {world_size()} ranks) is more than the {pairs} "
-                          "training pairs (clip, caption): an epoch would take no step")
+                          f"{train.gradient_accumulation_steps} x {world_size()} ranks) is more than the {examples} "
+                          f"{unit}: an epoch would take no step")
 
 
 def check_loss(loss: float, epoch: int, train: TrainConfig) -> None:

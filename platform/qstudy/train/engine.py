@@ -37,6 +37,17 @@ def ensure_process_group_env() -> None:
                           MASTER_PORT=str(_free_port()))
 
 
+def join_process_group() -> None:
+    """Join the launcher's process group (torchrun sets WORLD_SIZE > 1) if nothing has yet.
+
+    Ray Train joins it before the recipe starts; under torchrun DeepSpeed would only inside
+    ``initialize``, after the recipe has counted the epoch's steps for the LR schedule with a
+    world of one.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -28,29 +28,32 @@ from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
 from qstudy.train.checks import check_loss, check_steps, prepare_output_dir
 from qstudy.train.device import autocast, peak_memory_mb, select_device
-from qstudy.train.engine import Engine, make_engine, rank, world_size
+from qstudy.train.engine import Engine, join_process_group, make_engine, rank, world_size
+from qstudy.train.prefix_cache import prefix_states, reuse_depth
 
 log = logging.getLogger(__name__)
 
 
-class SplitFrames:
-    """A split's frames as batches of uint8 tensors, copied out of the cache's memory map on indexing.
+class MappedRows:
+    """A split's per-clip rows (uint8 frames, or 16-bit prefix states) as tensors, copied out of a memory map on indexing.
 
-    A run holds one batch of frames at a time, not the split: the map's pages belong to the
-    node's page cache, shared by every run on the node. Blind frames are zeros of the batch's
-    shape; the split is never read for them.
+    A run holds one batch at a time, not the split: the map's pages belong to the node's page
+    cache, shared by every run on the node. Blind frames are zeros of the batch's shape; the
+    split is never read for them. ``view``: the torch dtype of stored 16-bit values.
     """
 
-    def __init__(self, frames: np.ndarray, blind: bool = False):
-        self._source = np.broadcast_to(np.zeros((), np.uint8), frames.shape) if blind else frames
-        self.shape = frames.shape
+    def __init__(self, rows: np.ndarray, blind: bool = False, view: torch.dtype | None = None):
+        self._source = np.broadcast_to(np.zeros((), rows.dtype), rows.shape) if blind else rows
+        self._view = view
+        self.shape = rows.shape
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
         # One gather into fresh memory, for slices too: a tensor must not alias the read-only map.
-        return torch.from_numpy(np.take(self._source, np.arange(len(self))[index], axis=0))
+        rows = torch.from_numpy(np.take(self._source, np.arange(len(self))[index], axis=0))
+        return rows if self._view is None else rows.view(self._view)
 
 
 @dataclass
@@ -58,8 +61,16 @@ class SplitData:
     """A split: the clips that decoded, their frames, and the videos that could not be read."""
 
     clips: list[Clip]
-    frames: SplitFrames  # split.frames[indices] -> (len(indices), frames, H, W, 3) uint8 tensor
+    frames: MappedRows  # split.frames[indices] -> (len(indices), frames, H, W, 3) uint8 tensor
     skipped: list[dict]
+    entry: str = ""  # the frame cache entry the frames come from
+    # The clips' states after the frozen prefix, when the run reuses it: what the captioner reads instead.
+    states: MappedRows | None = None
+
+    @property
+    def visual(self) -> MappedRows:
+        """What the captioner's vision side reads for these clips: the prefix states, else the frames."""
+        return self.frames if self.states is None else self.states
 
 
 @dataclass
@@ -98,50 +109,92 @@ class RunResult:
 def load_split(data: DataConfig, split: str, image_size: int, limit: int | None = None, progress: bool = True) -> SplitData:
     """A split from the node's frame cache (decoded into it first if no run has yet)."""
     cached = split_frames(data, split, image_size, limit, progress)
-    return SplitData(cached.clips, SplitFrames(cached.frames, data.blind), cached.skipped)
+    return SplitData(cached.clips, MappedRows(cached.frames, data.blind), cached.skipped, cached.path.name)
 
 
-def caption_batches(split: SplitData, batch_size: int, rng: random.Random, num_batches: int | None = None,
-                    shard: tuple[int, int] | None = None):
-    """One epoch of shuffled (clip, reference caption) pairs in full batches: this rank's share of them.
+def reuse_frozen_prefix(captioner: Captioner, splits: list[SplitData], config: RunConfig, progress: bool) -> None:
+    """Where the method leaves the encoder's first layers frozen, the splits' states after them replace their frames.
 
+    The states come from the node's prefix cache (computed into it by the first run that needs
+    them); the captioner then runs only the layers after them. Called before the engine casts
+    the model: the prefix is computed in fp32 whatever the run's precision.
+    """
+    depth, why = reuse_depth(captioner, config)
+    log.info("frozen-prefix reuse: %s", why)
+    if not depth:
+        return
+    for split in splits:
+        states, dtype = prefix_states(captioner, split.frames, split.entry, depth, config, progress)
+        split.states = MappedRows(states, view=dtype)
+    captioner.prefix_depth = depth
+
+
+def epoch_examples(split: SplitData, data: DataConfig, rng: random.Random | None = None) -> list[tuple[int, tuple]]:
+    """One epoch's examples, shuffled by ``rng``: (clip index, its captions) per clip, or one per (clip, caption) pair.
+
+    An epoch visits every clip once with its captions (all of them, or ``captions_per_clip``
+    drawn afresh each epoch); ``batching: pairs`` splits each clip into one example per caption.
+    How many there are does not depend on ``rng`` (None: unshuffled, each clip's first captions).
+    """
+    examples = []
+    for index, clip in enumerate(split.clips):
+        captions = clip.captions
+        if data.captions_per_clip is not None and data.captions_per_clip < len(captions):
+            captions = tuple(rng.sample(captions, data.captions_per_clip) if rng else captions[:data.captions_per_clip])
+        examples += [(index, captions)] if data.batching == "clips" else [(index, (caption,)) for caption in captions]
+    if rng is not None:
+        rng.shuffle(examples)
+    return examples
+
+
+def caption_batches(split: SplitData, data: DataConfig, batch_size: int, rng: random.Random,
+                    num_batches: int | None = None, shard: tuple[int, int] | None = None):
+    """One epoch of ``epoch_examples`` in full batches of ``batch_size``: this rank's share of them.
+
+    Yields (vision input, captions, clip_of_row), as ``Captioner.forward`` takes them: with
+    clip batches, the batch's clips once each and every caption row's clip; with pairs, one
+    vision input per caption (clip_of_row None), as before clips were grouped.
     As ``DistributedSampler(drop_last=True)``: every rank of ``shard = (rank, world)`` (default:
-    this process's) yields the same number of batches, ``num_batches`` or as many as the pairs
-    give every rank, because a rank that steps once more waits forever in an all-reduce the
-    others never join. The same ``rng`` state on every rank gives disjoint shares.
+    this process's) yields the same number of batches, ``num_batches`` or as many as the
+    examples give every rank, because a rank that steps once more waits forever in an
+    all-reduce the others never join. The same ``rng`` state on every rank gives disjoint shares.
     """
     this_rank, world = shard or (rank(), world_size())
-    pairs = [(i, caption) for i, clip in enumerate(split.clips) for caption in clip.captions]
-    rng.shuffle(pairs)
+    examples = epoch_examples(split, data, rng)
     if num_batches is None:
-        num_batches = len(pairs) // (world * batch_size)
-    share = pairs[: num_batches * world * batch_size][this_rank::world]
+        num_batches = len(examples) // (world * batch_size)
+    share = examples[: num_batches * world * batch_size][this_rank::world]
     for start in range(0, len(share), batch_size):
         chunk = share[start:start + batch_size]
-        yield split.frames[[i for i, _ in chunk]], [caption for _, caption in chunk]
+        captions = [caption for _, clip_captions in chunk for caption in clip_captions]
+        clip_of_row = None if data.batching == "pairs" else torch.tensor(
+            [row for row, (_, clip_captions) in enumerate(chunk) for _ in clip_captions])
+        yield split.visual[[index for index, _ in chunk]], captions, clip_of_row
 
 
-def steps_per_epoch(split: SplitData, train: TrainConfig, world: int | None = None) -> int:
+def steps_per_epoch(split: SplitData, data: DataConfig, train: TrainConfig, world: int | None = None) -> int:
     """Optimiser steps in one epoch, the same on every rank of ``world`` (default: this process group's).
 
-    A step takes ``gradient_accumulation_steps`` micro-batches from every rank; whole steps
-    only, so no epoch ends (and checkpoints) with gradients half accumulated; at most
-    ``max_steps_per_epoch``. ``train_epoch`` asks ``caption_batches`` for exactly these.
+    A step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size`` examples
+    (``epoch_examples``) from every rank; whole steps only, so no epoch ends (and checkpoints)
+    with gradients half accumulated; at most ``max_steps_per_epoch``. ``train_epoch`` asks
+    ``caption_batches`` for exactly these.
     """
-    pairs = sum(len(clip.captions) for clip in split.clips)
-    steps = pairs // ((world or world_size()) * train.batch_size * train.gradient_accumulation_steps)
+    examples = len(epoch_examples(split, data))
+    steps = examples // ((world or world_size()) * train.batch_size * train.gradient_accumulation_steps)
     return min(steps, train.max_steps_per_epoch or steps)
 
 
 def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
     captioner.train()
     rng = random.Random(config.train.seed * 1000 + epoch)
-    micro_batches = steps_per_epoch(split, config.train) * config.train.gradient_accumulation_steps
+    micro_batches = steps_per_epoch(split, config.data, config.train) * config.train.gradient_accumulation_steps
     losses = []
-    for step, (frames, captions) in enumerate(caption_batches(split, config.train.batch_size, rng, micro_batches)):
+    batches = caption_batches(split, config.data, config.train.batch_size, rng, micro_batches)
+    for step, (visual, captions, clip_of_row) in enumerate(batches):
         token_ids, token_mask = captioner.tokenize(captions)
         with autocast(captioner.device, config.train.precision):
-            loss = engine.model(frames, token_ids, token_mask)
+            loss = engine.model(visual, token_ids, token_mask, clip_of_row)
         engine.step(loss)
         losses.append(loss.item())
         if step % config.train.log_every == 0:
@@ -155,7 +208,7 @@ def predict(captioner: Captioner, split: SplitData, config: EvalConfig) -> dict[
     predictions = {}
     for start in range(0, len(split.clips), config.batch_size):
         clips = split.clips[start:start + config.batch_size]
-        texts = captioner.generate(split.frames[start:start + len(clips)], config.max_new_tokens, config.num_beams)
+        texts = captioner.generate(split.visual[start:start + len(clips)], config.max_new_tokens, config.num_beams)
         predictions.update({clip.video_id: text for clip, text in zip(clips, texts)})
     return predictions
 
@@ -179,6 +232,7 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir)
     torch.manual_seed(config.train.seed)
+    join_process_group()  # every rank's share of an epoch, and so the LR schedule, depends on the world size
 
     # Model: base + adapter; only what the adapter returns trains.
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
@@ -191,11 +245,12 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     image_size = config.data.image_size or captioner.image_size
     train_split, val_split = (load_split(config.data, split, image_size, limit, progress)
                               for split, limit in run_splits(config.data))
+    reuse_frozen_prefix(captioner, [train_split, val_split], config, progress)
 
     # The learning-rate schedule spans the whole run, so the engine needs its length.
-    steps = steps_per_epoch(train_split, config.train)
-    check_steps(steps, train_split.clips, config.train)
-    engine = make_engine(captioner, trainable, config.train, config.train.epochs * steps)
+    train_steps = steps_per_epoch(train_split, config.data, config.train)
+    check_steps(train_steps, len(epoch_examples(train_split, config.data)), config.data, config.train)
+    engine = make_engine(captioner, trainable, config.train, config.train.epochs * train_steps)
 
     start_epoch = 0
     if resume_from is not None:
@@ -210,7 +265,7 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
             with autocast(device, config.train.precision):
                 val, examples = evaluate(captioner, val_split, scorer, config.eval)
             result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples, train_seconds,
-                                 steps_per_epoch(train_split, config.train), peak_memory_mb(device))
+                                 train_steps, peak_memory_mb(device))
             epochs.append(result)
             log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))
             if on_epoch is not None:
