@@ -43,6 +43,9 @@ def _encode(path: Path, codec: str, width: int, height: int, frames: int = 8, ra
     with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # One encoder thread: libvpx sizes its threads from the CPUs this process may use, and
+        # its open failed (EINVAL) once in a full suite run at the default.
+        stream.codec_context.thread_count = 1
         for index in range(frames):
             image = np.full((height, width, 3), index * 25 % 256, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
@@ -444,7 +447,9 @@ TABLE = {
     "caption-tokens-zero": train_case({"model.max_caption_tokens": 0}, "model.max_caption_tokens"),
     "adapter-float-nan": train_case({"adapter": {"method": "lora", "alpha": NAN}}, "adapter.alpha", "nan"),
     # Class 2: runs that would train nothing, or report the score of garbage, are errors naming the cause.
-    "lr-diverges": data_case("train.learning_rate", "loss", overrides={"train.learning_rate": 1e30}),
+    # One clip per step: the loss of an epoch's first step is taken before any update, so it needs a second.
+    "lr-diverges": data_case("train.learning_rate", "loss", overrides={"train.learning_rate": 1e30,
+                                                                       "train.batch_size": 1}),
     "batch-larger-than-data": data_case("train.batch_size", "training clips", overrides={"train.batch_size": 21}),
     "accumulation-larger-than-data": data_case("train.batch_size", "gradient_accumulation_steps",
                                                overrides={"train.gradient_accumulation_steps": 6}),
