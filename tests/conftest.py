@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import av  # noqa: F401 - before decord: its bundled FFmpeg, loaded first, makes PyAV's libvpx encoder fail to open
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

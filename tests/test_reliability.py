@@ -43,9 +43,6 @@ def _encode(path: Path, codec: str, width: int, height: int, frames: int = 8, ra
     with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One encoder thread: libvpx sizes its threads from the CPUs this process may use, and
-        # its open failed (EINVAL) once in a full suite run at the default.
-        stream.codec_context.thread_count = 1
         for index in range(frames):
             image = np.full((height, width, 3), index * 25 % 256, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
