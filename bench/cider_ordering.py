@@ -37,7 +37,7 @@ def arm_config(arm: str, base_seed: int, seed: int, output_dir: Path):
     """The tiny preset (a Q-Adapter run) on the base of ``base_seed``, or one of its floors, for one seed."""
     from qstudy.cli import DEMO_CONFIG, tiny_base_dir
     from qstudy.config import RunConfig
-    from qstudy.model.base import BaseSpec, pretrain_base
+    from qstudy.train.pretrain import BaseSpec, pretrain_base
     from qstudy.train.floors import floor_config
 
     config = RunConfig.from_yaml(DEMO_CONFIG)
@@ -93,7 +93,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from qstudy.cli import _quiet_libraries, tiny_base_dir
-    from qstudy.model.base import BaseSpec, pretrain_base
+    from qstudy.train.pretrain import BaseSpec, pretrain_base
 
     _quiet_libraries()
     for base_seed in args.base_seeds:  # before any run, so that no two workers build one base

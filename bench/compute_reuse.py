@@ -69,7 +69,8 @@ def measure(models: Path, cache: Path, name: str, clips: int, steps: int, pair_b
     """Build the method, then time each batching's step in turn; epoch seconds per batching and the prefix build."""
     import torch
 
-    from qstudy.adapters import adapter_config_from_mapping, apply_adapter
+    from qstudy.methods import adapter_config_from_mapping
+    from qstudy.methods.inject import apply_adapter
     from qstudy.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from qstudy.model.captioner import Captioner
     from qstudy.train.engine import make_engine

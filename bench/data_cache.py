@@ -157,7 +157,7 @@ def main() -> None:
         print(json.dumps(measure(args.worker[0], Path(args.worker[1]), Path(args.worker[2]))))
         return
 
-    from qstudy.config import qstudy_home
+    from qstudy.core.paths import qstudy_home
 
     directory = args.dir or qstudy_home() / "bench" / "msrvtt-like"
     prepare(directory, args.distinct, args.clips)

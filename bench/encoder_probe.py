@@ -82,7 +82,7 @@ def main() -> None:
     from qstudy.cli import DEMO_CONFIG, _quiet_libraries, tiny_base_dir
     from qstudy.config import RunConfig
     from qstudy.export import load_trained
-    from qstudy.model.base import BaseSpec, pretrain_base
+    from qstudy.train.pretrain import BaseSpec, pretrain_base
     from qstudy.model.captioner import Captioner
     from qstudy.train.recipe import run
 

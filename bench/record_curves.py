@@ -75,7 +75,7 @@ def workspace() -> dict:
     import hashlib
 
     from qstudy.cli import tiny_base_dir
-    from qstudy.config import qstudy_home
+    from qstudy.core.paths import qstudy_home
 
     base, data = tiny_base_dir(), qstudy_home() / "data" / "target"
     files = sorted(base.glob("*/*.safetensors")) + [base / "projector.safetensors", data / "annotations.json",

@@ -61,9 +61,10 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
     """Runs inside the subprocess: build, adapt, time ``steps`` optimiser steps after two warm-ups."""
     import torch
 
-    from qstudy.adapters import ADAPTERS, apply_adapter, count_parameters
+    from qstudy.methods import ADAPTERS
+    from qstudy.methods.inject import apply_adapter, count_parameters
     from qstudy.config import ModelConfig, TrainConfig
-    from qstudy.model.base import BaseSpec
+    from qstudy.train.pretrain import BaseSpec
     from qstudy.model.captioner import Captioner
     from qstudy.train.engine import make_engine
 
@@ -107,8 +108,8 @@ def _rss_mb(field: str = "VmHWM") -> float:
 
 def share_table(methods: list[str]) -> str:
     """Trainable count and share at paper scale for each paper LM, from the closed-form counts."""
-    from qstudy.adapters import ADAPTERS
-    from qstudy.model.dims import ModelDims
+    from qstudy.methods import ADAPTERS
+    from qstudy.core.dims import ModelDims
 
     vision, lms = paper_towers()
     vision_config, vision_shapes = _meta_shapes(*vision)
@@ -151,7 +152,7 @@ def main() -> None:
         print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.worker[2], args.steps)))
         return
 
-    from qstudy.adapters import ADAPTERS
+    from qstudy.methods import ADAPTERS
 
     methods = args.methods or sorted(ADAPTERS, key=lambda m: m != "full")  # full first: the anchor
     print(share_table(methods), "\n")

@@ -80,7 +80,7 @@ def main() -> None:
 
     import ray
     from qstudy.cli import prepare_tiny_workspace
-    from qstudy.config import qstudy_home
+    from qstudy.core.paths import qstudy_home
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -10,7 +10,8 @@ RAY_ADDRESS, which `ray job submit` sets.
 import sys
 
 from qstudy.cli import build_parser, main
-from qstudy.config import load_yaml, qstudy_home
+from qstudy.core.validate import load_yaml
+from qstudy.core.paths import qstudy_home
 from qstudy.study.tuner import STATE_FILE, study_dir
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Used by tests/study/test_space.py and the repository-wide YAML test (tests/test_
 
 from __future__ import annotations
 
-from qstudy.model.dims import ModelDims
+from qstudy.core.dims import ModelDims
 
 
 def tiny_dims() -> ModelDims:

@@ -5,8 +5,9 @@ import sys
 import pytest
 import yaml
 
-from qstudy.adapters.qadapter import QAdapterConfig
-from qstudy.config import ConfigError, RunConfig
+from qstudy.methods.qadapter.config import QAdapterConfig
+from qstudy.core.errors import ConfigError
+from qstudy.config import RunConfig
 
 VALID = {
     "data": {"annotations": "a.json", "video_dir": "videos"},

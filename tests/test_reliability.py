@@ -511,7 +511,7 @@ def adapter(tiny_workspace, tmp_path_factory) -> Path:
     """An exported adapter as `qstudy export` writes one: the preset's config and its (initial) trainable weights."""
     from safetensors.torch import save_file
 
-    from qstudy.adapters import apply_adapter
+    from qstudy.methods.inject import apply_adapter
     from qstudy.config import RunConfig
     from qstudy.model.captioner import Captioner
     from qstudy.train.engine import trainable_state

@@ -36,7 +36,7 @@ def validate_search_space(path: Path) -> None:
 
 def validate_dashboard_view(path: Path) -> None:
     from qstudy.analysis.views import parse_view
-    from qstudy.config import load_yaml
+    from qstudy.core.validate import load_yaml
 
     parse_view(path.stem, load_yaml(path))
 

@@ -8,7 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from qstudy.config import ConfigError, QstudyError, RunConfig, check_path_component, load_yaml, qstudy_home
+from qstudy.core.errors import ConfigError, QstudyError
+from qstudy.config import RunConfig
+from qstudy.core.paths import check_path_component, qstudy_home
+from qstudy.core.validate import load_yaml
 
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
@@ -53,7 +56,7 @@ def cmd_data_cache(args) -> None:
 
 
 def cmd_base(args) -> None:
-    from qstudy.model.base import BaseSpec, pretrain_base
+    from qstudy.train.pretrain import BaseSpec, pretrain_base
 
     _quiet_libraries()
     spec = BaseSpec(seed=args.seed) if args.steps is None else BaseSpec(steps=args.steps, seed=args.seed)
@@ -69,7 +72,7 @@ def tiny_base_dir(seed: int = 0) -> Path:
 def prepare_tiny_workspace(home: Path) -> None:
     """The embedded default's inputs: target-domain clips and the pretrained tiny base."""
     from qstudy.data.synthetic import SyntheticSpec, generate
-    from qstudy.model.base import pretrain_base
+    from qstudy.train.pretrain import pretrain_base
 
     if not (home / "data" / "target" / "annotations.json").exists():
         generate(home / "data" / "target", SyntheticSpec(domain="target"))

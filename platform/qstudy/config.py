@@ -7,161 +7,14 @@ validation and the Tune driver can use it.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-
-def qstudy_home() -> Path:
-    """Where generated data, the cached base and local studies live (``$QSTUDY_HOME``, default ./.qstudy)."""
-    return Path(os.environ.get("QSTUDY_HOME", ".qstudy")).resolve()
-
-
-def expand_path(value: str) -> str:
-    """Expand ``${QSTUDY_HOME}``, other environment variables and ``~`` in a path-like value."""
-    os.environ.setdefault("QSTUDY_HOME", str(qstudy_home()))
-    return os.path.expanduser(os.path.expandvars(value))
-
-
-class QstudyError(Exception):
-    """Bad input, or a run that cannot train: one line naming the field or file; the CLI prints it and exits 2."""
-
-
-class ConfigError(QstudyError, ValueError):
-    """A config file or mapping does not match the schema; the message names the field."""
-
-
-def check_path_component(value: str, where: str) -> str:
-    """``value`` if it names one entry inside a directory: a name or id read from a file must not reach outside it."""
-    if value in ("", ".", "..") or any(sep in value for sep in ("/", "\\", "\0")):
-        raise ConfigError(f"{where}: {value!r} is not a plain name (no path separators, not '.' or '..')")
-    return value
-
-
-def check_at_least(section: str, obj: Any, **minimums: int | float) -> None:
-    """Each named field of ``obj`` is ``None`` (where its type allows) or at least its minimum."""
-    for name, minimum in minimums.items():
-        value = getattr(obj, name)
-        if value is not None and value < minimum:
-            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a type annotation, converting nested mappings to dataclasses."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_type, *_) = typing.get_args(annotation) or (Any,)
-        items = [coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        return from_mapping(annotation, value, where)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # YAML's .nan and .inf: no setting means either
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation in (str, bool):
-        if not isinstance(value, annotation):
-            raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
-        return value
-    raise TypeError(f"{where}: unsupported annotation {annotation!r}")
-
-
-def from_mapping(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing keys by name."""
-    prefix = f"{where}." if where else ""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (allowed: {', '.join(sorted(fields))})")
-    values = {}
-    for name, spec in fields.items():
-        if name in data:
-            values[name] = coerce(data[name], hints[name], f"{prefix}{name}")
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {prefix}{name}")
-    try:
-        return cls(**values)
-    except (ValueError, TypeError) as error:
-        if isinstance(error, ConfigError):
-            raise
-        raise ConfigError(f"{where or cls.__name__}: {error}") from error
-
-
-def to_mapping(obj: Any) -> Any:
-    """The inverse of :func:`from_mapping`: plain dicts and lists, ready for YAML or JSON."""
-    if dataclasses.is_dataclass(obj):
-        mapping = {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-        method = getattr(obj, "method", None)
-        return {"method": method, **mapping} if method and "method" not in mapping else mapping
-    if isinstance(obj, (list, tuple)):
-        return [to_mapping(item) for item in obj]
-    if isinstance(obj, dict):
-        return {key: to_mapping(value) for key, value in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, naming the file in every error."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+from qstudy.core.errors import ConfigError
+from qstudy.core.paths import check_path_component, expand_path, qstudy_home
+from qstudy.core.validate import check_at_least, from_mapping, load_yaml, to_mapping
+from qstudy.methods import AdapterConfig
 
 
 @dataclass
@@ -278,7 +131,7 @@ class RunConfig:
 
     data: DataConfig
     model: ModelConfig
-    adapter: Any  # an AdapterConfig subclass, chosen by its ``method`` key
+    adapter: AdapterConfig  # the registered subclass its ``method`` key names
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
@@ -286,14 +139,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict, base_dir: Path | None = None) -> "RunConfig":
         """Validate a mapping; relative data and model paths resolve against ``base_dir``."""
-        from qstudy.adapters import adapter_config_from_mapping
-
-        data = dict(data)
-        if "adapter" not in data:
-            raise ConfigError("missing key adapter")
-        adapter = adapter_config_from_mapping(data.pop("adapter"), where="adapter")
-        config = from_mapping(cls, {**data, "adapter": None})
-        config.adapter = adapter
+        config = from_mapping(cls, data)
         if base_dir is not None:
             config.resolve_paths(base_dir)
         return config

@@ -33,7 +33,8 @@ import yaml
 from qstudy.analysis.mlflow_records import client_for, download_artifact
 from qstudy.analysis.pareto import TrialRecord, best_under_budget
 from qstudy.analysis.report import StudySelection, parameter_count
-from qstudy.config import ConfigError, QstudyError, RunConfig
+from qstudy.core.errors import ConfigError, QstudyError
+from qstudy.config import RunConfig
 
 if TYPE_CHECKING:
     from qstudy.model.captioner import Captioner
@@ -225,7 +226,7 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from qstudy.adapters import apply_adapter
+    from qstudy.methods.inject import apply_adapter
     from qstudy.model.captioner import Captioner
     from qstudy.train.device import select_device
 

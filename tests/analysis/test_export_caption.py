@@ -108,7 +108,7 @@ def test_export_front_then_reload_gives_the_trials_outputs_exactly(trained_trial
     import torch
     from safetensors.torch import load_file
 
-    from qstudy.adapters import apply_adapter
+    from qstudy.methods.inject import apply_adapter
     from qstudy.export import load_adapter
     from qstudy.model.captioner import Captioner
 

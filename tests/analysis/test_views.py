@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qstudy.analysis.views import OPTIONS_BY_VIEW, default_views_dir, load_views
-from qstudy.config import ConfigError
+from qstudy.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qstudy.config import ConfigError
+from qstudy.core.errors import ConfigError
 from qstudy.data.annotations import read_clips
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

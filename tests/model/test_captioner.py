@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qstudy.adapters import ADAPTERS, apply_adapter
+from qstudy.methods import ADAPTERS
+from qstudy.methods.inject import apply_adapter
 from qstudy.model.captioner import Captioner
 
 NUM_FRAMES = 2

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from qstudy.cli import DEMO_CONFIG
-from qstudy.config import ConfigError, ModelConfig, RunConfig
+from qstudy.core.errors import ConfigError
+from qstudy.config import ModelConfig, RunConfig
 from qstudy.model.captioner import Captioner, Projector
-from qstudy.model.dims import ModelDims
+from qstudy.core.dims import ModelDims
 
 
 def dims(frame_grid: int, temporal_merger_rank: int) -> ModelDims:

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from qstudy.config import ConfigError
+from qstudy.core.errors import ConfigError
 from qstudy.study.space import BUDGET_CONSTRAINT, SpaceSampler, load_space, parse_space
 from shapes import paper_dims, tiny_dims
 

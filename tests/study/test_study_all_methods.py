@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from servers import SPACES, finish, mlflow_runs, study
 
-from qstudy.adapters import ADAPTERS
+from qstudy.methods import ADAPTERS
 
 pytestmark = pytest.mark.timeout(600)
 

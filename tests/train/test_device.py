@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qstudy.adapters import ADAPTERS, apply_adapter
+from qstudy.methods import ADAPTERS
+from qstudy.methods.inject import apply_adapter
 from qstudy.config import DataConfig, TrainConfig
 from qstudy.data.annotations import Clip
 from qstudy.model.captioner import Captioner

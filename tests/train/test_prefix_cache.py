@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from qstudy.adapters import adapter_config_from_mapping, apply_adapter
+from qstudy.methods import adapter_config_from_mapping
+from qstudy.methods.inject import apply_adapter
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
 from qstudy.model.captioner import Captioner

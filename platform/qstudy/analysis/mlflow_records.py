@@ -46,7 +46,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     """``uri`` as given, else the embedded default (the sqlite store under ``$QSTUDY_HOME``)."""
     if uri:
         return uri
-    from qstudy.config import qstudy_home
+    from qstudy.core.paths import qstudy_home
     from qstudy.study.tracking import default_tracking_uri
 
     return default_tracking_uri(qstudy_home())

@@ -15,7 +15,7 @@ from pathlib import Path
 from qstudy.analysis.mlflow_records import StudyRun, client_for, find_study, load_records, resolve_tracking_uri
 from qstudy.analysis.pareto import StudyAnalysis, TrialRecord, analyse, base_total_params, front_table, parse_budget
 from qstudy.analysis.views import ViewSpec
-from qstudy.config import ConfigError
+from qstudy.core.errors import ConfigError
 from qstudy.study.tracking import is_remote
 
 DASHBOARDS_ARTIFACT_DIR = "dashboards"

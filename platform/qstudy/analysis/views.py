@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qstudy.config import ConfigError, from_mapping, load_yaml
+from qstudy.core.errors import ConfigError
+from qstudy.core.validate import from_mapping, load_yaml
 
 # Where the views live in a source checkout (editable installs and clones) and, failing that,
 # under the working directory, which is where `qstudy report` runs in a clone.

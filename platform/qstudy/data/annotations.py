@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from qstudy.config import ConfigError, check_path_component
+from qstudy.core.errors import ConfigError
+from qstudy.core.paths import check_path_component
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".mxf")
 

@@ -31,10 +31,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from qstudy.config import ConfigError, DataConfig, RunConfig, qstudy_home
+from qstudy.core.errors import ConfigError
+from qstudy.config import DataConfig, RunConfig
+from qstudy.core.paths import qstudy_home
 from qstudy.data.annotations import Clip, read_clips
 from qstudy.data.frames import try_sample
-from qstudy.model.dims import read_config, vision_tower_config
+from qstudy.core.dims import read_config, vision_tower_config
 
 log = logging.getLogger(__name__)
 

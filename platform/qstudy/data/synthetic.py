@@ -19,7 +19,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from qstudy.config import ConfigError, check_at_least
+from qstudy.core.errors import ConfigError
+from qstudy.core.validate import check_at_least
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 # The target domain keeps the caption language (so the frozen LM can already say every word,

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from qstudy.config import ConfigError, ModelConfig
-from qstudy.model.dims import ModelDims
+from qstudy.core.errors import ConfigError
+from qstudy.config import ModelConfig
+from qstudy.core.dims import ModelDims
 
 # CLIP's pixel statistics; SigLIP and most towers ship their own in the image processor.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qstudy.config import (ConfigError, ModelConfig, RunConfig, check_path_component, expand_path, from_mapping,
-                           load_yaml)
-from qstudy.model.dims import ModelDims
+from qstudy.core.errors import ConfigError
+from qstudy.config import ModelConfig, RunConfig
+from qstudy.core.paths import check_path_component, expand_path
+from qstudy.core.validate import from_mapping, load_yaml
+from qstudy.core.dims import ModelDims
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Optuna objectives, in this order: CIDEr is maximised, trainable parameters minimised.
@@ -249,7 +251,7 @@ def _validate_arm(space: SearchSpace, arm: Arm) -> None:
 
 
 def _parse_arms(arms: dict) -> list[Arm]:
-    from qstudy.adapters import ADAPTERS
+    from qstudy.methods import ADAPTERS
 
     parsed = []
     for method, params in arms.items():

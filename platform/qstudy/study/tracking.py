@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qstudy.config import ConfigError
+from qstudy.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

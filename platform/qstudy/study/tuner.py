@@ -24,7 +24,8 @@ import yaml
 
 from qstudy.analysis.pareto import TrialRecord, front_table
 from qstudy.analysis.report import format_counts, read_studies, trial_counts
-from qstudy.config import ConfigError, load_yaml
+from qstudy.core.errors import ConfigError
+from qstudy.core.validate import load_yaml
 from qstudy.study import tracking
 from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
 from qstudy.study.trial import StudyContext, run_name, run_trial

@@ -10,7 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from qstudy.config import ConfigError, DataConfig, QstudyError, TrainConfig
+from qstudy.core.errors import ConfigError, QstudyError
+from qstudy.config import DataConfig, TrainConfig
 from qstudy.train.engine import world_size
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from qstudy.adapters import apply_adapter, count_parameters
+from qstudy.methods.inject import apply_adapter, count_parameters
 from qstudy.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from qstudy.data.annotations import Clip
 from qstudy.data.cache import run_splits, split_frames

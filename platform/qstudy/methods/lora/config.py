@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 def _matching_shapes(shapes: dict[str, tuple[int, ...]], modules: list[str]) -> list[tuple[int, ...]]:
@@ -42,7 +42,7 @@ class LoraConfig(AdapterConfig):
     def starts_at_base(self) -> bool:  # peft zero-initialises B
         return True
 
-    def _targets(self, dims: ModelDims) -> list[tuple[str, dict, list[str]]]:
+    def targets(self, dims: ModelDims) -> list[tuple[str, dict, list[str]]]:
         towers = {"vision": ("vision", dims.vision_shapes, self.vision_modules),
                   "lm": ("lm", dims.lm_shapes, self.lm_modules)}
         return list(towers.values()) if self.target == "both" else [towers[self.target]]
@@ -50,7 +50,7 @@ class LoraConfig(AdapterConfig):
     def validate(self, dims: ModelDims) -> None:
         if self.rank < 1:
             raise ConfigError(f"adapter.rank: {self.rank} must be >= 1")
-        for tower, shapes, modules in self._targets(dims):
+        for tower, shapes, modules in self.targets(dims):
             matched = _matching_shapes(shapes, modules)
             if not matched:
                 raise ConfigError(f"adapter.{tower}_modules: none of {modules} is a linear layer of the {tower} model")
@@ -62,15 +62,5 @@ class LoraConfig(AdapterConfig):
         return dims.vision_layers if self.target == "lm" else 0
 
     def extra_trainable(self, dims: ModelDims) -> int:
-        return sum(self.rank * sum(shape) for _, shapes, modules in self._targets(dims)
+        return sum(self.rank * sum(shape) for _, shapes, modules in self.targets(dims)
                    for shape in _matching_shapes(shapes, modules))
-
-    def inject(self, captioner) -> None:
-        import peft
-
-        for tower, _, modules in self._targets(captioner.dims):
-            model = getattr(captioner, tower)
-            present = {name.rpartition(".")[2] for name, _ in model.named_modules()}
-            config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                                     target_modules=[m for m in modules if m in present])
-            peft.inject_adapter_in_model(config, model)

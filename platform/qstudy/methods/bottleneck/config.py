@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims, is_norm_module
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims, is_norm_module
 
 
 @dataclass
@@ -31,7 +31,9 @@ class ResidualAdapterConfig(AdapterConfig):
     reduction_factor: int = 16
     unfreeze_layer_norms: bool = True
 
-    starts_at_base = True  # every subclass zero-initialises what its adapters add
+    @property
+    def starts_at_base(self) -> bool:  # every subclass zero-initialises what its adapters add
+        return True
 
     def towers(self, dims: ModelDims) -> list[tuple[str, int, int]]:
         """(tower, hidden width, layers) of each targeted tower."""
@@ -54,10 +56,6 @@ class ResidualAdapterConfig(AdapterConfig):
         """Closed-form parameter count of one tower's adapters (two positions per layer)."""
         raise NotImplementedError
 
-    def tower_adapters(self, hidden: int, bottleneck: int, layers: int):
-        """The torch module holding one tower's adapters, called as ``module(hidden_states, position)``."""
-        raise NotImplementedError
-
     def extra_trainable(self, dims: ModelDims) -> int:
         total = 0
         for tower, hidden, layers in self.towers(dims):
@@ -65,22 +63,6 @@ class ResidualAdapterConfig(AdapterConfig):
             if self.unfreeze_layer_norms:
                 total += dims.norm_params(tower)
         return total
-
-    def inject(self, captioner) -> None:
-        from qstudy.adapters.layers import ATTENTION_NAMES, FEED_FORWARD_NAMES, after_layer, sublayer
-
-        for tower, hidden, layers in self.towers(captioner.dims):
-            adapters = self.tower_adapters(hidden, hidden // self.reduction_factor, layers)
-            captioner.adapter_modules[f"{self.method}_{tower}"] = adapters
-            blocks = captioner.encoder_layers if tower == "vision" else captioner.lm_blocks
-            for layer, block in enumerate(blocks):
-                for kind, names in enumerate((ATTENTION_NAMES, FEED_FORWARD_NAMES)):
-                    after_layer(sublayer(block, names), partial(adapters, position=2 * layer + kind))
-            if self.unfreeze_layer_norms:
-                for name, module in getattr(captioner, tower).named_modules():
-                    if is_norm_module(name):
-                        module.requires_grad_(True)
-
 
 @register
 @dataclass
@@ -95,8 +77,3 @@ class BottleneckConfig(ResidualAdapterConfig):
         positions = 2 * layers
         down, up = hidden * bottleneck + bottleneck, bottleneck * hidden + hidden
         return {"none": positions * (down + up), "single": down + up, "half": down + positions * up}[self.sharing]
-
-    def tower_adapters(self, hidden: int, bottleneck: int, layers: int):
-        from qstudy.adapters.layers import BottleneckAdapters
-
-        return BottleneckAdapters(hidden, bottleneck, 2 * layers, self.sharing)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstudy.adapters import apply_adapter
-from qstudy.adapters.full import FullFineTuningConfig
-from qstudy.config import DataConfig, ModelConfig, TrainConfig, check_at_least
+from qstudy.methods.inject import apply_adapter
+from qstudy.methods.full.config import FullFineTuningConfig
+from qstudy.config import DataConfig, ModelConfig, TrainConfig
+from qstudy.core.validate import check_at_least
 from qstudy.data import synthetic
 from qstudy.model.captioner import Captioner
 from qstudy.model.tiny import build_tiny

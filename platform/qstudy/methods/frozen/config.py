@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -24,6 +24,3 @@ class FrozenConfig(AdapterConfig):
 
     def extra_trainable(self, dims: ModelDims) -> int:
         return 0
-
-    def inject(self, captioner) -> None:
-        """Nothing to add: apply_adapter already froze all but the projector."""

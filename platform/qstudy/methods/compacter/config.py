@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.adapters.base import register
-from qstudy.adapters.bottleneck import ResidualAdapterConfig
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import register
+from qstudy.methods.bottleneck.config import ResidualAdapterConfig
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -44,8 +44,3 @@ class CompacterConfig(ResidualAdapterConfig):
         down = self.phm_rank * (hidden + bottleneck) + bottleneck
         up = self.phm_rank * (bottleneck + hidden) + hidden
         return self.phm_dim**3 + 2 * layers * (down + up)
-
-    def tower_adapters(self, hidden: int, bottleneck: int, layers: int):
-        from qstudy.adapters.layers import CompacterAdapters
-
-        return CompacterAdapters(hidden, bottleneck, 2 * layers, self.phm_dim, self.phm_rank)

@@ -16,15 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qstudy.adapters import ADAPTERS, adapter_config_from_mapping, apply_adapter, count_parameters
-from qstudy.adapters.bottleneck import ResidualAdapterConfig
+from qstudy.methods import ADAPTERS, adapter_config_from_mapping
+from qstudy.methods.inject import apply_adapter, count_parameters
+from qstudy.methods.bottleneck.config import ResidualAdapterConfig
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
 from qstudy.data.annotations import read_clips
 from qstudy.data.frames import decode_clips
 from qstudy.data.synthetic import caption_vocabulary
 from qstudy.model.captioner import Captioner
-from qstudy.model.dims import is_norm_module
+from qstudy.core.dims import is_norm_module
 from qstudy.model.tiny import build_tiny
 from qstudy.train.engine import trainable_state
 from qstudy.train.prefix_cache import STORAGE_DTYPES, prefix_states, reuse_depth

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qstudy.model.base import BaseSpec, pretrain_base
+from qstudy.train.pretrain import BaseSpec, pretrain_base
 
 SHORT = BaseSpec(source_clips=48, steps=24, batch_size=16)
 

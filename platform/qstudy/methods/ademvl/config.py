@@ -35,9 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -85,31 +85,6 @@ class AdemVLConfig(AdapterConfig):
         projection = d_vision * hidden + hidden + hidden * d_lm + d_lm
         embeddings = 2 * dims.num_frames * self.tokens_per_frame(dims.vision_grid) * d_lm
         return vision_adapters + projection + embeddings
-
-    def inject(self, captioner) -> None:
-        from torch import nn
-
-        from qstudy.adapters.layers import FEED_FORWARD_NAMES, MultiscaleFusion, ParallelAdapter, beside_sublayer, sublayer
-
-        dims = captioner.dims
-        if self.vision_adapter_dim:
-            adapters = nn.ModuleList(ParallelAdapter(dims.vision_hidden, self.vision_adapter_dim, scale=0.1)
-                                     for _ in captioner.encoder_layers)
-            captioner.adapter_modules["ademvl_vision"] = adapters
-            for layer, adapter in zip(captioner.encoder_layers, adapters):
-                beside_sublayer(sublayer(layer, FEED_FORWARD_NAMES), adapter)
-        fusion = MultiscaleFusion(dims.vision_hidden, dims.lm_hidden, dims.vision_grid, self.pool_strides,
-                                  dims.num_frames, self.projection_hidden, self.scale, self.visual_scale,
-                                  self.drop_ratio)
-        captioner.adapter_modules["ademvl_fusion"] = fusion
-        post_layernorm = captioner.vision.post_layernorm
-        captioner.encoder_layers[-2].register_forward_hook(
-            lambda _layer, _args, output: fusion.capture(post_layernorm(output[0] if isinstance(output, tuple) else output)))
-        for block in captioner.lm_blocks:
-            beside_sublayer(sublayer(block, FEED_FORWARD_NAMES), fusion)
-        captioner.prefix_hooks.append(partial(clip_cls_token, num_frames=dims.num_frames))
-        captioner.row_hooks.append(fusion.select_rows)
-
 
 def clip_cls_token(prefix, num_frames: int):
     """(batch, frames * tokens, d) prefix -> (batch, 1, d): the frames' projected pooled (CLS) tokens, averaged.

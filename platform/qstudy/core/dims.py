@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from qstudy.config import QstudyError
+from qstudy.core.errors import QstudyError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 

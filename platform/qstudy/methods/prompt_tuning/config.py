@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -40,11 +40,3 @@ class PromptTuningConfig(AdapterConfig):
         d = dims.lm_hidden
         reparametrisation = 0 if self.mid_dim is None else 2 * d * self.mid_dim + self.mid_dim + d
         return self.prompt_length * d + reparametrisation
-
-    def inject(self, captioner) -> None:
-        from qstudy.adapters.layers import PromptEncoder
-
-        embedding_std = captioner.lm.get_input_embeddings().weight.std().item()
-        prompts = PromptEncoder(self.prompt_length, captioner.dims.lm_hidden, self.mid_dim, embedding_std)
-        captioner.adapter_modules["prompt_tuning"] = prompts
-        captioner.lm_input_hooks.append(prompts)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -21,6 +21,3 @@ class FullFineTuningConfig(AdapterConfig):
 
     def extra_trainable(self, dims: ModelDims) -> int:
         return dims.vision_params + dims.lm_params + dims.temporal_merger_params
-
-    def inject(self, captioner) -> None:
-        captioner.requires_grad_(True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from qstudy.adapters import adapter_config_from_mapping
-from qstudy.adapters.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims, is_norm_module
+from qstudy.methods import adapter_config_from_mapping
+from qstudy.methods.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims, is_norm_module
 
 # The tiny preset's shapes: CLIP vision 64 wide, 4 layers, 32 px images in 8 px patches; GPT-2 128 wide, 2 layers.
 TINY = ModelDims(vision_hidden=64, vision_layers=4, vision_intermediate=128, lm_hidden=128, lm_layers=2,

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.adapters.base import register
-from qstudy.adapters.bottleneck import ResidualAdapterConfig
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import register
+from qstudy.methods.bottleneck.config import ResidualAdapterConfig
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 @register
@@ -43,8 +43,3 @@ class HyperformerConfig(ResidualAdapterConfig):
         projector = 3 * e * h + h + h * e + e
         generators = (e + 1) * (2 * bottleneck * hidden + bottleneck + hidden)
         return embeddings + projector + generators
-
-    def tower_adapters(self, hidden: int, bottleneck: int, layers: int):
-        from qstudy.adapters.layers import HyperAdapters
-
-        return HyperAdapters(hidden, bottleneck, layers, self.embedding_dim, self.projector_hidden)

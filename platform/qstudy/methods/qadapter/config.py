@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qstudy.adapters.base import AdapterConfig, register
-from qstudy.config import ConfigError
-from qstudy.model.dims import ModelDims
+from qstudy.methods.registry import AdapterConfig, register
+from qstudy.core.errors import ConfigError
+from qstudy.core.dims import ModelDims
 
 
 def resolve_layers(spec: str | list[int], num_layers: int, where: str = "adapter.insertion_layers") -> list[int]:
@@ -75,15 +75,3 @@ class QAdapterConfig(AdapterConfig):
         gate = {"none": 0, "tanh": 1, "sigmoid": hidden}[self.gating]
         per_layer = (hidden * rank + rank) + self.num_query_tokens * rank + (rank * hidden + hidden) + gate
         return per_layer * len(resolve_layers(self.insertion_layers, dims.vision_layers))
-
-    def inject(self, captioner) -> None:
-        from qstudy.adapters.layers import QueryAdapter, after_layer
-
-        blocks = []
-        for layer in resolve_layers(self.insertion_layers, captioner.dims.vision_layers):
-            block = QueryAdapter(captioner.dims.vision_hidden, self.rank, self.num_query_tokens, self.gating)
-            captioner.adapter_modules[f"qadapter_{layer}"] = block
-            after_layer(captioner.encoder_layers[layer], block)
-            blocks.append(block)
-        if self.queries_to_lm:
-            captioner.extra_frame_tokens.append(blocks[-1].query_tokens)

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, paths, config validation and model shapes; no torch, no other qstudy module."""

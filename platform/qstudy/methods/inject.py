@@ -1,0 +1,35 @@
+"""Putting a method on a captioner: freeze the base, run the method's ``modules.inject``, say what trains."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from qstudy.methods.registry import AdapterConfig
+
+
+def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base, keep the projector trainable, inject the method; return what trains."""
+    config.validate(captioner.dims)
+    captioner.requires_grad_(False)
+    captioner.projector.requires_grad_(True)
+    if captioner.projector.temporal_merger is not None:
+        # The merger is the vision side's pretrained motion reader (Qwen2-VL keeps its merger in
+        # the vision tower): it stays frozen with the tower, and adapting what it reads is the
+        # methods' job.
+        captioner.projector.temporal_merger.requires_grad_(False)
+    # The modules sit beside the config, in methods/<name>/modules.py; they load only here.
+    package = type(config).__module__.rpartition(".")[0]
+    importlib.import_module(f"{package}.modules").inject(config, captioner)
+    return [parameter for parameter in captioner.parameters() if parameter.requires_grad]
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    trainable = total = 0
+    for parameter in module.parameters():  # parameters() already yields each tensor once
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total

@@ -1,0 +1,13 @@
+"""Prompt tuning's modules: learned prompt embeddings placed before the LM's input."""
+
+from __future__ import annotations
+
+from qstudy.methods.layers import PromptEncoder
+from qstudy.methods.prompt_tuning.config import PromptTuningConfig
+
+
+def inject(config: PromptTuningConfig, captioner) -> None:
+    embedding_std = captioner.lm.get_input_embeddings().weight.std().item()
+    prompts = PromptEncoder(config.prompt_length, captioner.dims.lm_hidden, config.mid_dim, embedding_std)
+    captioner.adapter_modules["prompt_tuning"] = prompts
+    captioner.lm_input_hooks.append(prompts)
