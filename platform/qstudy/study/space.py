@@ -357,6 +357,15 @@ class SpaceSampler:
         return {"method": method, SAMPLED: sampled}
 
 
+# Sized for the studies a space runs (SpaceFile.trials defaults to 8), not Optuna's defaults,
+# which assume hundreds of trials: TPE's 10 random start-up trials would leave an 8-trial study
+# random throughout, so half of it explores at random and the model guides the other half.
+TPE_STARTUP_TRIALS = 4
+# NSGA-II samples its first generation at random and selects only from a complete one: its
+# default generation of 50 would keep such a study random; at 8, every 8 trials are a generation.
+NSGA2_POPULATION = 8
+
+
 def make_sampler(name: str, seed: int):
     """The Optuna sampler by name; TPE and NSGA-II read the budget constraint from each trial."""
     import optuna
@@ -364,5 +373,5 @@ def make_sampler(name: str, seed: int):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True)
