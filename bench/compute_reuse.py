@@ -10,7 +10,7 @@ of 224 px per clip, 20 MSR-VTT-length captions per clip, CPU fp32, the recipe's 
 ways to train on the same epoch (every (clip, caption) pair once):
 
 - per pair: ``data.batching: pairs``, batches of ``--pair-batch`` pairs (P1's batch), the
-  encoder once per pair, as before issue 14;
+  encoder once per pair (what batching by pairs costs);
 - clip-grouped: batches of one clip with its 20 captions, the encoder once per clip;
 - clip-grouped + reuse: the same, reading the clips' states after the frozen layers from the
   prefix cache, built once beforehand (its cost is reported apart: once per node and study).

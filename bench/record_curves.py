@@ -40,18 +40,18 @@ def sample_configs(space, count: int, seed: int) -> list[dict]:
     """``count`` distinct configs of ``space`` drawn by Optuna's random sampler (seeded) through the study's sampler."""
     import optuna
 
-    from qstudy.study.space import SpaceSampler
+    from qstudy.study.space import SampledConfig, SpaceSampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     sampler, seen, configs = SpaceSampler(space), set(), []
     for _ in range(count * 20):  # small categorical arms (frozen) repeat: draw until enough distinct ones
-        sampled = sampler(study.ask())
-        key = json.dumps([sampled["method"], sampled["values"]], sort_keys=True)
+        sampled = SampledConfig.from_tune_config(sampler(study.ask()))
+        key = json.dumps([sampled.method, sampled.values], sort_keys=True)
         if key not in seen:
             seen.add(key)
-            configs.append({"method": sampled["method"], "values": sampled["values"],
-                            "trainable_params": sampled["trainable_params"]})
+            configs.append({"method": sampled.method, "values": sampled.values,
+                            "trainable_params": sampled.trainable_params})
         if len(configs) == count:
             break
     return configs

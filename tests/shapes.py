@@ -21,7 +21,7 @@ def tiny_dims() -> ModelDims:
         lm[f"transformer.h.{layer}.attn.c_attn.weight"] = (128, 384)
         lm[f"transformer.h.{layer}.attn.c_proj.weight"] = (128, 128)
         lm[f"transformer.h.{layer}.mlp.c_fc.weight"] = (128, 512)
-    return ModelDims(vision_hidden=64, vision_layers=4, vision_intermediate=128, lm_hidden=128, lm_layers=2,
+    return ModelDims(vision_hidden=64, vision_layers=4, lm_hidden=128, lm_layers=2,
                      num_frames=8, vision_shapes=vision, lm_shapes=lm, vision_image_size=32, vision_patch_size=8,
                      temporal_merger_rank=16)
 
@@ -35,6 +35,6 @@ def paper_dims() -> ModelDims:
         vision = CLIPVisionModel(CLIPVisionConfig(patch_size=16, image_size=224))
         lm = GPT2LMHeadModel(GPT2Config())
     shapes = lambda model: {name: tuple(p.shape) for name, p in model.named_parameters()}  # noqa: E731
-    return ModelDims(vision_hidden=768, vision_layers=12, vision_intermediate=3072, lm_hidden=768, lm_layers=12,
+    return ModelDims(vision_hidden=768, vision_layers=12, lm_hidden=768, lm_layers=12,
                      num_frames=8, vision_shapes=shapes(vision), lm_shapes=shapes(lm), vision_image_size=224,
                      vision_patch_size=16)

@@ -33,6 +33,7 @@ import yaml
 from qstudy.analysis.mlflow_records import client_for, download_artifact
 from qstudy.analysis.pareto import TrialRecord, best_under_budget
 from qstudy.analysis.report import StudySelection, parameter_count
+from qstudy.core.dims import numel, safetensors_shapes
 from qstudy.core.errors import ConfigError, QstudyError
 from qstudy.config import RunConfig
 
@@ -110,17 +111,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _weights_parameter_count(path: Path) -> int:
     """Parameters in a safetensors file, read from its header (no tensors loaded, no torch)."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(path), framework="numpy") as weights:
-        for name in weights.keys():
-            shape = weights.get_slice(name).get_shape()
-            count = 1
-            for size in shape:
-                count *= size
-            total += count
-    return total
+    return sum(numel(shape) for shape in safetensors_shapes(path).values())
 
 
 def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> None:
@@ -222,18 +213,17 @@ def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
 
 def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     """The base of ``config`` with its adapter and the trained weights in ``weights_path``, in eval mode."""
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from qstudy.methods.inject import apply_adapter
     from qstudy.model.captioner import Captioner
-    from qstudy.train.device import select_device
+    from qstudy.train.device import precision_dtype, select_device
 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     apply_adapter(captioner, config.adapter)
     # The trial trained (and so captioned) in its precision; bf16 weights in an fp32 model would not match.
-    captioner.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float32)
+    captioner.to(precision_dtype(config.train.precision))
     try:
         weights = load_file(weights_path)
     except (OSError, SafetensorError) as error:

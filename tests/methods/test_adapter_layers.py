@@ -12,7 +12,7 @@ from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims, is_norm_module
 
 # The tiny preset's shapes: CLIP vision 64 wide, 4 layers, 32 px images in 8 px patches; GPT-2 128 wide, 2 layers.
-TINY = ModelDims(vision_hidden=64, vision_layers=4, vision_intermediate=128, lm_hidden=128, lm_layers=2,
+TINY = ModelDims(vision_hidden=64, vision_layers=4, lm_hidden=128, lm_layers=2,
                  num_frames=4, vision_shapes={}, lm_shapes={}, vision_image_size=32, vision_patch_size=8)
 
 

@@ -15,7 +15,7 @@ from qstudy.core.dims import ModelDims
 
 
 def dims(frame_grid: int, temporal_merger_rank: int) -> ModelDims:
-    return ModelDims(vision_hidden=12, vision_layers=2, vision_intermediate=24, lm_hidden=10, lm_layers=2,
+    return ModelDims(vision_hidden=12, vision_layers=2, lm_hidden=10, lm_layers=2,
                      num_frames=3, vision_shapes={}, lm_shapes={}, frame_grid=frame_grid,
                      temporal_merger_rank=temporal_merger_rank)
 

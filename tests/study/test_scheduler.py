@@ -10,8 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from optuna.study._multi_objective import _fast_non_domination_rank
-from qstudy.study.scheduler import MultiObjectiveASHA, continues, crowding_distance, rank_order, rungs
+from qstudy.study.scheduler import MultiObjectiveASHA, continues, crowding_distance, front_ranks, rank_order, rungs
 from ray.tune.schedulers import TrialScheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -136,11 +135,11 @@ def _brute_force_fronts(losses: np.ndarray) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_optunas_sorting_means_non_dominated_fronts(seed):
-    """The sort is Optuna's private routine: pin its meaning, ties and duplicates included."""
+def test_front_ranks_are_the_non_dominated_fronts(seed):
+    """front_ranks wraps Optuna's private routine: pin its meaning, ties and duplicates included."""
     rng = random.Random(seed)
     losses = np.array([[rng.choice([0.5, 1.0, 1.5, 2.0]), rng.choice([10, 20, 30])] for _ in range(25)], dtype=float)
-    assert _fast_non_domination_rank(losses).tolist() == _brute_force_fronts(losses)
+    assert front_ranks(losses).tolist() == _brute_force_fronts(losses)
 
 
 def test_whatever_the_arrival_order_dominance_decides_the_extremes():

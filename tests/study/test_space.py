@@ -8,6 +8,7 @@ space is validated against shapes built from transformers config classes on the 
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,10 @@ import optuna
 import pytest
 import yaml
 from qstudy.core.errors import ConfigError
-from qstudy.study.space import BUDGET_CONSTRAINT, SpaceSampler, load_space, parse_space
+from qstudy.config import RunConfig
+from qstudy.methods.qadapter import config as qadapter_config
+from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, parse_space
+from qstudy.study.trial import StudyContext, worker_task
 from shapes import paper_dims, tiny_dims
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,14 +117,42 @@ def test_budget_marks_configs_infeasible_before_training():
     seen = {}
     for _ in range(12):
         trial = study.ask()
-        sampled = sampler(trial)
-        predicted = space.run_config(sampled["method"], sampled["values"]).adapter.count_trainable(dims)
-        assert sampled["trainable_params"] == predicted
-        assert sampled["over_budget"] == (predicted > space.parameter_budget)
+        sampled = SampledConfig.from_tune_config(sampler(trial))
+        predicted = space.run_config(sampled.method, sampled.values).adapter.count_trainable(dims)
+        assert sampled.trainable_params == predicted
+        assert sampled.over_budget == (predicted > space.parameter_budget)
         study.tell(trial, [0.0, predicted])
-        seen[sampled["method"]] = sampled["over_budget"]
+        seen[sampled.method] = sampled.over_budget
         assert study.trials[-1].constraints == {BUDGET_CONSTRAINT: predicted - space.parameter_budget}
     assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
+
+
+def test_a_trial_config_is_built_and_its_layers_resolved_once_from_sampler_to_worker(monkeypatch, tmp_path):
+    """The sampler's validated RunConfig is what the worker trains, carried through Ray's pickling, never rebuilt."""
+    space = parse(TINY_SPACE)
+    builds, resolutions = [], []
+    build = RunConfig.from_dict.__func__
+    monkeypatch.setattr(RunConfig, "from_dict", classmethod(lambda cls, *a, **k: builds.append(a) or build(cls, *a, **k)))
+    resolve = qadapter_config.resolve_layers
+    monkeypatch.setattr(qadapter_config, "resolve_layers", lambda *a, **k: resolutions.append(a) or resolve(*a, **k))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"method": "qadapter"})
+
+    tune_config = pickle.loads(pickle.dumps(SpaceSampler(space)(study.ask())))  # Tune hands the trial a copy
+    sampled = SampledConfig.from_tune_config(tune_config)
+    context = StudyContext(study_dir=str(tmp_path), space=space, tracking=None)
+    task = pickle.loads(pickle.dumps(worker_task(sampled, context, "t1")))  # as Ray ships it to the worker
+    adapter = task.run_config.adapter
+    adapter.validate(space.dims)  # what the worker's build asks: the shape check, the frozen prefix, the count
+    assert (adapter.frozen_vision_layers(space.dims), adapter.count_trainable(space.dims)) == (
+        adapter.layers(space.dims)[0], sampled.trainable_params)
+
+    assert (len(builds), len(resolutions)) == (1, 1)
+    assert tune_config["method"] == sampled.method == "qadapter"  # the live table's column
+    assert task.run_config.output_dir == str(tmp_path / "trials" / "t1")
+    assert sampled.run_config.output_dir != task.run_config.output_dir  # the sampler's copy is left as sampled
+    expected = space.run_config("qadapter", sampled.values).to_dict()
+    assert task.run_config.to_dict() == {**expected, "output_dir": str(tmp_path / "trials" / "t1")}
 
 
 def test_data_variants_are_the_distinct_data_sections_trials_can_get():

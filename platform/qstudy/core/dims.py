@@ -89,12 +89,21 @@ def read_weight_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
         shards = [_local_or_hub_file(name_or_path, "model.safetensors")]
     if None in shards:
         raise ModelNotFound(f"{name_or_path}: no model.safetensors")
-    shapes = {}
-    for shard in shards:
-        with safe_open(str(shard), framework="numpy") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+    return {key: shape for shard in shards for key, shape in safetensors_shapes(shard).items()}
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from one safetensors file's header; no tensor data is read."""
+    with safe_open(str(path), framework="numpy") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """The number of elements of a tensor of ``shape``."""
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def vision_tower_config(config: dict) -> dict:
@@ -115,7 +124,6 @@ class ModelDims:
 
     vision_hidden: int
     vision_layers: int
-    vision_intermediate: int
     lm_hidden: int
     lm_layers: int
     num_frames: int
@@ -145,7 +153,6 @@ class ModelDims:
         return cls(
             vision_hidden=vision["hidden_size"],
             vision_layers=vision["num_hidden_layers"],
-            vision_intermediate=vision["intermediate_size"],
             lm_hidden=lm_config.get("hidden_size", lm_config.get("n_embd")),
             lm_layers=lm_config.get("num_hidden_layers", lm_config.get("n_layer")),
             num_frames=num_frames,
@@ -159,11 +166,11 @@ class ModelDims:
 
     @property
     def vision_params(self) -> int:
-        return sum(_numel(shape) for shape in self.vision_shapes.values())
+        return sum(numel(shape) for shape in self.vision_shapes.values())
 
     @property
     def lm_params(self) -> int:
-        return sum(_numel(shape) for shape in self.lm_shapes.values())
+        return sum(numel(shape) for shape in self.lm_shapes.values())
 
     @property
     def vision_grid(self) -> int | None:
@@ -175,7 +182,7 @@ class ModelDims:
     def norm_params(self, tower: str) -> int:
         """Parameters of the normalisation layers of ``tower`` ("vision" or "lm"), by module name."""
         shapes = self.vision_shapes if tower == "vision" else self.lm_shapes
-        return sum(_numel(shape) for name, shape in shapes.items() if is_norm_module(name.rpartition(".")[0]))
+        return sum(numel(shape) for name, shape in shapes.items() if is_norm_module(name.rpartition(".")[0]))
 
     @property
     def base_tokens_per_frame(self) -> int:
@@ -212,10 +219,3 @@ def is_norm_module(name: str) -> bool:
     """
     leaf = name.rpartition(".")[2].lower()
     return leaf.startswith("ln") or "norm" in leaf
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

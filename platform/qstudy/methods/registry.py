@@ -9,13 +9,20 @@ modules and an ``inject(config, captioner)`` that adds them (``methods/inject.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from qstudy.core.dims import ModelDims
 from qstudy.core.errors import ConfigError
 from qstudy.core.validate import field_mapping, from_mapping
 
 ADAPTERS: dict[str, type["AdapterConfig"]] = {}
+
+TowerTarget = Literal["vision", "lm", "both"]  # the towers a method that may adapt either (or both) adapts
+
+
+def targeted_towers(target: TowerTarget) -> tuple[str, ...]:
+    """The towers ``target`` names, vision first: ``"both"`` is ``("vision", "lm")``."""
+    return ("vision", "lm") if target == "both" else (target,)
 
 
 def register(cls: type["AdapterConfig"]) -> type["AdapterConfig"]:

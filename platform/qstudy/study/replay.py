@@ -142,11 +142,12 @@ def make_run(table_path: str) -> Callable:
         from qstudy.study.space import read_dims
 
         started = time.perf_counter()
-        dims = read_dims(config.to_dict(), table_path)
+        mapping = config.to_dict()
+        dims = read_dims(mapping, table_path)
         table = load_table(table_path)
         method = config.adapter.method
         keys = {key for curve in table.curves if curve.method == method for key in curve.values}
-        curve = table.nearest(method, _dotted_values(config.to_dict(), keys))
+        curve = table.nearest(method, _dotted_values(mapping, keys))
         if config.train.epochs > table.epochs:
             raise ValueError(f"{table_path}: {table.epochs} epochs recorded, the trial asks for {config.train.epochs}")
         start = json.loads((resume_from / REPLAY_STATE).read_text())["epoch"] + 1 if resume_from else 0

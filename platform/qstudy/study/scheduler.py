@@ -16,8 +16,9 @@ The ranking is non-dominated sorting (CIDEr max, parameters min), then, inside a
 NSGA-II's crowding distance (larger first: the extremes and sparse regions of the front are
 kept), then arrival order; a result identical to an earlier one ranks after every distinct one. The sorting is
 Optuna's ``_fast_non_domination_rank``, the routine its NSGA-II sampler ranks with: a
-maintained implementation already installed, but private API, so
-``tests/study/test_scheduler.py`` pins its meaning against a brute-force definition.
+maintained implementation already installed, but private API (Optuna has no public one), so
+only :func:`front_ranks` touches it and ``tests/study/test_scheduler.py`` pins that function's
+meaning against a brute-force definition.
 
 The rungs are written to ``state_path`` after every change: Ray pickles a scheduler only as
 it was when the ``Tuner`` was built, so a resumed study reads them back from there. Imports
@@ -32,7 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from optuna.study._multi_objective import _fast_non_domination_rank
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 EPOCH = "epoch"  # 0-based index of the epoch a result closes (study/worker.py's epoch_metrics)
@@ -67,6 +67,13 @@ def crowding_distance(points: np.ndarray) -> np.ndarray:
     return distance[inverse.reshape(-1)]
 
 
+def front_ranks(losses: np.ndarray) -> np.ndarray:
+    """The 0-based non-dominated front of each row of ``losses`` (rows: points; every column minimised)."""
+    from optuna.study._multi_objective import _fast_non_domination_rank
+
+    return _fast_non_domination_rank(losses)
+
+
 def rank_order(results: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of ``(cider, trainable_params)`` results, best first (arrival order breaks the last ties).
 
@@ -78,7 +85,7 @@ def rank_order(results: Sequence[tuple[float, float]]) -> list[int]:
     if not results:
         return []
     losses = np.array([[-cider, params] for cider, params in results], dtype=float)  # both minimised
-    fronts = _fast_non_domination_rank(losses)
+    fronts = front_ranks(losses)
     crowding = np.zeros(len(results))
     for front in np.unique(fronts):
         members = np.flatnonzero(fronts == front)

@@ -305,12 +305,20 @@ def load_space(path: str | Path, dims: ModelDims | None = None) -> SearchSpace:
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
+SAMPLED = "sampled"  # the key of the trial's SampledConfig in the config dict Tune hands the trial
+
+
 @dataclass(frozen=True)
 class SampledConfig:
-    """What the sampler chose for one trial, as the trial driver receives it."""
+    """What the sampler chose for one trial and the run config built from it, validated once.
+
+    Tune carries it to the trial, and the trial to its workers, as the dataclass itself (Ray
+    pickles it): nothing downstream rebuilds or re-validates the config.
+    """
 
     method: str
     values: dict[str, Any]  # dotted run-config key -> value
+    run_config: RunConfig
     trainable_params: int
     over_budget: bool
 
@@ -319,8 +327,7 @@ class SampledConfig:
 
     @classmethod
     def from_tune_config(cls, config: dict) -> "SampledConfig":
-        return cls(method=config["method"], values=dict(config["values"]),
-                   trainable_params=int(config["trainable_params"]), over_budget=bool(config["over_budget"]))
+        return config[SAMPLED]
 
 
 @dataclass
@@ -334,6 +341,7 @@ class SpaceSampler:
     space: SearchSpace
 
     def __call__(self, trial) -> dict[str, Any]:
+        """Tune's config for the trial: ``method`` (the live table's column) and the :class:`SampledConfig`."""
         methods = [arm.method for arm in self.space.arms]
         method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
         # Names carry the arm: two arms may search the same key over different choices.
@@ -345,8 +353,17 @@ class SpaceSampler:
         budget = self.space.parameter_budget
         if budget is not None:
             trial.set_constraint(BUDGET_CONSTRAINT, trainable - budget)  # > 0: infeasible
-        return {"method": method, "values": values, "trainable_params": trainable,
-                "over_budget": budget is not None and trainable > budget}
+        sampled = SampledConfig(method, values, config, trainable, over_budget=budget is not None and trainable > budget)
+        return {"method": method, SAMPLED: sampled}
+
+
+# Sized for the studies a space runs (SpaceFile.trials defaults to 8), not Optuna's defaults,
+# which assume hundreds of trials: TPE's 10 random start-up trials would leave an 8-trial study
+# random throughout, so half of it explores at random and the model guides the other half.
+TPE_STARTUP_TRIALS = 4
+# NSGA-II samples its first generation at random and selects only from a complete one: its
+# default generation of 50 would keep such a study random; at 8, every 8 trials are a generation.
+NSGA2_POPULATION = 8
 
 
 def make_sampler(name: str, seed: int):
@@ -356,5 +373,5 @@ def make_sampler(name: str, seed: int):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True)

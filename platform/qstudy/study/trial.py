@@ -1,6 +1,6 @@
 """The per-trial driver, a Ray Tune function: sampled config in, trained on Ray Train workers, reported to Tune.
 
-One trial: turn the sampler's choice into a full run config, open the trial's MLflow child
+One trial: take the sampler's validated run config, open the trial's MLflow child
 run, skip configs over the parameter budget (reported infeasible, never trained), then
 train. With several workers (or ``force_trainer``) the driver starts a ``TorchTrainer``, Ray
 Train V2's pattern for Train inside Tune; a single worker trains in this actor instead,
@@ -14,6 +14,7 @@ training. Imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +55,22 @@ def run_name(method: str, trial_id: str) -> str:
     return f"{method}-{trial_id}"
 
 
+def worker_task(sampled: SampledConfig, context: StudyContext, trial_id: str) -> WorkerTask:
+    """The sampler's run config, given the trial's output directory, and where the worker logs it."""
+    run_config = dataclasses.replace(sampled.run_config, output_dir=str(Path(context.study_dir) / "trials" / trial_id))
+    return WorkerTask(trial_id=trial_id, run_name=run_name(sampled.method, trial_id), run_config=run_config,
+                      predicted_trainable=sampled.trainable_params, tracking=context.tracking,
+                      replay_table=context.replay_table)
+
+
 def run_trial(config: dict, context: StudyContext) -> None:
     """Tune's trainable: one trial from the sampler's ``config`` to a final report."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     sampled = SampledConfig.from_tune_config(config)
-    run_config = context.space.run_config(sampled.method, sampled.values)
-    run_config.output_dir = str(Path(context.study_dir) / "trials" / trial_id)
-    task = WorkerTask(trial_id=trial_id, run_name=run_name(sampled.method, trial_id), run_config=run_config.to_dict(),
-                      predicted_trainable=sampled.trainable_params, tracking=context.tracking,
-                      replay_table=context.replay_table)
+    task = worker_task(sampled, context, trial_id)
+    run_config = task.run_config
     raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
     tracker = TrialTracker(context.tracking, trial_id, task.run_name)
     if tracker.status() == FINISHED:  # trained before a killed driver's last saved state knew it

@@ -36,7 +36,7 @@ class WorkerTask:
 
     trial_id: str
     run_name: str
-    run_config: dict  # RunConfig.to_dict()
+    run_config: RunConfig  # as the sampler built and validated it, with the trial's output_dir
     predicted_trainable: int
     tracking: TrialTarget
     replay_table: str | None = None  # replay this table's curves (study/replay.py) instead of training
@@ -115,7 +115,7 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
 
     raise_if_failed_before(task)
     _quiet_libraries()
-    config = RunConfig.from_dict(task.run_config)
+    config = task.run_config
     output = Path(config.output_dir)
     tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None
 

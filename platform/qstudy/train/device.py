@@ -1,4 +1,4 @@
-"""Where this process computes: its device (Ray Train's, the GPU Ray assigned, or the local one) and its autocast.
+"""Where and in what this process computes: its device (Ray Train's, the GPU Ray assigned, or the local one), dtype and autocast.
 
 Every path that builds a captioner (the recipe on any worker, ``qstudy caption``) asks
 :func:`select_device` once and moves the model there; the captioner moves its inputs to
@@ -51,8 +51,16 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision -> the model's weights
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype a model trains (and so captions) in for ``train.precision``."""
+    return PRECISION_DTYPES[precision]
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast on a GPU for ``precision: bf16`` (softmax, norms and the loss stay fp32); nothing elsewhere."""
     if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=precision_dtype(precision))
     return nullcontext()

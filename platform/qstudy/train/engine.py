@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qstudy.config import TrainConfig
+from qstudy.train.device import precision_dtype
 
 
 def _free_port() -> int:
@@ -100,8 +101,7 @@ class Engine:
         self.captioner = captioner
         self.accumulation = config.gradient_accumulation_steps
         self.micro_steps = 0
-        self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-        captioner.to(self.dtype)
+        captioner.to(precision_dtype(config.precision))
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = lr_schedule(self.optimizer, config, total_steps)
         if world_size() > 1:
@@ -150,7 +150,6 @@ class DeepSpeedEngine(Engine):
 
         ensure_process_group_env()
         self.captioner = captioner
-        self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         ds_config = {
             "train_micro_batch_size_per_gpu": config.batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps,

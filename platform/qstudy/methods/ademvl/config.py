@@ -33,7 +33,6 @@ Fusion adds a non-zero term from the start (only e2 is zero), so it does not sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 from qstudy.methods.registry import AdapterConfig, register
 from qstudy.core.errors import ConfigError

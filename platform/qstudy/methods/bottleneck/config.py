@@ -15,19 +15,18 @@ position. Up-projections start at zero, so the adapted model starts exactly at t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.registry import AdapterConfig, TowerTarget, register, targeted_towers
 from qstudy.core.errors import ConfigError
-from qstudy.core.dims import ModelDims, is_norm_module
+from qstudy.core.dims import ModelDims
 
 
 @dataclass
 class ResidualAdapterConfig(AdapterConfig):
     """Where residual adapters go and what else trains; subclasses say what one tower's adapters are."""
 
-    target: Literal["vision", "lm", "both"] = "lm"
+    target: TowerTarget = "lm"
     reduction_factor: int = 16
     unfreeze_layer_norms: bool = True
 
@@ -37,9 +36,8 @@ class ResidualAdapterConfig(AdapterConfig):
 
     def towers(self, dims: ModelDims) -> list[tuple[str, int, int]]:
         """(tower, hidden width, layers) of each targeted tower."""
-        towers = {"vision": ("vision", dims.vision_hidden, dims.vision_layers),
-                  "lm": ("lm", dims.lm_hidden, dims.lm_layers)}
-        return list(towers.values()) if self.target == "both" else [towers[self.target]]
+        towers = {"vision": (dims.vision_hidden, dims.vision_layers), "lm": (dims.lm_hidden, dims.lm_layers)}
+        return [(tower, *towers[tower]) for tower in targeted_towers(self.target)]
 
     def validate(self, dims: ModelDims) -> None:
         if self.reduction_factor < 1:
@@ -50,7 +48,7 @@ class ResidualAdapterConfig(AdapterConfig):
                                   f"for the {tower} model's hidden size {hidden}")
 
     def frozen_vision_layers(self, dims: ModelDims) -> int:
-        return dims.vision_layers if self.target == "lm" else 0
+        return 0 if "vision" in targeted_towers(self.target) else dims.vision_layers
 
     def tower_params(self, hidden: int, bottleneck: int, layers: int) -> int:
         """Closed-form parameter count of one tower's adapters (two positions per layer)."""

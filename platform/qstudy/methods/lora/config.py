@@ -7,9 +7,7 @@ so one default list serves CLIP/SigLIP (q_proj, v_proj), GPT-2 (c_attn) and Llam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.registry import AdapterConfig, TowerTarget, register, targeted_towers
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
@@ -34,7 +32,7 @@ class LoraConfig(AdapterConfig):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target: Literal["vision", "lm", "both"] = "both"
+    target: TowerTarget = "both"
     vision_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lm_modules: list[str] = field(default_factory=lambda: ["c_attn", "q_proj", "v_proj"])
 
@@ -43,9 +41,9 @@ class LoraConfig(AdapterConfig):
         return True
 
     def targets(self, dims: ModelDims) -> list[tuple[str, dict, list[str]]]:
-        towers = {"vision": ("vision", dims.vision_shapes, self.vision_modules),
-                  "lm": ("lm", dims.lm_shapes, self.lm_modules)}
-        return list(towers.values()) if self.target == "both" else [towers[self.target]]
+        """(tower, its weight shapes, the module names LoRA wraps in it) of each targeted tower."""
+        towers = {"vision": (dims.vision_shapes, self.vision_modules), "lm": (dims.lm_shapes, self.lm_modules)}
+        return [(tower, *towers[tower]) for tower in targeted_towers(self.target)]
 
     def validate(self, dims: ModelDims) -> None:
         if self.rank < 1:
@@ -59,7 +57,7 @@ class LoraConfig(AdapterConfig):
                 raise ConfigError(f"adapter.rank: {self.rank} exceeds the smallest targeted width {smallest}")
 
     def frozen_vision_layers(self, dims: ModelDims) -> int:
-        return dims.vision_layers if self.target == "lm" else 0
+        return 0 if "vision" in targeted_towers(self.target) else dims.vision_layers
 
     def extra_trainable(self, dims: ModelDims) -> int:
         return sum(self.rank * sum(shape) for _, shapes, modules in self.targets(dims)

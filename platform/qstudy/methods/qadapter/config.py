@@ -13,7 +13,7 @@ Only the blocks and the projector train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from qstudy.methods.registry import AdapterConfig, register
@@ -55,23 +55,34 @@ class QAdapterConfig(AdapterConfig):
     gating: Literal["none", "tanh", "sigmoid"] = "tanh"
     rank: int = 16
     queries_to_lm: bool = False
+    # layers() memo: (insertion_layers, encoder depth) -> 0-based layers. It travels with the
+    # pickled config, so the sampler's resolution serves the trial's worker too.
+    _layers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def starts_at_base(self) -> bool:  # extra LM tokens change the LM's input from the start
         return not self.queries_to_lm
 
+    def layers(self, dims: ModelDims) -> list[int]:
+        """The 0-based encoder layers ``insertion_layers`` selects, resolved once per spec and depth."""
+        spec = tuple(self.insertion_layers) if isinstance(self.insertion_layers, list) else self.insertion_layers
+        key = (spec, dims.vision_layers)
+        if key not in self._layers:
+            self._layers[key] = resolve_layers(self.insertion_layers, dims.vision_layers)
+        return list(self._layers[key])
+
     def validate(self, dims: ModelDims) -> None:
-        resolve_layers(self.insertion_layers, dims.vision_layers)
+        self.layers(dims)
         if not 1 <= self.rank <= dims.vision_hidden:
             raise ConfigError(f"adapter.rank: {self.rank} must be in 1..{dims.vision_hidden} (the encoder's hidden size)")
         if self.num_query_tokens < 1:
             raise ConfigError(f"adapter.num_query_tokens: {self.num_query_tokens} must be >= 1")
 
     def frozen_vision_layers(self, dims: ModelDims) -> int:
-        return resolve_layers(self.insertion_layers, dims.vision_layers)[0]
+        return self.layers(dims)[0]
 
     def extra_trainable(self, dims: ModelDims) -> int:
         hidden, rank = dims.vision_hidden, self.rank
         gate = {"none": 0, "tanh": 1, "sigmoid": hidden}[self.gating]
         per_layer = (hidden * rank + rank) + self.num_query_tokens * rank + (rank * hidden + hidden) + gate
-        return per_layer * len(resolve_layers(self.insertion_layers, dims.vision_layers))
+        return per_layer * len(self.layers(dims))
