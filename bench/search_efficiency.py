@@ -140,7 +140,8 @@ def _quiet() -> None:
 
 def hypervolume_curve(completed: list[tuple[int, float, int]], budget: int, reference: tuple[float, float]) -> list[float]:
     """Hypervolume after each trial-epoch ``0..budget`` of the trials completed by then."""
-    from qstudy.analysis.pareto import TrialRecord, hypervolume, pareto_front
+    from qstudy.analysis.pareto import hypervolume, pareto_front
+    from qstudy.records import TrialRecord
 
     curve, front, events = [], [], iter(sorted(completed))
     pending = next(events, None)

@@ -530,26 +530,27 @@ def mlflow_uri(adapter, tmp_path_factory) -> str:
     """Three studies as the study engine logs them: one finished trial; a method tag that is a path; all failed."""
     from safetensors import safe_open
 
-    from qstudy.study import tracking
+    from qstudy.tracking import schema, writer
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    experiment = tracking.ensure_experiment(uri, "reliability", root / "artifacts")
+    experiment = writer.ensure_experiment(uri, "reliability", root / "artifacts")
     with safe_open(str(adapter / "adapter.safetensors"), framework="numpy") as weights:
         trainable = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
-    for study, method, status in [("reliability", "qadapter", tracking.FINISHED),
-                                  ("evil-tag", "/../../../evil", tracking.FINISHED),
-                                  ("all-failed", "qadapter", tracking.FAILED)]:
-        parent = tracking.start_study_run(uri, experiment, study, {})
-        target = tracking.TrialTarget(uri, experiment, parent, study, str(root / "outbox" / study))
-        tracker = tracking.TrialTracker(target, "t0", f"{method}-t0")
-        tracker.set_tags({"qstudy.method": method})
-        tracker.log_params({"method": method})
-        tracker.log_metrics({"val_cider": 0.5, "trainable_params": trainable, "total_params": 10 * trainable})
-        if status == tracking.FINISHED:
-            tracker.log_metrics({"cider": 0.5})
-            tracker.log_artifact(adapter / "config.yaml")
-            tracker.log_artifact(adapter / "adapter.safetensors")
+    for study, method, status in [("reliability", "qadapter", schema.FINISHED),
+                                  ("evil-tag", "/../../../evil", schema.FINISHED),
+                                  ("all-failed", "qadapter", schema.FAILED)]:
+        parent = writer.start_study_run(uri, experiment, study, {schema.BASE_TOTAL_PARAM: 10 * trainable})
+        target = writer.TrialTarget(uri, experiment, parent, study, str(root / "outbox" / study))
+        tracker = writer.TrialTracker(target, "t0", f"{method}-t0")
+        tracker.set_tags({schema.METHOD_TAG: method})
+        tracker.log_params(schema.trial_params(method, {}, over_budget=False, workers=1, deepspeed=False, zero_stage=0))
+        tracker.log_metrics({schema.VAL_CIDER: 0.5, schema.TRAINABLE_PARAMS: trainable,
+                             schema.TOTAL_PARAMS: 10 * trainable})
+        if status == schema.FINISHED:
+            tracker.log_metrics({schema.CIDER: 0.5})
+            tracker.log_artifact(adapter / schema.CONFIG_ARTIFACT)
+            tracker.log_artifact(adapter / schema.WEIGHTS_ARTIFACT)
         tracker.finish(status)
     return uri
 

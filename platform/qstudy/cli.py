@@ -166,10 +166,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from qstudy.analysis.mlflow_records import StudyNotFound
     from qstudy.analysis.report import format_published, format_report, publish_dashboards, read_studies
     from qstudy.analysis.views import default_views_dir, load_views
-    from qstudy.study.tracking import TrackingUnavailable
+    from qstudy.tracking.reader import StudyNotFound
+    from qstudy.tracking.writer import TrackingUnavailable
 
     views = load_views(args.views or default_views_dir())  # a bad view file fails before MLflow is read
     try:
@@ -182,10 +182,10 @@ def cmd_report(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from qstudy.analysis.mlflow_records import StudyNotFound
     from qstudy.analysis.report import read_studies
     from qstudy.export import Selection, export_trials
-    from qstudy.study.tracking import TrackingUnavailable
+    from qstudy.tracking.reader import StudyNotFound
+    from qstudy.tracking.writer import TrackingUnavailable
 
     choice = Selection.parse(args.select)
     try:

@@ -30,19 +30,22 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from qstudy.analysis.mlflow_records import client_for, download_artifact
-from qstudy.analysis.pareto import TrialRecord, best_under_budget
+from qstudy.analysis.pareto import best_under_budget
 from qstudy.analysis.report import StudySelection, parameter_count
 from qstudy.core.dims import numel, safetensors_shapes
 from qstudy.core.errors import ConfigError, QstudyError
 from qstudy.config import RunConfig
+from qstudy.records import TrialRecord
+from qstudy.tracking.reader import client_for, download_artifact, final_metrics
+from qstudy.tracking.schema import CONFIG_ARTIFACT, METRICS_ARTIFACT, WEIGHTS_ARTIFACT
 
 if TYPE_CHECKING:
     from qstudy.model.captioner import Captioner
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "adapter.safetensors"
-METRICS_FILE = "metrics.json"
+# An exported trial's files are named as the trial's own artifacts.
+CONFIG_FILE = CONFIG_ARTIFACT
+WEIGHTS_FILE = WEIGHTS_ARTIFACT
+METRICS_FILE = METRICS_ARTIFACT
 INDEX_FILE = "index.yaml"
 SELECTIONS = ("front", "knee", "best", "budget=<count or %>")
 
@@ -86,7 +89,7 @@ def select_trials(selection: StudySelection, choice: Selection) -> list[tuple[Tr
         chosen, reason = analysis.best, "the highest val CIDEr of the study"
     else:
         try:
-            budget = parameter_count(choice.budget_text, list(analysis.valid))
+            budget = parameter_count(choice.budget_text, selection.studies)
         except ValueError as error:
             raise ConfigError(f"--select budget={choice.budget_text}: {error}") from None
         chosen = best_under_budget(analysis.records, budget)
@@ -136,7 +139,6 @@ def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> 
                   f"`qstudy caption --adapter {directory.name} VIDEO.mp4`.\n")
         (directory / CONFIG_FILE).write_text(header + yaml.safe_dump(config, sort_keys=False))
         weights_path.replace(directory / WEIGHTS_FILE)
-    run = client.get_run(record.run_id)
     metrics = {
         "study": record.study,
         "trial_id": record.trial_id,
@@ -147,7 +149,7 @@ def _export_trial(client, record: TrialRecord, reason: str, directory: Path) -> 
         "trainable_params": record.trainable_params,
         "total_params": record.total_params,
         "epoch_val_cider": list(record.epoch_cider),
-        "final_metrics": dict(sorted(run.data.metrics.items())),
+        "final_metrics": final_metrics(client, record.run_id),
     }
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 

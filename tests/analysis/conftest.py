@@ -1,4 +1,10 @@
-"""A real MLflow sqlite store holding two hand-made studies, written with the study engine's own tracking code."""
+"""A real MLflow sqlite store holding two hand-made studies, written with the study engine's own tracking code.
+
+Names come from the schema and every call is the writer's: the parent run, a trial's tags and
+params (:func:`~qstudy.tracking.schema.trial_params`, as the trial driver builds them), its
+per-epoch reports (:meth:`~qstudy.tracking.writer.TrialTracker.log_epoch`, as the worker logs
+them) and its close. Only training is left out.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from qstudy.study import tracking
+from qstudy.tracking import schema, writer
 
-TOTAL = 120_000_000
+TOTAL = 120_000_000  # the base model's parameters; a trial's measured total adds its trainable ones
 
 
 @dataclass(frozen=True)
@@ -22,9 +28,14 @@ class Trial:
     hyper: dict  # dotted run-config keys, as the sampler names them
     cider: float | None
     trainable: int
-    status: str = tracking.FINISHED
+    status: str = schema.FINISHED
     epochs: tuple[float, ...] = ()
     relogged_epochs: dict = field(default_factory=dict)  # {epoch: value} logged again, as a restarted trial does
+
+    @property
+    def measured_total(self) -> int:
+        """The trial model's parameters: the base, plus what an adapter method adds to it."""
+        return TOTAL if self.method in ("frozen", "full") else TOTAL + self.trainable
 
 
 QADAPTER = "qadapter"
@@ -96,7 +107,7 @@ MAIN_TRIALS = [
         {"adapter.rank": 64, "adapter.alpha": 16.0, "adapter.target": "lm", "train.learning_rate": 3e-4},
         None,
         16_000_000,
-        status=tracking.FAILED,
+        status=schema.FAILED,
         epochs=(0.1,),
     ),
     Trial(
@@ -111,7 +122,7 @@ MAIN_TRIALS = [
         },
         None,
         90_000_000,
-        status=tracking.INFEASIBLE,
+        status=schema.INFEASIBLE,
     ),
 ]
 FINISH_ORDER = ["t1", "t0", "t3", "t2", "t6", "t4", "t7", "t5"]
@@ -128,39 +139,40 @@ BASELINE_TRIALS = [
 ]
 
 
-def start_study(uri: str, family: str, study: str, root) -> tracking.TrialTarget:
+def start_study(uri: str, family: str, study: str, root) -> writer.TrialTarget:
     """A parent run as the study driver opens it; artifacts under ``root`` (MLflow's default is ./mlruns)."""
-    experiment_id = tracking.ensure_experiment(uri, family, root / "artifacts")
-    parent = tracking.start_study_run(uri, experiment_id, study, {"sampler": "tpe", "trials": 8})
-    return tracking.TrialTarget(uri, experiment_id, parent, study, str(root / "outbox" / study))
+    experiment_id = writer.ensure_experiment(uri, family, root / "artifacts")
+    parent = writer.start_study_run(uri, experiment_id, study, {
+        schema.SAMPLER_PARAM: "tpe", schema.TRIALS_PARAM: 8, schema.BASE_TOTAL_PARAM: TOTAL})
+    return writer.TrialTarget(uri, experiment_id, parent, study, str(root / "outbox" / study))
 
 
-def begin_trial(target: tracking.TrialTarget, trial: Trial) -> tracking.TrialTracker:
-    """What the trial driver logs before training (run_trial), then the per-epoch metrics (worker)."""
-    tracker = tracking.TrialTracker(target, trial.trial_id, f"{trial.method}-{trial.trial_id}")
-    tracker.set_tags({"qstudy.method": trial.method, "qstudy.tune_trial": trial.trial_id})
-    tracker.log_params(
-        {
-            "method": trial.method,
-            **trial.hyper,
-            "over_budget": trial.status == tracking.INFEASIBLE,
-            "workers": 1,
-            "deepspeed": False,
-            "zero_stage": 0,
-        }
-    )
-    tracker.log_metrics({"trainable_params": trial.trainable, "total_params": TOTAL})
+def begin_trial(target: writer.TrialTarget, trial: Trial) -> writer.TrialTracker:
+    """What the trial driver logs before training (run_trial), then the per-epoch reports (worker)."""
+    tracker = writer.TrialTracker(target, trial.trial_id, f"{trial.method}-{trial.trial_id}")
+    tracker.start()
+    tracker.set_tags({schema.METHOD_TAG: trial.method})
+    tracker.log_params(schema.trial_params(trial.method, trial.hyper, over_budget=trial.status == schema.INFEASIBLE,
+                                           workers=1, deepspeed=False, zero_stage=0))
+    tracker.log_metrics({schema.TRAINABLE_PARAMS: trial.trainable})
     for epoch, value in enumerate(trial.epochs):
-        tracker.log_metrics({"val_cider": value, "loss": 1.0 / (epoch + 1)}, step=epoch)
+        tracker.log_epoch(report(epoch, value, trial))
     for epoch, value in trial.relogged_epochs.items():  # the restart's first report re-logs an epoch
-        tracker.log_metrics({"val_cider": value}, step=epoch)
+        tracker.log_epoch(report(epoch, value, trial))
     return tracker
 
 
-def end_trial(tracker: tracking.TrialTracker, trial: Trial) -> None:
-    if trial.status == tracking.FINISHED:
+def report(epoch: int, cider: float, trial: Trial) -> dict:
+    """One epoch's report, with the keys the worker reports to Tune and logs."""
+    return {schema.EPOCH: epoch, schema.CIDER: cider, schema.TRAINABLE_PARAMS: trial.trainable,
+            schema.LOSS: 1.0 / (epoch + 1), schema.EPOCH_SECONDS: 1.0, schema.VAL_CIDER: cider}
+
+
+def end_trial(tracker: writer.TrialTracker, trial: Trial) -> None:
+    if trial.status == schema.FINISHED:
         tracker.log_metrics(
-            {"cider": trial.cider, "trainable_params": trial.trainable, "total_params": TOTAL},
+            {schema.CIDER: trial.cider, schema.TRAINABLE_PARAMS: trial.trainable,
+             schema.TOTAL_PARAMS: trial.measured_total},
             step=max(len(trial.epochs) - 1, 0),
         )
     tracker.finish(trial.status)
@@ -181,8 +193,8 @@ def mlflow_store(tmp_path_factory):
         end_trial(*trackers[trial_id])
         if position in (0, 5):  # the baselines finish among the main study's trials
             end_trial(*baseline_trackers[0 if position == 0 else 1])
-    empty = tracking.start_study_run(uri, main.experiment_id, "empty", {})
-    twice = [tracking.start_study_run(uri, main.experiment_id, "twice", {}) for _ in range(2)]
+    empty = writer.start_study_run(uri, main.experiment_id, "empty", {})
+    twice = [writer.start_study_run(uri, main.experiment_id, "twice", {}) for _ in range(2)]
     return uri, {
         "unit-study": main.parent_run_id,
         "unit-baselines": baselines.parent_run_id,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qstudy.analysis.mlflow_records import client_for
+from qstudy.tracking.reader import client_for
 from qstudy.analysis.views import load_views
 from qstudy.cli import main
 

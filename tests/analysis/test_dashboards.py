@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qstudy.analysis.dashboards import render, write_dashboards
-from qstudy.analysis.pareto import TrialRecord, analyse
+from qstudy.analysis.pareto import analyse
 from qstudy.analysis.views import (
     EpochCurvesOptions,
     HypervolumeOptions,
@@ -15,6 +15,7 @@ from qstudy.analysis.views import (
     ParetoOptions,
     load_views,
 )
+from qstudy.records import TrialRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VIEWS = {view.name: view for view in load_views(REPO_ROOT / "dashboards")}

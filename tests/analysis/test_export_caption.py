@@ -16,7 +16,8 @@ import yaml
 
 from qstudy.cli import main
 from qstudy.config import RunConfig
-from qstudy.study import tracking
+from qstudy.tracking import schema
+from qstudy.tracking.writer import TrialTracker
 from qstudy.study.space import PRESETS_DIR, parse_space
 
 QUICK = {
@@ -56,27 +57,29 @@ def trained_trial(tiny_workspace, tmp_path_factory, study_logging):
     target = study_logging.start_study(uri, "export-family", "export-study", root)
     hyper = {"adapter.num_query_tokens": 8, "adapter.rank": 16}
     # As the trial driver and the worker log it (qstudy.study.trial / worker).
-    tracker = tracking.TrialTracker(target, "trial_0", "qadapter-trial_0")
-    tracker.set_tags({"qstudy.method": "qadapter"})
-    tracker.log_params({"method": "qadapter", **hyper, "workers": 1, "deepspeed": False})
-    config_file = root / "config.yaml"
+    tracker = TrialTracker(target, "trial_0", "qadapter-trial_0")
+    tracker.set_tags({schema.METHOD_TAG: "qadapter"})
+    tracker.log_params(schema.trial_params("qadapter", hyper, over_budget=False, workers=1, deepspeed=False,
+                                           zero_stage=0))
+    config_file = root / schema.CONFIG_ARTIFACT
     config_file.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tracker.log_artifact(config_file)
     for epoch in result.epochs:
-        tracker.log_metrics({f"val_{name}": value for name, value in epoch.val.items()}, step=epoch.epoch)
+        tracker.log_epoch({schema.EPOCH: epoch.epoch,
+                           **{f"{schema.VAL_PREFIX}{name}": value for name, value in epoch.val.items()}})
     tracker.log_metrics(
         {
-            "cider": result.final["cider"],
-            "trainable_params": result.trainable_params,
-            "total_params": result.total_params,
+            schema.CIDER: result.final["cider"],
+            schema.TRAINABLE_PARAMS: result.trainable_params,
+            schema.TOTAL_PARAMS: result.total_params,
         },
         step=result.epochs[-1].epoch,
     )
-    tracker.log_artifact(Path(config.output_dir) / "adapter.safetensors")
-    tracker.log_artifact(Path(config.output_dir) / "metrics.json")
-    tracker.finish(tracking.FINISHED)
+    tracker.log_artifact(Path(config.output_dir) / schema.WEIGHTS_ARTIFACT)
+    tracker.log_artifact(Path(config.output_dir) / schema.METRICS_ARTIFACT)
+    tracker.finish(schema.FINISHED)
     # A failed trial has no weights: it must never be selected.
-    failed = study_logging.Trial("trial_1", "qadapter", hyper, None, 10, status=tracking.FAILED)
+    failed = study_logging.Trial("trial_1", "qadapter", hyper, None, 10, status=schema.FAILED)
     study_logging.end_trial(study_logging.begin_trial(target, failed), failed)
     return {
         "uri": uri,

@@ -8,9 +8,7 @@ import sys
 import pytest
 
 from qstudy.analysis.pareto import (
-    TrialRecord,
     analyse,
-    base_total_params,
     best_under_budget,
     default_reference,
     front_table,
@@ -20,6 +18,7 @@ from qstudy.analysis.pareto import (
     pareto_front,
     parse_budget,
 )
+from qstudy.records import TrialRecord
 
 
 def record(trial_id, cider, params, status="FINISHED", order=0, method="qadapter", total=10_000_000, **hyper):
@@ -260,17 +259,6 @@ def test_best_under_budget():
     assert best_under_budget(records, 100).trial_id == "cheap"
     assert best_under_budget(records, 99) is None
     assert best_under_budget(records, None).trial_id == "too-big"  # no budget: the best CIDEr
-
-
-def test_base_total_is_the_smallest_total_of_a_valid_trial():
-    records = [
-        record("q", 0.3, 100, total=1_050),
-        record("f", 0.2, 50, total=1_000),
-        record("failed", None, None, status="FAILED", total=10),
-    ]
-    assert base_total_params(records) == 1_000
-    with pytest.raises(ValueError, match="total_params"):
-        base_total_params([record("no-total", 0.2, 50, total=None)])
 
 
 def test_analyse_computes_everything_once_in_completion_order():

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from qstudy.analysis.mlflow_records import client_for
+from qstudy.tracking.reader import client_for
 from qstudy.cli import main
 
 VIEW_NAMES = ("epoch_curves", "hypervolume", "parallel_coordinates", "pareto")
@@ -41,7 +41,7 @@ def test_report_prints_the_analysis_and_logs_dashboards_on_the_parent_run(capsys
     table = out[out.index("trial  method") : out.index("hypervolume:")].strip().splitlines()
     assert [row.split()[0] for row in table[2:]] == ["t0", "t1", "t2", "t5"]
     assert table[4].endswith("*")  # the knee: t2
-    assert "r=16" in table[3] and "0.3400" in table[3] and "650,000" in table[3] and "0.542%" in table[3]
+    assert "r=16" in table[3] and "0.3400" in table[3] and "650,000" in table[3] and "0.539%" in table[3]
     # By hand, reference (CIDEr 0.1, 10M params): the front's steps dominate
     # (10M-600k)*0.11 + (10M-650k)*0.13 + (10M-900k)*0.04 + (10M-8M)*0.03 = 2,673,500.
     assert "hypervolume: 2.6735e+06 (reference point: CIDEr 0.1, 10,000,000 trainable params" in out
@@ -94,3 +94,20 @@ def test_bad_budget_or_reference_is_a_config_error(capsys, mlflow_store, args, m
 def test_an_unreachable_server_fails_fast_with_how_to_start_one(capsys):
     with pytest.raises(SystemExit, match="unreachable.*mlflow server"):
         main(["report", "unit-study", "--mlflow-uri", "http://127.0.0.1:9", "--no-png"])
+
+
+def test_a_percentage_budget_is_a_share_of_the_base_model_the_parent_run_logged(capsys, study_logging, tmp_path):
+    """Not of the smallest trial's measured total: every trial here adds its adapter to the base."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    target = study_logging.start_study(uri, "adapters-family", "adapters", tmp_path)  # base: 120M
+    for trial in (study_logging.Trial("a0", "lora", {"adapter.rank": 4}, 0.30, 650_000, epochs=(0.30,)),
+                  study_logging.Trial("a1", "lora", {"adapter.rank": 8}, 0.35, 1_203_000, epochs=(0.35,))):
+        study_logging.end_trial(study_logging.begin_trial(target, trial), trial)
+    code, out, _ = report(capsys, "adapters", "--mlflow-uri", uri, "--budget", "1%", "--out", str(tmp_path), "--no-png")
+    # 1% of the smallest total (120.65M) would be 1,206,500 and let a1 in.
+    assert code == 0 and "best under budget 1% (1,200,000 params): lora r=4 (trial a0)" in out
+
+
+def test_a_percentage_budget_needs_the_base_total_on_the_parent_run(capsys, mlflow_store):
+    code, _, err = report(capsys, "empty", "--mlflow-uri", mlflow_store[0], "--budget", "1%", "--no-png")
+    assert code == 2 and "--budget: the parent run of empty logged no total_params" in err

@@ -12,7 +12,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from qstudy.cli import main
-from qstudy.study.tracking import NODE_TAG
+from qstudy.tracking.schema import NODE_TAG
 from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, ray_api, tiny_space
 
 pytestmark = pytest.mark.timeout(600)

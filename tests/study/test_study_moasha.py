@@ -6,7 +6,7 @@ import optuna
 import pytest
 import yaml
 from qstudy.study.search import STOPPED_AT_ATTR
-from qstudy.study.tracking import STOPPED, STOPPED_AT_TAG
+from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
 from servers import finish, metric_steps, mlflow_runs, study, tiny_space
 
 pytestmark = pytest.mark.timeout(600)

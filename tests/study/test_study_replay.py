@@ -11,7 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from qstudy.analysis.report import read_studies
 from qstudy.study.search import STOPPED_AT_ATTR
-from qstudy.study.tracking import STOPPED, STOPPED_AT_TAG
+from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
 from servers import REPO, SPACES, finish, metric_steps, mlflow_runs, study
 
 pytestmark = pytest.mark.timeout(600)

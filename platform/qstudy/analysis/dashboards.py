@@ -20,8 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from qstudy.analysis.pareto import StudyAnalysis, TrialRecord
-from qstudy.study.tracking import STOPPED
+from qstudy.analysis.pareto import StudyAnalysis
 from qstudy.analysis.views import (
     EpochCurvesOptions,
     HypervolumeOptions,
@@ -29,6 +28,8 @@ from qstudy.analysis.views import (
     ParetoOptions,
     ViewSpec,
 )
+from qstudy.records import TrialRecord
+from qstudy.tracking.schema import STOPPED
 
 _TEMPLATE = "plotly_white"
 _TRIAL_HOVER = "%{customdata[1]}<br>val CIDEr %{y:.4f}<br>%{x:,} trainable params<extra>trial %{customdata[0]}</extra>"

@@ -1,7 +1,7 @@
 """Finds a study's trade-off between caption quality and size: the CIDEr-vs-trainable-parameters Pareto front.
 
-Every function works on :class:`TrialRecord`, a plain snapshot of one trial, so the same code
-serves an Optuna study, an MLflow experiment or a test's hand-made list. The objectives are
+Every function works on :class:`~qstudy.records.TrialRecord`, a plain snapshot of one trial, so
+the same code serves an MLflow experiment or a test's hand-made list. The objectives are
 val CIDEr (maximised) and trainable parameters (minimised). Only *valid* records take part in
 comparisons: status FINISHED with both numbers present. Failed trials may still be passed in;
 they are skipped, but they keep their place in :func:`hypervolume_history`.
@@ -15,82 +15,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from optuna._hypervolume import compute_hypervolume
 from optuna.study._multi_objective import _is_pareto_front
 
-FINISHED = "FINISHED"
-
-# Short keys keep labels legible in plot legends and hover text; other keys print in full.
-_SHORT_KEYS = {
-    "num_query_tokens": "K",
-    "insertion_layers": "L",
-    "rank": "r",
-    "learning_rate": "lr",
-    "weight_decay": "wd",
-    "queries_to_lm": "q2lm",
-}
-# Values that say what they are on their own ("tanh", "vision") print without their key.
-_BARE_VALUE_KEYS = {"gating", "target"}
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_format_value(item) for item in value)
-    return str(value)
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """One trial's outcome: its hyperparameters and the two objectives, whatever tracked it."""
-
-    trial_id: str
-    study: str
-    method: str
-    params: dict[str, Any]
-    cider: float | None  # None when the trial failed or logged no metric
-    trainable_params: int | None
-    total_params: int | None
-    status: str  # "FINISHED", "FAILED", "INFEASIBLE", ...
-    epoch_cider: tuple[float, ...] = ()
-    run_id: str | None = None
-    order: int = 0  # completion order, the x axis of the hypervolume history
-
-    @property
-    def is_valid(self) -> bool:
-        """Finished with both objectives measured: the only records that are compared."""
-        return (
-            self.status == FINISHED
-            and self.cider is not None
-            and not math.isnan(self.cider)
-            and self.trainable_params is not None
-        )
-
-    @property
-    def config(self) -> str:
-        """The hyperparameters in a few characters, e.g. ``K=8 L=last:2 tanh r=16``."""
-        parts = []
-        for key, value in self.params.items():
-            name = key.rpartition(".")[2]  # "adapter.rank" reads like "rank"
-            if name == "method":  # already the label's first word
-                continue
-            if isinstance(value, bool):
-                if value:  # a flag reads as its name when on and is left out when off
-                    parts.append(_SHORT_KEYS.get(name, name))
-            elif name in _BARE_VALUE_KEYS:
-                parts.append(_format_value(value))
-            else:
-                parts.append(f"{_SHORT_KEYS.get(name, name)}={_format_value(value)}")
-        return " ".join(parts)
-
-    @property
-    def label(self) -> str:
-        """Method plus compact hyperparameters, e.g. ``qadapter K=8 L=last:2 tanh r=16``."""
-        return f"{self.method} {self.config}".rstrip()
+from qstudy.records import TrialRecord
 
 
 def valid_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -217,18 +147,6 @@ def parse_budget(text: str, total_params: int) -> int:
     if budget < 1:
         raise ValueError(f"budget {text!r}: allows less than one trainable parameter")
     return budget
-
-
-def base_total_params(records: Iterable[TrialRecord]) -> int:
-    """The parameter count a percentage budget refers to: the smallest total among the valid trials.
-
-    Every method's total is the base model plus what the method adds, so the smallest total is
-    the closest to the bare base (exactly it when a frozen or full fine-tuning trial is there).
-    """
-    totals = [record.total_params for record in valid_records(records) if record.total_params]
-    if not totals:
-        raise ValueError("no finished trial logged total_params, so a percentage budget has nothing to refer to")
-    return min(totals)
 
 
 @dataclass(frozen=True)

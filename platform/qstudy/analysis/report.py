@@ -7,18 +7,17 @@ comparison. This module imports no torch.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qstudy.analysis.mlflow_records import StudyRun, client_for, find_study, load_records, resolve_tracking_uri
-from qstudy.analysis.pareto import StudyAnalysis, TrialRecord, analyse, base_total_params, front_table, parse_budget
+from qstudy.analysis.pareto import StudyAnalysis, analyse, front_table, parse_budget
 from qstudy.analysis.views import ViewSpec
 from qstudy.core.errors import ConfigError
-from qstudy.study.tracking import is_remote
-
-DASHBOARDS_ARTIFACT_DIR = "dashboards"
+from qstudy.records import TrialRecord, format_counts, from_mlflow
+from qstudy.tracking.reader import StudyRun, client_for, find_study, load_trial_runs, resolve_tracking_uri
+from qstudy.tracking.schema import BASE_TOTAL_PARAM, DASHBOARDS_ARTIFACT_DIR
+from qstudy.tracking.writer import is_remote, log_run_artifacts
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,26 @@ class StudySelection:
         return "+".join(study.name for study in self.studies)
 
 
-def parameter_count(text: str, records: list[TrialRecord]) -> int:
-    """A count from ``"250k"``/``"1.2M"``, or from ``"1.5%"`` of the base model the trials share."""
-    # Only a percentage needs the trials' totals (and fails without them).
-    return parse_budget(text, base_total_params(records) if text.strip().endswith("%") else 1)
+def base_total_params(studies: Sequence[StudyRun]) -> int:
+    """The parameter count a percentage budget refers to: the base model's, as the studies' parent runs logged it."""
+    missing = [study.name for study in studies if study.base_total_params is None]
+    if missing:
+        raise ValueError(f"the parent run of {', '.join(missing)} logged no {BASE_TOTAL_PARAM}, "
+                         "so a percentage budget has nothing to refer to")
+    totals = {study.base_total_params for study in studies}
+    if len(totals) > 1:
+        raise ValueError(f"the studies' base models differ ({', '.join(f'{t:,}' for t in sorted(totals))} "
+                         "parameters), so a percentage budget means a different count in each; give a count")
+    return totals.pop()
 
 
-def parse_reference(text: str, records: list[TrialRecord]) -> tuple[float, float]:
+def parameter_count(text: str, studies: Sequence[StudyRun]) -> int:
+    """A count from ``"250k"``/``"1.2M"``, or from ``"1.5%"`` of the base model the studies share."""
+    # Only a percentage needs the base total (and fails without it).
+    return parse_budget(text, base_total_params(studies) if text.strip().endswith("%") else 1)
+
+
+def parse_reference(text: str, studies: Sequence[StudyRun]) -> tuple[float, float]:
     """``"CIDER,PARAMS"`` (e.g. ``0,1.2M`` or ``0.5,10%``): the worst point the hypervolume counts from."""
     cider_text, comma, params_text = text.partition(",")
     if not comma:
@@ -51,7 +63,7 @@ def parse_reference(text: str, records: list[TrialRecord]) -> tuple[float, float
     except ValueError:
         raise ConfigError(f"--reference {text!r}: CIDEr {cider_text!r} is not a number") from None
     try:
-        return cider_floor, float(parameter_count(params_text, records))
+        return cider_floor, float(parameter_count(params_text, studies))
     except ValueError as error:
         raise ConfigError(f"--reference {text!r}: {error}") from None
 
@@ -63,26 +75,15 @@ def read_studies(
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     studies = tuple(find_study(client, name) for name in names)
-    records = load_records(client, studies)
+    records = from_mlflow(load_trial_runs(client, studies))
     budget_count = None
     if budget is not None:
         try:
-            budget_count = parameter_count(budget, records)
+            budget_count = parameter_count(budget, studies)
         except ValueError as error:
             raise ConfigError(f"--budget: {error}") from None
-    reference_point = parse_reference(reference, records) if reference is not None else None
+    reference_point = parse_reference(reference, studies) if reference is not None else None
     return StudySelection(uri, studies, analyse(records, reference_point, budget_count), budget)
-
-
-def trial_counts(records: Iterable[TrialRecord]) -> dict[str, int]:
-    """Trials per status, as the report, the study's summary and its parent run's metrics all count them."""
-    counts = Counter(record.status for record in records)
-    return {status: counts[status] for status in sorted(counts)}
-
-
-def format_counts(records: Iterable[TrialRecord]) -> str:
-    """``2 finished, 1 lost``: the counts line of the report and of the study's summary."""
-    return ", ".join(f"{count} {status.lower()}" for status, count in trial_counts(records).items()) or "no trials"
 
 
 def _describe(record: TrialRecord | None) -> str:
@@ -121,10 +122,8 @@ def publish_dashboards(selection: StudySelection, views: list[ViewSpec], out_dir
     from qstudy.analysis.dashboards import write_dashboards
 
     paths = write_dashboards(selection.analysis, views, out_dir, png=png)
-    client = client_for(selection.tracking_uri)
     for study in selection.studies:
-        for path in paths:
-            client.log_artifact(study.parent_run_id, str(path), dashboards_artifact_dir(selection))
+        log_run_artifacts(selection.tracking_uri, study.parent_run_id, paths, dashboards_artifact_dir(selection))
     return paths
 
 

@@ -16,8 +16,8 @@ import logging
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from qstudy.study import tracking
 from qstudy.study.scheduler import EPOCH
+from qstudy.tracking.writer import TrialTarget, mark_stopped
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ STOPPED_AT_ATTR = "stopped_at_epochs"
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that keeps trials stopped early off the study's front (see the module docstring)."""
 
-    def __init__(self, *args, epochs: int, target: tracking.TrialTarget | None = None, **kwargs):
+    def __init__(self, *args, epochs: int, target: TrialTarget | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.epochs = epochs
         self.target = target  # None: no MLflow (the replay benchmark)
@@ -42,4 +42,4 @@ class StudySearch(OptunaSearch):
         self._ot_study.tell(trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
         if self.target is not None:
-            tracking.mark_stopped(self.target, trial_id, completed, result)
+            mark_stopped(self.target, trial_id, completed, result)

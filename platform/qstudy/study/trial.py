@@ -22,9 +22,11 @@ from pathlib import Path
 import yaml
 
 from qstudy.study.space import SampledConfig, SearchSpace
-from qstudy.study.tracking import FAILED, FINISHED, INFEASIBLE, TrialTarget, TrialTracker
 from qstudy.study.worker import (WorkerTask, final_result, mark_failed, newest_checkpoint, raise_if_failed_before, train,
                                  train_loop_per_worker)
+from qstudy.tracking import schema
+from qstudy.tracking.schema import FAILED, FINISHED, INFEASIBLE
+from qstudy.tracking.writer import TrialTarget, TrialTracker
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,18 @@ def run_trial(config: dict, context: StudyContext) -> None:
     tracker.start()
 
     if checkpoint is None:  # a restarted trial logged all this the first time
-        tracker.set_tags({"qstudy.method": sampled.method})
-        tracker.log_params({**sampled.hyperparameters(), "over_budget": sampled.over_budget,
-                            "workers": context.space.settings.workers_per_trial,
-                            "deepspeed": run_config.train.deepspeed, "zero_stage": run_config.train.zero_stage})
-        tracker.log_metrics({"trainable_params": sampled.trainable_params})  # known before training
+        tracker.set_tags({schema.METHOD_TAG: sampled.method})
+        tracker.log_params(schema.trial_params(
+            sampled.method, sampled.values, over_budget=sampled.over_budget,
+            workers=context.space.settings.workers_per_trial, deepspeed=run_config.train.deepspeed,
+            zero_stage=run_config.train.zero_stage))
+        tracker.log_metrics({schema.TRAINABLE_PARAMS: sampled.trainable_params})  # known before training
         with tempfile.TemporaryDirectory() as scratch:
-            config_file = Path(scratch) / "config.yaml"
+            config_file = Path(scratch) / schema.CONFIG_ARTIFACT
             config_file.write_text(yaml.safe_dump(run_config.to_dict(), sort_keys=False))
             tracker.log_artifact(config_file)
     else:
-        tracker.set_tags({"qstudy.restarted_from": Path(checkpoint.path).name})
+        tracker.set_tags({schema.RESTARTED_FROM_TAG: Path(checkpoint.path).name})
 
     if sampled.over_budget:
         tracker.finish(INFEASIBLE)
@@ -107,7 +110,7 @@ def run_trial(config: dict, context: StudyContext) -> None:
             _train_with_torch_trainer(task, context)
     except Exception as error:
         mark_failed(task, error)
-        tracker.set_tags({"qstudy.error": f"{type(error).__name__}: {error}"[:4000]})
+        tracker.set_tags({schema.ERROR_TAG: f"{type(error).__name__}: {error}"[:schema.ERROR_TAG_LIMIT]})
         tracker.finish(FAILED)
         raise
 

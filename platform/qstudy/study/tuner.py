@@ -22,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
-from qstudy.analysis.pareto import TrialRecord, front_table
-from qstudy.analysis.report import format_counts, read_studies, trial_counts
+from qstudy.analysis.pareto import front_table
+from qstudy.analysis.report import read_studies
 from qstudy.core.errors import ConfigError
 from qstudy.core.validate import load_yaml
-from qstudy.study import tracking
+from qstudy.records import TrialRecord, format_counts, trial_counts
 from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
 from qstudy.study.trial import StudyContext, run_name, run_trial
+from qstudy.tracking import schema, writer
+from qstudy.tracking.writer import TrialTarget
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,7 @@ def _prepare_output(verbose: int) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        tracking.quiet_logs()
+        writer.quiet_logs()
 
 
 def run_study(options: StudyOptions) -> StudySummary:
@@ -234,8 +236,8 @@ def run_study(options: StudyOptions) -> StudySummary:
     if (directory / STATE_FILE).exists():
         raise ConfigError(f"study {name!r} already exists in {directory}: resume it with "
                           f"`qstudy study --resume {name}` or pick another --name")
-    uri = options.mlflow_uri or tracking.default_tracking_uri(options.home)
-    tracking.check_reachable(uri)
+    uri = options.mlflow_uri or writer.default_tracking_uri(options.home)
+    writer.check_reachable(uri)
 
     _prepare_output(options.verbose)
     _connect_ray(options.address, options.verbose)
@@ -248,12 +250,14 @@ def run_study(options: StudyOptions) -> StudySummary:
         _warm_frame_cache(space)
 
     settings = space.settings
-    state.experiment_id = tracking.ensure_experiment(uri, space.study, options.home / "mlflow" / "artifacts")
-    state.parent_run_id = tracking.start_study_run(uri, state.experiment_id, name, {
-        "space": str(options.space_path), "sampler": settings.sampler, "trials": settings.trials,
-        "concurrency": settings.concurrency, "workers_per_trial": settings.workers_per_trial,
-        "parameter_budget": space.parameter_budget, "arms": ",".join(arm.method for arm in space.arms),
-        "total_params": space.dims.total_params})
+    state.experiment_id = writer.ensure_experiment(uri, space.study, options.home / "mlflow" / "artifacts")
+    state.parent_run_id = writer.start_study_run(uri, state.experiment_id, name, {
+        schema.SPACE_PARAM: str(options.space_path), schema.SAMPLER_PARAM: settings.sampler,
+        schema.TRIALS_PARAM: settings.trials, schema.CONCURRENCY_PARAM: settings.concurrency,
+        schema.WORKERS_PER_TRIAL_PARAM: settings.workers_per_trial,
+        schema.PARAMETER_BUDGET_PARAM: space.parameter_budget,
+        schema.ARMS_PARAM: ",".join(arm.method for arm in space.arms),
+        schema.BASE_TOTAL_PARAM: space.dims.total_params})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SPACE_SNAPSHOT).write_text(yaml.safe_dump(snapshot, sort_keys=False))
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -286,7 +290,7 @@ def load_state(home: Path, name: str) -> StudyState:
     return StudyState(**json.loads(path.read_text()))
 
 
-def make_searcher(space: SearchSpace, name: str, storage, target: tracking.TrialTarget | None):
+def make_searcher(space: SearchSpace, name: str, storage, target: TrialTarget | None):
     """The study's two-objective Optuna searcher (``storage``: an Optuna storage; ``target``: MLflow or None)."""
     from qstudy.study.search import StudySearch
 
@@ -316,7 +320,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     directory = study_dir(home, name)
     state = load_state(home, name)
     space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
-    tracking.check_reachable(state.tracking_uri)
+    writer.check_reachable(state.tracking_uri)
 
     _prepare_output(verbose)
     _connect_ray(address, verbose)
@@ -329,7 +333,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.
     tuner = tune.Tuner.restore(str(directory / "tune"), trainable=_trainable(context),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    tracking.reopen_study_run(state.tracking_uri, state.parent_run_id)
+    writer.reopen_study_run(state.tracking_uri, state.parent_run_id)
     tuner.fit()
     return _finish(state, directory, space, started)
 
@@ -339,8 +343,8 @@ def _context(state: StudyState, directory: Path, space: SearchSpace) -> StudyCon
                         force_trainer=state.force_trainer, replay_table=state.replay_table)
 
 
-def _target(state: StudyState, directory: Path) -> tracking.TrialTarget:
-    return tracking.TrialTarget(tracking_uri=state.tracking_uri, experiment_id=state.experiment_id,
+def _target(state: StudyState, directory: Path) -> TrialTarget:
+    return TrialTarget(tracking_uri=state.tracking_uri, experiment_id=state.experiment_id,
                                 parent_run_id=state.parent_run_id, study=state.name,
                                 outbox_root=str(directory / "outbox"))
 
@@ -355,7 +359,7 @@ def _close_optuna_orphans(state: StudyState) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
 
 
-def _close_trial_runs(target: tracking.TrialTarget, trials) -> None:
+def _close_trial_runs(target: TrialTarget, trials) -> None:
     """Leave no child run open, and no trial Tune ran without one.
 
     A trial that errored before its function ran (its reused actor died) opened no run: it
@@ -366,11 +370,20 @@ def _close_trial_runs(target: tracking.TrialTarget, trials) -> None:
 
     for trial in trials:
         if trial.status == Trial.ERROR:
-            tracking.close_trial(target, trial.trial_id, run_name(trial.config["method"], trial.trial_id),
-                                 tracking.FAILED, {"qstudy.method": trial.config["method"]})
+            writer.close_trial(target, trial.trial_id, run_name(trial.config["method"], trial.trial_id),
+                               schema.FAILED, {schema.METHOD_TAG: trial.config["method"]})
     unfinished = {trial.trial_id for trial in trials if trial.status not in (Trial.TERMINATED, Trial.ERROR)}
-    tracking.close_open_trials(target, tracking.INTERRUPTED, only=unfinished)
-    tracking.close_open_trials(target, tracking.LOST, keep={trial.trial_id for trial in trials})
+    writer.close_open_trials(target, schema.INTERRUPTED, only=unfinished)
+    writer.close_open_trials(target, schema.LOST, keep={trial.trial_id for trial in trials})
+
+
+def read_summary(state: StudyState, directory: Path, experiment: str, wall_seconds: float,
+                 interrupted: bool) -> StudySummary:
+    """The study as ``qstudy report`` reads it from MLflow: the same records, counted the same way."""
+    analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
+    return StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri, experiment=experiment,
+                        parent_run_id=state.parent_run_id, wall_seconds=wall_seconds, records=list(analysis.records),
+                        front=list(analysis.front), best=analysis.best, interrupted=interrupted)
 
 
 def _finish(state: StudyState, directory: Path, space: SearchSpace, started: float) -> StudySummary:
@@ -383,24 +396,20 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
         trial.status not in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
     target = _target(state, directory)
     _close_trial_runs(target, trials)
-    undelivered = tracking.deliver_all(target, wait_s=120 if tracking.is_remote(state.tracking_uri) else 0)
+    undelivered = writer.deliver_all(target, wait_s=120 if writer.is_remote(state.tracking_uri) else 0)
     if not interrupted:  # an interrupted study's running Optuna trials are the ones its resume finishes
         _close_optuna_orphans(state)
-    analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
-    summary = StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri,
-                           experiment=space.study, parent_run_id=state.parent_run_id,
-                           wall_seconds=time.perf_counter() - started, records=list(analysis.records),
-                           front=list(analysis.front), best=analysis.best, interrupted=interrupted)
+    summary = read_summary(state, directory, space.study, time.perf_counter() - started, interrupted)
     # Metrics at step 0 once: an interrupted study logs them when it is resumed to its end.
     metrics = {} if interrupted else {
-        **{f"trials_{status.lower()}": count for status, count in trial_counts(analysis.records).items()},
-        "best_cider": analysis.best.cider if analysis.best else float("nan"), "undelivered_trials": undelivered,
-        "study_wall_seconds": summary.wall_seconds}
+        **{schema.trials_metric(status): count for status, count in trial_counts(summary.records).items()},
+        schema.BEST_CIDER: summary.best.cider if summary.best else float("nan"),
+        schema.UNDELIVERED_TRIALS: undelivered, schema.STUDY_WALL_SECONDS: summary.wall_seconds}
     try:
-        tracking.finish_study_run(state.tracking_uri, state.parent_run_id, metrics,
-                                  {"trials": [asdict(r) for r in summary.records],
-                                   "front": [asdict(r) for r in summary.front]},
-                                  tracking.INTERRUPTED if interrupted else tracking.FINISHED)
+        writer.finish_study_run(state.tracking_uri, state.parent_run_id, metrics,
+                                {"trials": [asdict(r) for r in summary.records],
+                                 "front": [asdict(r) for r in summary.front]},
+                                schema.INTERRUPTED if interrupted else schema.FINISHED)
     except Exception as error:  # noqa: BLE001 - the study's results are in MLflow and on disk either way
         log.warning("could not close the MLflow parent run %s: %s", state.parent_run_id, error)
     return summary
@@ -415,7 +424,7 @@ def format_summary(summary: StudySummary) -> str:
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
              f"study directory: {summary.study_dir}",
              f"MLflow: {summary.tracking_uri}  experiment {summary.experiment!r}, parent run {summary.parent_run_id}"]
-    if not tracking.is_remote(summary.tracking_uri):
+    if not writer.is_remote(summary.tracking_uri):
         lines.append(f"open the MLflow UI: mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000 "
                      "(then http://127.0.0.1:5000)")
     if summary.interrupted:

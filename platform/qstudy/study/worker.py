@@ -22,7 +22,9 @@ from pathlib import Path
 
 from qstudy.config import RunConfig
 from qstudy.metrics import ScorerProcessDied
-from qstudy.study.tracking import FINISHED, NODE_TAG, TrialTarget, TrialTracker
+from qstudy.tracking import schema
+from qstudy.tracking.schema import FINISHED, NODE_TAG
+from qstudy.tracking.writer import TrialTarget, TrialTracker
 
 FAILED_MARKER = "failed.txt"
 EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
@@ -156,11 +158,11 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
     if tracker is None:
         return
     final = result.final or {}
-    tracker.log_metrics({"trainable_params": result.trainable_params, "total_params": result.total_params,
-                         "skipped_videos": len(result.skipped_videos), "wall_seconds": result.wall_seconds,
-                         **final}, step=last["epoch"] if last else 0)
-    tracker.log_artifact(output / "adapter.safetensors")
-    tracker.log_artifact(output / "metrics.json")
+    tracker.log_metrics({schema.TRAINABLE_PARAMS: result.trainable_params, schema.TOTAL_PARAMS: result.total_params,
+                         schema.SKIPPED_VIDEOS: len(result.skipped_videos), schema.WALL_SECONDS: result.wall_seconds,
+                         **final}, step=last[schema.EPOCH] if last else 0)
+    tracker.log_artifact(output / schema.WEIGHTS_ARTIFACT)
+    tracker.log_artifact(output / schema.METRICS_ARTIFACT)
     (output / FINAL_RESULT).write_text(json.dumps(last or {}))
     tracker.finish(FINISHED)
 

@@ -1,32 +1,33 @@
-"""Reads studies' trials back from MLflow as :class:`TrialRecord` lists, in completion order.
+"""Reads studies back from MLflow: a study's parent run by name or id, its trials' child runs in completion order.
 
 The report and the export work from the tracking store alone, so they serve a study run on
 another machine as well as a local one, and several studies (Q-Adapter and the baselines)
-at once. The layout is the study engine's (:mod:`qstudy.study.tracking`): a parent run per
-study tagged ``qstudy.role=study`` and ``qstudy.study=<name>``, a child run per trial
-(``mlflow.parentRunId``, ``qstudy.trial_id``, ``qstudy.method``, ``qstudy.status``) whose
-params are the sampled hyperparameters, whose metrics hold ``cider``,
-``trainable_params``, ``total_params`` and per-epoch ``val_cider`` (step = epoch), and
-whose artifacts are ``config.yaml``, ``adapter.safetensors`` and ``metrics.json``.
-This module imports no torch.
+at once. The layout and every name in it are :mod:`qstudy.tracking.schema`'s; what comes
+back is plain data (:class:`StudyRun`, :class:`TrialRun`) that :mod:`qstudy.records` turns
+into trial records. This module imports no torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qstudy.analysis.pareto import TrialRecord
+from qstudy.tracking.schema import (
+    BASE_TOTAL_PARAM,
+    PARENT_RUN_TAG,
+    ROLE_TAG,
+    STUDY_ROLE,
+    STUDY_TAG,
+    VAL_CIDER,
+    decode_param,
+)
+from qstudy.tracking.writer import check_reachable, default_tracking_uri, fail_fast_on_outage
 
-STUDY_ROLE = "study"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
-# MLflow writes Python's str() of non-JSON values; these three are the ones json cannot read.
-_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
 
 
 class StudyNotFound(LookupError):
@@ -40,6 +41,20 @@ class StudyRun:
     name: str
     experiment_id: str
     parent_run_id: str
+    base_total_params: int | None = None  # the base model's parameter count the parent run logged
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One trial's child run as logged: tags, params (MLflow's text), latest metrics, per-epoch val CIDEr."""
+
+    run_id: str
+    study: str
+    tags: Mapping[str, str]
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+    mlflow_status: str
+    epoch_cider: tuple[float, ...]
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -47,15 +62,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri:
         return uri
     from qstudy.core.paths import qstudy_home
-    from qstudy.study.tracking import default_tracking_uri
 
     return default_tracking_uri(qstudy_home())
 
 
 def client_for(uri: str):
+    """A client for reading ``uri``; an HTTP server that does not answer fails here, naming how to start one."""
     from mlflow.tracking import MlflowClient
-
-    from qstudy.study.tracking import check_reachable, fail_fast_on_outage
 
     check_reachable(uri)
     fail_fast_on_outage()
@@ -81,6 +94,12 @@ def _study_runs(client, filter_string: str) -> list:
     return list(_pages(client.search_runs, experiment_ids=experiment_ids, filter_string=filter_string))
 
 
+def _study_run(run, name: str) -> StudyRun:
+    total = run.data.params.get(BASE_TOTAL_PARAM)
+    return StudyRun(name, run.info.experiment_id, run.info.run_id,
+                    int(decode_param(total)) if total is not None else None)
+
+
 def find_study(client, study: str) -> StudyRun:
     """The parent run of ``study``: a study name, or the parent run's id."""
     if _RUN_ID.fullmatch(study):
@@ -90,34 +109,17 @@ def find_study(client, study: str) -> StudyRun:
             run = client.get_run(study)
         except MlflowException:
             run = None
-        if run is not None and run.data.tags.get("qstudy.role") == STUDY_ROLE:
-            return StudyRun(run.data.tags.get("qstudy.study", study), run.info.experiment_id, run.info.run_id)
-    matches = _study_runs(client, f"tags.`qstudy.role` = '{STUDY_ROLE}' and tags.`qstudy.study` = '{study}'")
+        if run is not None and run.data.tags.get(ROLE_TAG) == STUDY_ROLE:
+            return _study_run(run, run.data.tags.get(STUDY_TAG, study))
+    matches = _study_runs(client, f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}' and tags.`{STUDY_TAG}` = '{study}'")
     if len(matches) == 1:
-        run = matches[0]
-        return StudyRun(study, run.info.experiment_id, run.info.run_id)
+        return _study_run(matches[0], study)
     if matches:
         ids = ", ".join(run.info.run_id for run in matches)
         raise StudyNotFound(f"study {study!r} has {len(matches)} parent runs ({ids}); name one by its run id")
-    parents = _study_runs(client, f"tags.`qstudy.role` = '{STUDY_ROLE}'")
-    known = ", ".join(sorted({run.data.tags.get("qstudy.study", "?") for run in parents})) or "none"
+    parents = _study_runs(client, f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'")
+    known = ", ".join(sorted({run.data.tags.get(STUDY_TAG, "?") for run in parents})) or "none"
     raise StudyNotFound(f"no study {study!r} in MLflow at {client.tracking_uri}; studies there: {known}")
-
-
-def parse_param(text: str) -> Any:
-    """A logged param back to its value: numbers, booleans and JSON lists typed, anything else text."""
-    if text in _PYTHON_LITERALS:
-        return _PYTHON_LITERALS[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _hyperparameters(params: dict[str, str]) -> dict[str, Any]:
-    # The sampled values are dotted run-config keys ("adapter.rank"); the trial's other params
-    # (workers, deepspeed, over_budget) describe how it ran, not what was searched.
-    return {key: parse_param(value) for key, value in sorted(params.items()) if "." in key}
 
 
 def _epoch_values(client, run_id: str, key: str) -> tuple[float, ...]:
@@ -128,46 +130,32 @@ def _epoch_values(client, run_id: str, key: str) -> tuple[float, ...]:
     return tuple(by_step[step] for step in sorted(by_step))
 
 
-def _count(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def record_from_run(client, run, study: str, order: int) -> TrialRecord:
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-    return TrialRecord(
-        trial_id=tags.get("qstudy.trial_id", run.info.run_id),
-        study=study,
-        method=tags.get("qstudy.method") or params.get("method", ""),
-        params=_hyperparameters(params),
-        cider=metrics.get("cider"),
-        trainable_params=_count(metrics.get("trainable_params")),
-        total_params=_count(metrics.get("total_params")),
-        # A run the engine never closed (driver killed) has no qstudy status beyond RUNNING.
-        status=tags.get("qstudy.status") or run.info.status,
-        epoch_cider=_epoch_values(client, run.info.run_id, "val_cider"),
-        run_id=run.info.run_id,
-        order=order,
-    )
-
-
 def _completion_key(run) -> tuple[float, float, str]:
     # MLflow's end time is when the trial closed its run; one still open sorts last.
     end = run.info.end_time if run.info.end_time else float("inf")
     return (end, run.info.start_time or 0, run.info.run_id)
 
 
-def load_records(client, studies: Sequence[StudyRun]) -> list[TrialRecord]:
-    """Every trial of ``studies`` as a record, ``order`` numbering them by completion across all."""
+def load_trial_runs(client, studies: Sequence[StudyRun]) -> list[TrialRun]:
+    """Every trial of ``studies``, in completion order across all of them."""
     runs = []
     for study in studies:
         children = _pages(
             client.search_runs,
             experiment_ids=[study.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{study.parent_run_id}'",
+            filter_string=f"tags.`{PARENT_RUN_TAG}` = '{study.parent_run_id}'",
         )
         runs += [(run, study.name) for run in children]
     runs.sort(key=lambda pair: _completion_key(pair[0]))
-    return [record_from_run(client, run, name, order) for order, (run, name) in enumerate(runs)]
+    return [TrialRun(run_id=run.info.run_id, study=name, tags=dict(run.data.tags), params=dict(run.data.params),
+                     metrics=dict(run.data.metrics), mlflow_status=run.info.status,
+                     epoch_cider=_epoch_values(client, run.info.run_id, VAL_CIDER))
+            for run, name in runs]
+
+
+def final_metrics(client, run_id: str) -> dict[str, float]:
+    """A run's metrics, each at its last logged value, by name."""
+    return dict(sorted(client.get_run(run_id).data.metrics.items()))
 
 
 def download_artifact(client, run_id: str, path: str, destination: Path) -> Path:

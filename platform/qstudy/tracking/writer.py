@@ -1,14 +1,14 @@
-"""MLflow, behind one module: an experiment per study family, a parent run per study, a child run per trial.
+"""Writes studies to MLflow: the experiment, a study's parent run, and each trial's child run through an outbox.
 
 Trials never talk to MLflow directly: a :class:`TrialTracker` appends every call to an
 on-disk *outbox* (JSON lines) and delivers what it can. When the server is unreachable the
 trial keeps training; the entries wait in the outbox and go out on the next delivery, at the
 trial's end, or when the study driver sweeps the outboxes after the last trial (outboxes live
 in the study directory under QSTUDY_HOME, shared storage on a multi-node cluster, so the
-sweep reaches trials that ran on other nodes). Child runs are found again by their
-``qstudy.trial_id`` tag, so a restarted or resumed trial reuses its run instead of creating a
-duplicate, and a metric is logged at most once per step: an epoch a resumed trial replays from
-its checkpoint is not logged again. Only the MlflowClient API is used (never the fluent
+sweep reaches trials that ran on other nodes). Child runs are found again by their trial id
+tag, so a restarted or resumed trial reuses its run instead of creating a duplicate, and a
+metric is logged at most once per step: an epoch a resumed trial replays from its checkpoint
+is not logged again. Only the MlflowClient API is used (never the fluent
 ``mlflow.start_run``): an inherited ``MLFLOW_RUN_ID`` cannot hijack the nesting.
 """
 
@@ -26,21 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from qstudy.core.errors import ConfigError
+from qstudy.tracking.schema import (
+    EPOCH,
+    EPOCH_KEYS,
+    MLFLOW_STATUS,
+    PARENT_RUN_TAG,
+    ROLE_TAG,
+    RUNNING,
+    STATUS_TAG,
+    STOPPED,
+    STOPPED_AT_TAG,
+    STUDY_ROLE,
+    STUDY_TAG,
+    SUMMARY_ARTIFACT,
+    TRIAL_ID_TAG,
+    VAL_PREFIX,
+    encode_param,
+)
 
 log = logging.getLogger(__name__)
 
-STATUS_TAG = "qstudy.status"
 _ENTRIES = "entries.jsonl"  # a trial's outbox: one JSON line per MLflow call, in order
-NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
-FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
-LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
-INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
-STOPPED = "STOPPED"  # stopped early by the study's scheduler: its last CIDEr is a low-fidelity one
-STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a stopped trial reached
-_EPOCH_KEYS = ("loss", "epoch_seconds")  # with every val_* metric: what a trial logs per epoch
-# MLflow's own run status for each qstudy status (an infeasible trial ran to its end).
-_MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
-                  INTERRUPTED: "KILLED", STOPPED: "KILLED"}
 
 
 class TrackingUnavailable(ConfigError):
@@ -65,6 +71,7 @@ def default_tracking_uri(home: Path) -> str:
 
 
 def is_remote(uri: str) -> bool:
+    """An HTTP tracking server, as opposed to a store on this machine's disk."""
     return uri.startswith(("http://", "https://"))
 
 
@@ -105,7 +112,7 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
 def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, Any]) -> str:
     """The study's parent run; its id is kept in the study state so ``--resume`` reuses it."""
     client = _client(uri)
-    run = client.create_run(experiment_id, run_name=study, tags={"qstudy.study": study, "qstudy.role": "study"})
+    run = client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: STUDY_ROLE})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
 
@@ -124,16 +131,22 @@ def finish_study_run(uri: str, run_id: str, metrics: dict[str, float], summary: 
     client = _client(uri)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
-    client.log_dict(run_id, summary, "summary.json")
+    client.log_dict(run_id, summary, SUMMARY_ARTIFACT)
     client.set_tag(run_id, STATUS_TAG, status)
-    client.set_terminated(run_id, status=_MLFLOW_STATUS.get(status, status))
+    client.set_terminated(run_id, status=MLFLOW_STATUS.get(status, status))
+
+
+def log_run_artifacts(uri: str, run_id: str, paths: list[Path], artifact_dir: str) -> None:
+    """Files logged on a run under ``artifact_dir`` (``qstudy report``'s dashboards on a study's parent run)."""
+    client = _client(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_dir)
 
 
 def _params(values: dict[str, Any]):
     from mlflow.entities import Param
 
-    # MLflow params are strings of at most 6000 characters; lists print as JSON.
-    return [Param(key, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]) for key, v in values.items()]
+    return [Param(key, encode_param(value)) for key, value in values.items()]
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ class TrialTracker:
         ``cider`` is ``val_cider`` under the name the searcher optimises.
         """
         self.log_metrics({key: value for key, value in result.items()
-                          if key in _EPOCH_KEYS or key.startswith("val_")}, step=int(result["epoch"]))
+                          if key in EPOCH_KEYS or key.startswith(VAL_PREFIX)}, step=int(result[EPOCH]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._append({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
@@ -196,7 +209,7 @@ class TrialTracker:
 
     def finish(self, status: str) -> None:
         self._append({"op": "tags", "values": {STATUS_TAG: status}})
-        self._append({"op": "end", "status": _MLFLOW_STATUS[status]})
+        self._append({"op": "end", "status": MLFLOW_STATUS[status]})
         self.deliver()
 
     def status(self) -> str | None:
@@ -225,13 +238,12 @@ class TrialTracker:
 def _find_or_create_run(client, target: TrialTarget, trial_id: str, run_name: str) -> str:
     runs = client.search_runs(
         [target.experiment_id],
-        filter_string=f"tags.`qstudy.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{target.parent_run_id}'",
+        filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`{PARENT_RUN_TAG}` = '{target.parent_run_id}'",
         max_results=1)
     if runs:
         return runs[0].info.run_id
     run = client.create_run(target.experiment_id, run_name=run_name, tags={
-        "mlflow.parentRunId": target.parent_run_id, "qstudy.study": target.study,
-        "qstudy.trial_id": trial_id, STATUS_TAG: RUNNING})
+        PARENT_RUN_TAG: target.parent_run_id, STUDY_TAG: target.study, TRIAL_ID_TAG: trial_id, STATUS_TAG: RUNNING})
     return run.info.run_id
 
 
