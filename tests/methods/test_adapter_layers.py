@@ -56,30 +56,28 @@ def fusion(drop_ratio: float) -> MultiscaleFusion:
 
 def test_fusion_reads_the_patch_grid_and_its_pooled_grid_of_every_frame():
     module = fusion(0.0)
-    module.capture(torch.randn(3 * 2, 1 + 16, 8))  # 3 clips x 2 frames, CLS + 4x4 patches
-    assert module.visual.shape == (3, 2 * (16 + 4), 6)
+    visual = module.features(torch.randn(3 * 2, 1 + 16, 8))  # 3 clips x 2 frames, CLS + 4x4 patches
+    assert visual.shape == (3, 2 * (16 + 4), 6)
 
 
 def test_adaptive_fusion_drops_each_tokens_lowest_scores():
     module = fusion(0.25)
-    hidden = torch.randn(2, 1 + 16, 8)
-    module.capture(hidden)
+    visual = module.features(torch.randn(2, 1 + 16, 8))
     text = torch.randn(1, 5, 6)
-    visual = module.visual
     scores = F.silu(text) @ F.silu(visual + module.key_embedding).transpose(1, 2)  # (1, 5, 40)
     kept = scores.argsort(dim=-1)[..., 10:]  # 25% of 40 visual tokens dropped per text token
     mask = torch.zeros_like(scores).scatter(-1, kept, 1.0)
     expected = 0.1 * (scores * mask) @ (visual + module.value_embedding)
-    torch.testing.assert_close(module(text), expected)
-    assert not torch.allclose(module(text), 0.1 * scores @ (visual + module.value_embedding))
+    torch.testing.assert_close(module(text, visual), expected)
+    assert not torch.allclose(module(text, visual), 0.1 * scores @ (visual + module.value_embedding))
 
 
-def test_fusion_follows_beam_search_rows():
+def test_fusion_refuses_features_of_other_rows():
+    """Each text row needs its own V: the caller selects and repeats them (captions per clip, beams)."""
     module = fusion(0.1)
-    module.capture(torch.randn(2 * 2, 17, 8))  # 2 clips
-    text = torch.randn(2, 1, 6)
-    beams = module(text.repeat_interleave(3, dim=0))  # 3 beams per clip, as generate expands them
-    torch.testing.assert_close(beams[::3], module(text))
+    visual = module.features(torch.randn(2 * 2, 17, 8))  # 2 clips
+    with pytest.raises(ValueError, match="6 text rows but V for 2"):
+        module(torch.randn(6, 1, 6), visual)
 
 
 @pytest.mark.parametrize(("mapping", "field"), [

@@ -217,8 +217,51 @@ def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):
     torch.testing.assert_close(visual_tokens[:, :1], frames_pooled.mean(dim=1, keepdim=True))
     torch.testing.assert_close(visual_tokens[:, 1:], clip_token)
     grid = captioner.dims.vision_grid
-    fused_tokens = captioner.adapter_modules["ademvl_fusion"].visual.shape[1]
+    fused_tokens = captioner.encode(bench.frames)[1]["ademvl"].shape[1]
     assert fused_tokens == bench.num_frames * (grid**2 + (grid // 2) ** 2)
+
+
+def test_ademvl_beams_read_their_own_clips_features(bench):
+    """Beam search runs several rows per clip; each row's fusion reads its clip's V, so a batch captions as one clip alone."""
+    torch.manual_seed(0)
+    captioner = bench.build()
+    # Fused features strong enough to decide the words: ADEM-VL's defaults barely move a tiny LM's captions.
+    apply_adapter(captioner, adapter_config_from_mapping({"method": "ademvl", "scale": 1.0, "visual_scale": 1.0}))
+    captioner.eval()
+    clips = bench.frames
+    batched = captioner.generate(clips, max_new_tokens=NEW_TOKENS, num_beams=3)
+    assert batched == [captioner.generate(clip[None], max_new_tokens=NEW_TOKENS, num_beams=3)[0] for clip in clips]
+
+
+def hooks(captioner: Captioner) -> dict[str, tuple[int, int]]:
+    return {name: (len(module._forward_hooks), len(module._forward_pre_hooks))
+            for name, module in captioner.named_modules()}
+
+
+@pytest.mark.parametrize("row", list(TABLE), ids=list(TABLE))
+def test_removing_an_adapter_gives_back_the_base(row, bench):
+    """After ``remove_adapter`` no hook, layer or module of the method is left, and the outputs are the base's exactly."""
+    config = adapter_config_from_mapping(TABLE[row])
+    torch.manual_seed(0)
+    captioner = bench.build()
+    # HF adds inert output-capturing hooks to a tower the first time hidden states are asked of it (ADEM-VL asks).
+    captioner.vision(pixel_values=torch.zeros(1, 3, captioner.image_size, captioner.image_size), output_hidden_states=True)
+    base_hooks, base_modules = hooks(captioner), list(captioner.state_dict())
+    apply_adapter(captioner, config)
+    with torch.no_grad():  # away from any zero init, so that what the method adds shows in the outputs
+        for name, parameter in captioner.named_parameters():
+            if name.startswith("adapter_modules.") or "lora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    adds_something = config.method not in ("frozen", "full")
+    assert (hooks(captioner) != base_hooks or len(captioner.adapter_modules) > 0) == adds_something
+    assert (not torch.equal(bench.loss_and_logits(captioner)[0], bench.base_loss)) == adds_something
+
+    captioner.remove_adapter(config.method)
+    assert hooks(captioner) == base_hooks and list(captioner.state_dict()) == base_modules
+    assert not captioner.adapters and not captioner.adapter_modules
+    loss, logits = bench.loss_and_logits(captioner)
+    assert torch.equal(loss, bench.base_loss) and torch.equal(logits, bench.base_logits)
+    assert captioner.generate(bench.frames, max_new_tokens=NEW_TOKENS) == bench.base_captions
 
 
 def loss_and_gradients(captioner: Captioner, visual, token_ids, token_mask, clip_of_row):

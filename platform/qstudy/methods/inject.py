@@ -1,4 +1,4 @@
-"""Putting a method on a captioner: freeze the base, run the method's ``modules.inject``, say what trains."""
+"""Putting a method on a captioner: freeze the base, run the method's ``modules.inject``, keep what it added, say what trains."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from qstudy.methods.registry import AdapterConfig
 
 
 def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
-    """Freeze the base, keep the projector trainable, inject the method; return what trains."""
+    """Freeze the base, keep the projector trainable, inject the method; return what trains.
+
+    The captioner keeps what the method added under its name: ``captioner.remove_adapter(config.method)``
+    gives back the base's behaviour (not its ``requires_grad`` flags).
+    """
     config.validate(captioner.dims)
     captioner.requires_grad_(False)
     captioner.projector.requires_grad_(True)
@@ -21,7 +25,7 @@ def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
         captioner.projector.temporal_merger.requires_grad_(False)
     # The modules sit beside the config, in methods/<name>/modules.py; they load only here.
     package = type(config).__module__.rpartition(".")[0]
-    importlib.import_module(f"{package}.modules").inject(config, captioner)
+    captioner.add_adapter(config.method, importlib.import_module(f"{package}.modules").inject(config, captioner))
     return [parameter for parameter in captioner.parameters() if parameter.requires_grad]
 
 

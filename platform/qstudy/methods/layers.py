@@ -49,22 +49,22 @@ class QueryAdapter(nn.Module):
             # Without a zero-init gate, a zero-init up-projection makes the block start as identity.
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
-        self.summary: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> (updated tokens (B, N, D), the queries' summary (B, K, r))."""
         tokens = self.down(hidden_states)
         queries = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        self.summary = F.scaled_dot_product_attention(queries, tokens, tokens)
-        readback = F.scaled_dot_product_attention(tokens, self.summary, self.summary)
-        return hidden_states + self.gate(self.up(readback))
+        summary = F.scaled_dot_product_attention(queries, tokens, tokens)
+        readback = F.scaled_dot_product_attention(tokens, summary, summary)
+        return hidden_states + self.gate(self.up(readback)), summary
 
-    def query_tokens(self) -> torch.Tensor:
-        """The last forward's query summary in the encoder's width: extra visual tokens."""
-        return self.up(self.summary)
+    def query_tokens(self, summary: torch.Tensor) -> torch.Tensor:
+        """A forward's query summary in the encoder's width: extra visual tokens (B, K, D)."""
+        return self.up(summary)
 
 
-def after_layer(layer: nn.Module, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Apply ``module`` to ``layer``'s output hidden states (a tensor, or the first of a tuple)."""
+def after_layer(layer: nn.Module, module) -> torch.utils.hooks.RemovableHandle:
+    """Apply ``module`` (hidden states -> hidden states) to ``layer``'s output hidden states (a tensor, or the first of a tuple)."""
 
     def hook(_layer, _args, output):
         if isinstance(output, tuple):
@@ -232,9 +232,9 @@ class ParallelAdapter(nn.Module):
 class MultiscaleFusion(nn.Module):
     """ADEM-VL's parameter-free cross-attention from the LM's tokens onto multiscale visual features.
 
-    ``capture`` turns a frame batch's penultimate-layer tokens into V (batch, frames * tokens,
+    ``features`` turns a frame batch's penultimate-layer tokens into V (batch, frames * tokens,
     lm_hidden): the patch grid and its average-pooled coarser grids, concatenated, through a
-    SiLU MLP, times ``visual_scale``. ``forward(x)`` returns ``scale * A @ (V + e2)`` with
+    SiLU MLP, times ``visual_scale``. ``forward(x, V)`` returns ``scale * A @ (V + e2)`` with
     ``A = silu(x) @ silu(V + e1)^T``, each text token's lowest ``drop_ratio`` share of scores
     set to zero. e1 and e2 are learned per visual token position (frame and grid cell).
     """
@@ -252,25 +252,20 @@ class MultiscaleFusion(nn.Module):
         tokens = num_frames * sum((grid // stride) ** 2 for stride in pool_strides)
         self.key_embedding = nn.Parameter(torch.randn(tokens, lm_hidden) * 0.02)  # e1
         self.value_embedding = nn.Parameter(torch.zeros(tokens, lm_hidden))  # e2
-        self.visual: torch.Tensor | None = None
 
-    def capture(self, hidden_states: torch.Tensor) -> None:
-        """(batch * frames, tokens, vision_hidden), already normed -> V for the next LM forward."""
+    def features(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch * frames, tokens, vision_hidden), already normed -> V (batch, frames * tokens, lm_hidden)."""
         patches = hidden_states[:, -self.grid**2:]  # CLIP puts its CLS first; SigLIP has none
         grid = patches.transpose(1, 2).unflatten(2, (self.grid, self.grid))
         scales = [grid if stride == 1 else F.avg_pool2d(grid, stride) for stride in self.pool_strides]
         multiscale = torch.cat([scale.flatten(2) for scale in scales], dim=2).transpose(1, 2)
         visual = self.visual_projection(multiscale) * self.visual_scale
-        self.visual = visual.reshape(-1, self.num_frames * visual.shape[1], visual.shape[2])
+        return visual.reshape(-1, self.num_frames * visual.shape[1], visual.shape[2])
 
-    def select_rows(self, clip_of_row: torch.Tensor) -> None:
-        """Each caption row's clip's V, when a batch holds several captions of a clip."""
-        self.visual = self.visual[clip_of_row]
-
-    def forward(self, normed: torch.Tensor) -> torch.Tensor:
-        visual = self.visual
-        if visual.shape[0] != normed.shape[0]:  # beam search repeats each clip's rows
-            visual = visual.repeat_interleave(normed.shape[0] // visual.shape[0], dim=0)
+    def forward(self, normed: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Text tokens (rows, tokens, lm_hidden) and each row's V (rows, visual tokens, lm_hidden) -> the update."""
+        if visual.shape[0] != normed.shape[0]:
+            raise ValueError(f"fusion: {normed.shape[0]} text rows but V for {visual.shape[0]}")
         scores = F.silu(normed) @ F.silu(visual + self.key_embedding).transpose(1, 2)
         drop = int(self.drop_ratio * scores.shape[-1])
         if drop > 0:

@@ -3,7 +3,8 @@
 A method is one folder, ``methods/<name>/``: ``config.py`` subclasses :class:`AdapterConfig`
 and decorates it with :func:`register` (torch-free: the sampler and the parameter budget
 count a config's parameters before anything is built), and ``modules.py`` holds its torch
-modules and an ``inject(config, captioner)`` that adds them (``methods/inject.py``).
+modules and an ``inject(config, captioner)`` that hooks them in and returns what it added, an
+``Extension`` the captioner keeps by name and can remove (``methods/inject.py``, ``model/extension.py``).
 """
 
 from __future__ import annotations

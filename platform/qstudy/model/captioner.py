@@ -11,11 +11,13 @@ A training batch may hold several captions of one clip: the vision side then run
 clip and each caption row reads its clip's prefix. With ``prefix_depth`` set, the vision input
 is a clip's hidden states after the tower's first ``prefix_depth`` layers (computed once by
 ``vision_prefix`` and stored), and only the remaining layers run.
+
+Adapters come on through ``add_adapter`` as an ``Extension`` (``model/extension.py``): their
+hooks, modules and the callbacks the forward calls; ``remove_adapter`` takes one off again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from qstudy.core.errors import ConfigError
 from qstudy.config import ModelConfig
 from qstudy.core.dims import ModelDims
+from qstudy.model.extension import Extension, VisionOutput
 
 # CLIP's pixel statistics; SigLIP and most towers ship their own in the image processor.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -113,7 +116,7 @@ def image_normalization(name_or_path: str) -> tuple[tuple[float, ...], tuple[flo
 
 
 class Captioner(nn.Module):
-    """Vision tower + projector + causal LM, with a slot for adapter modules."""
+    """Vision tower + projector + causal LM, with adapters added and removed by name (``model/extension.py``)."""
 
     def __init__(self, vision: nn.Module, lm: nn.Module, tokenizer, dims: ModelDims, max_caption_tokens: int,
                  pixel_mean=_CLIP_MEAN, pixel_std=_CLIP_STD):
@@ -124,19 +127,9 @@ class Captioner(nn.Module):
         self.dims = dims
         self.max_caption_tokens = max_caption_tokens
         self.projector = Projector(dims)
-        # Adapters register their modules here so that saving "what trains" is one state_dict.
+        # The adapters' modules, all of them, so that saving "what trains" is one state_dict.
         self.adapter_modules = nn.ModuleDict()
-        # Adapters that add visual tokens per frame (Q-Adapter's query outputs) append a callable
-        # returning (batch * frames, tokens, vision_hidden) after each vision forward.
-        self.extra_frame_tokens: list[Callable[[], torch.Tensor]] = []
-        # Adapters that work on the LM's input (prompt tuning) or see the visual prefix (fusion).
-        self.lm_input_hooks: list[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
-        # Adapters that feed the LM a different visual prefix (ADEM-VL pools it to one token) map the
-        # projected prefix (batch, tokens, lm_hidden) to the one the LM receives.
-        self.prefix_hooks: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        # Adapters that keep per-clip state for the LM (ADEM-VL's visual features) take each caption
-        # row's clip index when a batch has several captions per clip.
-        self.row_hooks: list[Callable[[torch.Tensor], None]] = []
+        self.adapters: dict[str, Extension] = {}
         # Set when a run reuses the frozen prefix (train/recipe.py): the vision input is then the states
         # after this many layers.
         self.prefix_depth: int | None = None
@@ -197,6 +190,26 @@ class Captioner(nn.Module):
             temporal_merger_rank=self.dims.temporal_merger_rank,
         )
 
+    def add_adapter(self, name: str, extension: Extension) -> None:
+        """Keep ``extension`` under ``name`` and register its modules; its hooks are already in place."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already on this captioner")
+        taken = set(extension.modules) & set(self.adapter_modules)
+        if taken:
+            raise ValueError(f"adapter {name!r}: modules {sorted(taken)} are another adapter's")
+        for key, module in extension.modules.items():
+            self.adapter_modules[key] = module
+        self.adapters[name] = extension
+
+    def remove_adapter(self, name: str) -> Extension:
+        """Undo everything adapter ``name`` added (hooks, replaced layers, modules, callbacks); return its record."""
+        extension = self.adapters.pop(name)
+        for handle in reversed(extension.handles):
+            handle.remove()
+        for key in extension.modules:
+            del self.adapter_modules[key]
+        return extension
+
     @property
     def encoder_layers(self) -> nn.ModuleList:
         return self.vision.encoder.layers
@@ -248,13 +261,48 @@ class Captioner(nn.Module):
             hidden = layer(hidden, None)  # vision towers attend without a mask
         return hidden.unflatten(0, (batch, num_frames))
 
-    def _vision_suffix(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored states (batch, frames, sequence, hidden) -> the tower's (last_hidden_state, pooled) per frame."""
+    def _vision_suffix(self, states: torch.Tensor, keep: set[int]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        """Stored states (batch, frames, sequence, hidden) -> the tower's (last_hidden_state, pooled, hidden_states).
+
+        ``hidden_states`` as the tower's ``output_hidden_states`` gives them, holding the
+        indices in ``keep`` at or after ``prefix_depth`` (the earlier ones never ran here).
+        """
+        if min(keep, default=self.prefix_depth) < self.prefix_depth:
+            raise ValueError(f"an adapter reads vision hidden states {sorted(keep)}; the reused prefix ends at "
+                             f"{self.prefix_depth}")
         hidden = states.to(self.device).flatten(0, 1).to(self.projector.frame_embedding.dtype)
-        for layer in self.encoder_layers[self.prefix_depth:]:
+        kept = [None] * (len(self.encoder_layers) + 1)
+        for index, layer in enumerate(self.encoder_layers[self.prefix_depth:], start=self.prefix_depth):
+            if index in keep:
+                kept[index] = hidden
             hidden = layer(hidden, None)
+        if len(self.encoder_layers) in keep:
+            kept[-1] = hidden
         _, end = _SPLIT_TOWERS[self.vision.config.model_type]
-        return end(self.vision, hidden)
+        return *end(self.vision, hidden), kept
+
+    def _vision_pass(self, visual: torch.Tensor) -> VisionOutput:
+        """Vision input (see ``visual_tokens``) -> the tower's outputs per frame, with the hidden states adapters read."""
+        states = len(self.encoder_layers) + 1
+        keep = {index % states for extension in self.adapters.values() for index in extension.hidden_states}
+        if visual.dtype == torch.uint8:
+            asked = {"output_hidden_states": sorted(keep)} if keep else {}
+            output = self.vision(pixel_values=self._pixels(visual), **asked)
+            last_hidden, pooled = output.last_hidden_state, output.pooler_output
+            hidden_states = output.hidden_states if keep else [None] * states
+        elif self.prefix_depth is None:
+            raise ValueError(f"vision input of dtype {visual.dtype}: frames are uint8; states need prefix_depth set")
+        else:
+            last_hidden, pooled, hidden_states = self._vision_suffix(visual, keep)
+        if pooled is None:  # a SigLIP tower shipped without its attention-pool head, as VLMs often take it
+            pooled = last_hidden.mean(dim=1)
+        return VisionOutput(last_hidden, pooled, tuple(hidden_states))
+
+    def _frame_tokens(self, vision: VisionOutput, num_frames: int) -> torch.Tensor:
+        """A vision pass -> the tokens per frame (batch, frames, tokens, vision_hidden): the base's, then the adapters'."""
+        tokens = [vision.pooled[:, None, :]] + self._grid_tokens(vision.last_hidden_state)
+        tokens += [extension.frame_tokens(vision) for extension in self.adapters.values() if extension.frame_tokens]
+        return torch.cat(tokens, dim=1).unflatten(0, (-1, num_frames))
 
     def visual_tokens(self, visual: torch.Tensor) -> torch.Tensor:
         """Vision input -> the vision side's tokens (batch, frames, tokens, vision_hidden).
@@ -262,29 +310,33 @@ class Captioner(nn.Module):
         ``visual`` is uint8 frames (batch, frames, H, W, 3), or, with ``prefix_depth`` set,
         the states ``vision_prefix`` gave at that depth (any float dtype; they are cast).
         """
-        batch, num_frames = visual.shape[:2]
-        if visual.dtype == torch.uint8:
-            output = self.vision(pixel_values=self._pixels(visual))
-            last_hidden, pooled = output.last_hidden_state, output.pooler_output
-        elif self.prefix_depth is None:
-            raise ValueError(f"vision input of dtype {visual.dtype}: frames are uint8; states need prefix_depth set")
-        else:
-            last_hidden, pooled = self._vision_suffix(visual)
-        if pooled is None:  # a SigLIP tower shipped without its attention-pool head, as VLMs often take it
-            pooled = last_hidden.mean(dim=1)
-        tokens = [pooled[:, None, :]] + self._grid_tokens(last_hidden)
-        tokens += [extra() for extra in self.extra_frame_tokens]
-        return torch.cat(tokens, dim=1).view(batch, num_frames, -1, pooled.shape[-1])
+        return self._frame_tokens(self._vision_pass(visual), visual.shape[1])
+
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Vision input of a batch of clips -> (visual prefix, each adapter's per-clip state for the LM)."""
+        vision = self._vision_pass(frames)
+        frame_tokens = self._frame_tokens(vision, frames.shape[1])
+        prefix = self.projector(frame_tokens)
+        for extension in self.adapters.values():
+            if extension.prefix:
+                prefix = extension.prefix(prefix)
+        if self.projector.temporal_merger is not None:
+            prefix = torch.cat([prefix, self.projector.clip_token(frame_tokens)], dim=1)
+        clip_states = {name: extension.clip_state(vision) for name, extension in self.adapters.items()
+                       if extension.clip_state}
+        return prefix, clip_states
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Vision input (see ``visual_tokens``) of a batch of clips -> visual prefix (batch, prefix_len, lm_hidden)."""
-        frame_tokens = self.visual_tokens(frames)
-        prefix = self.projector(frame_tokens)
-        for hook in self.prefix_hooks:
-            prefix = hook(prefix)
-        if self.projector.temporal_merger is not None:
-            prefix = torch.cat([prefix, self.projector.clip_token(frame_tokens)], dim=1)
-        return prefix
+        return self.encode(frames)[0]
+
+    def _condition(self, clip_states: dict[str, torch.Tensor], rows: torch.Tensor | None = None,
+                   repeats: int = 1) -> None:
+        """Hand each adapter its per-clip state for the LM's rows: row i reads clip ``rows[i]``, each clip ``repeats`` rows."""
+        for name, state in clip_states.items():
+            if rows is not None:
+                state = state[rows]
+            self.adapters[name].condition(state.repeat_interleave(repeats, dim=0) if repeats > 1 else state)
 
     def _grid_tokens(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """The patch tokens average-pooled to ``frame_grid`` x ``frame_grid`` (none when it is 0)."""
@@ -300,8 +352,9 @@ class Captioner(nn.Module):
         embeddings = self.lm.get_input_embeddings()(token_ids)
         inputs = torch.cat([prefix, embeddings], dim=1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=token_mask.dtype, device=prefix.device), token_mask], 1)
-        for hook in self.lm_input_hooks:
-            inputs, mask = hook(inputs, mask)
+        for extension in self.adapters.values():
+            if extension.lm_inputs:
+                inputs, mask = extension.lm_inputs(inputs, mask)
         return inputs, mask
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,12 +379,11 @@ class Captioner(nn.Module):
         clip's vision side runs once however many of its captions the batch holds, and its
         prefix's gradients sum over them. None: one caption per clip, in order.
         """
-        prefix = self.encode_frames(frames)
+        prefix, clip_states = self.encode(frames)
         if clip_of_row is not None:
             clip_of_row = clip_of_row.to(self.device)
             prefix = prefix[clip_of_row]
-            for hook in self.row_hooks:
-                hook(clip_of_row)
+        self._condition(clip_states, clip_of_row)
         token_ids, token_mask = token_ids.to(self.device), token_mask.to(self.device)
         inputs, mask = self._lm_inputs(prefix, token_ids, token_mask)
         logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits
@@ -345,7 +397,9 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, frames: torch.Tensor, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
         """Greedy (or beam) captions for a batch of clips."""
-        prefix = self.encode_frames(frames)
+        prefix, clip_states = self.encode(frames)
+        # Beam search runs num_beams rows per clip, each clip's beams side by side (HF repeats its inputs so).
+        self._condition(clip_states, repeats=num_beams)
         tok = self.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         start = torch.full((frames.shape[0], 1), bos, dtype=torch.long, device=prefix.device)

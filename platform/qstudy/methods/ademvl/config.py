@@ -75,7 +75,7 @@ class AdemVLConfig(AdapterConfig):
             raise ConfigError(f"adapter.vision_adapter_dim: {self.vision_adapter_dim} must be >= 0 (0: none)")
 
     def frozen_vision_layers(self, dims: ModelDims) -> int:
-        # The fusion reads the penultimate layer's output through a hook on it, so that layer must run.
+        # The fusion reads the penultimate layer's output, so that layer must run.
         return 0 if self.vision_adapter_dim else dims.vision_layers - 2
 
     def extra_trainable(self, dims: ModelDims) -> int:

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-from functools import partial
-
+import torch
 from torch import nn
 
 from qstudy.methods.ademvl.config import AdemVLConfig
 from qstudy.methods.layers import FEED_FORWARD_NAMES, MultiscaleFusion, ParallelAdapter, beside_sublayer, sublayer
+from qstudy.model.extension import Extension, Slot
+
+PENULTIMATE = -2  # hidden_states[-2]: the output of the encoder's penultimate layer
 
 
-def inject(config: AdemVLConfig, captioner) -> None:
+def inject(config: AdemVLConfig, captioner) -> Extension:
     dims = captioner.dims
+    modules, handles = {}, []
     if config.vision_adapter_dim:
         adapters = nn.ModuleList(ParallelAdapter(dims.vision_hidden, config.vision_adapter_dim, scale=0.1)
                                  for _ in captioner.encoder_layers)
-        captioner.adapter_modules["ademvl_vision"] = adapters
+        modules["ademvl_vision"] = adapters
         for layer, adapter in zip(captioner.encoder_layers, adapters):
-            beside_sublayer(sublayer(layer, FEED_FORWARD_NAMES), adapter)
+            handles.append(beside_sublayer(sublayer(layer, FEED_FORWARD_NAMES), adapter))
     fusion = MultiscaleFusion(dims.vision_hidden, dims.lm_hidden, dims.vision_grid, config.pool_strides,
                               dims.num_frames, config.projection_hidden, config.scale, config.visual_scale,
                               config.drop_ratio)
-    captioner.adapter_modules["ademvl_fusion"] = fusion
-    post_layernorm = captioner.vision.post_layernorm
-    captioner.encoder_layers[-2].register_forward_hook(
-        lambda _layer, _args, output: fusion.capture(post_layernorm(output[0] if isinstance(output, tuple) else output)))
+    modules["ademvl_fusion"] = fusion
+    # Each LM row's V reaches the fusion inside the LM's blocks, which take only hidden states, through here.
+    visual = Slot[torch.Tensor]("ADEM-VL's visual features")
     for block in captioner.lm_blocks:
-        beside_sublayer(sublayer(block, FEED_FORWARD_NAMES), fusion)
-    captioner.prefix_hooks.append(partial(clip_cls_token, num_frames=dims.num_frames))
-    captioner.row_hooks.append(fusion.select_rows)
+        handles.append(beside_sublayer(sublayer(block, FEED_FORWARD_NAMES), lambda normed: fusion(normed, visual.get())))
+    post_layernorm = captioner.vision.post_layernorm
+    return Extension(
+        modules=modules, handles=handles, hidden_states=(PENULTIMATE,),
+        prefix=lambda prefix: clip_cls_token(prefix, dims.num_frames),
+        clip_state=lambda vision: fusion.features(post_layernorm(vision.hidden_states[PENULTIMATE])),
+        condition=visual.put,
+    )
 
 
 def clip_cls_token(prefix, num_frames: int):

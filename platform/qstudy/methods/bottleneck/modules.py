@@ -10,26 +10,29 @@ from torch import nn
 from qstudy.core.dims import is_norm_module
 from qstudy.methods.bottleneck.config import BottleneckConfig, ResidualAdapterConfig
 from qstudy.methods.layers import ATTENTION_NAMES, FEED_FORWARD_NAMES, BottleneckAdapters, after_layer, sublayer
+from qstudy.model.extension import Extension
 
 # (hidden, bottleneck, layers) -> the module holding one tower's adapters, called as module(hidden_states, position)
 TowerAdapters = Callable[[int, int, int], nn.Module]
 
 
-def inject_residual(config: ResidualAdapterConfig, captioner, tower_adapters: TowerAdapters) -> None:
+def inject_residual(config: ResidualAdapterConfig, captioner, tower_adapters: TowerAdapters) -> Extension:
     """An adapter after the attention and the feed-forward sublayer of every layer of each targeted tower."""
+    extension = Extension()
     for tower, hidden, layers in config.towers(captioner.dims):
         adapters = tower_adapters(hidden, hidden // config.reduction_factor, layers)
-        captioner.adapter_modules[f"{config.method}_{tower}"] = adapters
+        extension.modules[f"{config.method}_{tower}"] = adapters
         blocks = captioner.encoder_layers if tower == "vision" else captioner.lm_blocks
         for layer, block in enumerate(blocks):
             for kind, names in enumerate((ATTENTION_NAMES, FEED_FORWARD_NAMES)):
-                after_layer(sublayer(block, names), partial(adapters, position=2 * layer + kind))
+                extension.handles.append(after_layer(sublayer(block, names), partial(adapters, position=2 * layer + kind)))
         if config.unfreeze_layer_norms:
             for name, module in getattr(captioner, tower).named_modules():
                 if is_norm_module(name):
                     module.requires_grad_(True)
+    return extension
 
 
-def inject(config: BottleneckConfig, captioner) -> None:
-    inject_residual(config, captioner,
+def inject(config: BottleneckConfig, captioner) -> Extension:
+    return inject_residual(config, captioner,
                     lambda hidden, bottleneck, layers: BottleneckAdapters(hidden, bottleneck, 2 * layers, config.sharing))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from qstudy.methods.frozen.config import FrozenConfig
+from qstudy.model.extension import Extension
 
 
-def inject(config: FrozenConfig, captioner) -> None:
+def inject(config: FrozenConfig, captioner) -> Extension:
     """Nothing to add: apply_adapter already froze all but the projector."""
+    return Extension()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from qstudy.methods.full.config import FullFineTuningConfig
+from qstudy.model.extension import Extension
 
 
-def inject(config: FullFineTuningConfig, captioner) -> None:
+def inject(config: FullFineTuningConfig, captioner) -> Extension:
     captioner.requires_grad_(True)
+    return Extension()

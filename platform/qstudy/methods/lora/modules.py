@@ -5,12 +5,26 @@ from __future__ import annotations
 import peft
 
 from qstudy.methods.lora.config import LoraConfig
+from qstudy.model.extension import Extension
 
 
-def inject(config: LoraConfig, captioner) -> None:
+class LoraLayers:
+    """The handle of one tower's LoRA layers: ``remove`` puts the base layers back (peft's unload, unmerged)."""
+
+    def __init__(self, tuner: peft.LoraModel):
+        self.tuner = tuner
+
+    def remove(self) -> None:
+        self.tuner.unload()
+
+
+def inject(config: LoraConfig, captioner) -> Extension:
+    extension = Extension()
     for tower, _, modules in config.targets(captioner.dims):
         model = getattr(captioner, tower)
         present = {name.rpartition(".")[2] for name, _ in model.named_modules()}
         lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                target_modules=[m for m in modules if m in present])
-        peft.inject_adapter_in_model(lora, model)
+        # What peft.inject_adapter_in_model does, keeping the tuner that can unload it.
+        extension.handles.append(LoraLayers(peft.LoraModel(model, lora, adapter_name="default")))
+    return extension

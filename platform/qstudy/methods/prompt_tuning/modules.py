@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from qstudy.methods.layers import PromptEncoder
 from qstudy.methods.prompt_tuning.config import PromptTuningConfig
+from qstudy.model.extension import Extension
 
 
-def inject(config: PromptTuningConfig, captioner) -> None:
+def inject(config: PromptTuningConfig, captioner) -> Extension:
     embedding_std = captioner.lm.get_input_embeddings().weight.std().item()
     prompts = PromptEncoder(config.prompt_length, captioner.dims.lm_hidden, config.mid_dim, embedding_std)
-    captioner.adapter_modules["prompt_tuning"] = prompts
-    captioner.lm_input_hooks.append(prompts)
+    return Extension(modules={"prompt_tuning": prompts}, lm_inputs=prompts)

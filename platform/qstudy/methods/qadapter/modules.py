@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import torch
+
 from qstudy.methods.layers import QueryAdapter, after_layer
 from qstudy.methods.qadapter.config import QAdapterConfig, resolve_layers
+from qstudy.model.extension import Extension, Slot
 
 
-def inject(config: QAdapterConfig, captioner) -> None:
-    blocks = []
-    for layer in resolve_layers(config.insertion_layers, captioner.dims.vision_layers):
+def inject(config: QAdapterConfig, captioner) -> Extension:
+    extension = Extension()
+    layers = resolve_layers(config.insertion_layers, captioner.dims.vision_layers)
+    # The last block's query tokens leave the tower's forward, which returns only hidden states, through here.
+    queries = Slot[torch.Tensor]("Q-Adapter's query tokens")
+    for layer in layers:
         block = QueryAdapter(captioner.dims.vision_hidden, config.rank, config.num_query_tokens, config.gating)
-        captioner.adapter_modules[f"qadapter_{layer}"] = block
-        after_layer(captioner.encoder_layers[layer], block)
-        blocks.append(block)
+        extension.modules[f"qadapter_{layer}"] = block
+        emits = queries if config.queries_to_lm and layer == layers[-1] else None
+        extension.handles.append(after_layer(captioner.encoder_layers[layer],
+                                             lambda hidden, block=block, emits=emits: _adapt(hidden, block, emits)))
     if config.queries_to_lm:
-        captioner.extra_frame_tokens.append(blocks[-1].query_tokens)
+        extension.frame_tokens = lambda _vision: queries.get()
+    return extension
+
+
+def _adapt(hidden: torch.Tensor, block: QueryAdapter, queries: Slot | None) -> torch.Tensor:
+    """One block's update of a layer's output; its query tokens go to ``queries`` when the LM reads them."""
+    updated, summary = block(hidden)
+    if queries is not None:
+        queries.put(block.query_tokens(summary))
+    return updated
