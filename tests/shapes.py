@@ -26,7 +26,8 @@ def clip_vision_shapes(hidden: int, intermediate: int, layers: int, image_size: 
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             shapes |= linear(f"{prefix}.self_attn.{proj}", hidden, hidden)
         shapes |= (norm(f"{prefix}.layer_norm1") | norm(f"{prefix}.layer_norm2")
-                   | linear(f"{prefix}.mlp.fc1", intermediate, hidden) | linear(f"{prefix}.mlp.fc2", hidden, intermediate))
+                   | linear(f"{prefix}.mlp.fc1", intermediate, hidden)
+                   | linear(f"{prefix}.mlp.fc2", hidden, intermediate))
     return shapes
 
 

@@ -1,4 +1,4 @@
-"""Exported weights that do not fit their config.yaml fail to load with an ``ExportError`` saying how, never silently."""
+"""Exported weights that do not fit their config.yaml fail to load with an ``ExportError`` saying how."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tests/shapes.py's shapes are the real models': the tiny base ``qstudy base`` builds, and transformers' CLIP and GPT-2."""
+"""tests/shapes.py's shapes are the real models': the tiny base ``qstudy base`` builds, transformers' CLIP, GPT-2."""
 
 from __future__ import annotations
 

@@ -10,9 +10,11 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.mark.parametrize(("changes", "args", "message"), [
     ({}, ["--workers-per-trial", "3"],  # the worker node has 2 CPUs
-     "workers_per_trial: 3 workers x cpus_per_worker 1.0 + 0.01 for the trial driver = 3.01 CPUs, but the cluster has 2"),
+     "workers_per_trial: 3 workers x cpus_per_worker 1.0 + 0.01 for the trial driver = 3.01 CPUs, "
+     "but the cluster has 2"),
     ({}, ["--workers-per-trial", "2"],  # whole CPUs leave none for the trial's driver
-     "workers_per_trial: 2 workers x cpus_per_worker 1.0 + 0.01 for the trial driver = 2.01 CPUs, but the cluster has 2"),
+     "workers_per_trial: 2 workers x cpus_per_worker 1.0 + 0.01 for the trial driver = 2.01 CPUs, "
+     "but the cluster has 2"),
     ({"cpus_per_worker": 3}, [],  # one worker trains in the trial's own actor: no driver beside it
      "workers_per_trial: 1 workers x cpus_per_worker 3.0 = 3 CPUs, but the cluster has 2"),
     ({"use_gpu": True}, [], "use_gpu: 1 workers need 1 GPUs, the cluster has 0"),

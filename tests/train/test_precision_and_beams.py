@@ -1,4 +1,4 @@
-"""``train.precision: bf16`` trains and saves in bf16 on CPU; ``eval.num_beams`` > 1 captions each clip on its own rows."""
+"""``train.precision: bf16`` trains and saves bf16 weights on CPU; beam search captions each clip on its own rows."""
 
 from __future__ import annotations
 
