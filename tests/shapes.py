@@ -1,40 +1,62 @@
-"""Model shapes for validating search spaces offline: the tiny preset by hand, paper scale from config classes.
+"""Model shapes for validating search spaces offline, torch-free: the tiny base's and paper scale's.
 
-Used by tests/study/test_space.py and the repository-wide YAML test (tests/test_yaml_files.py).
+Search-space validation must not import torch (tests/study/test_space.py checks it), so the
+shapes are written out here from each family's layout; tests/model/test_tiny_shapes.py checks
+them against the tiny base ``qstudy base`` builds and against transformers' own CLIP and GPT-2,
+so they cannot drift. Used by tests/study, tests/methods and tests/test_yaml_files.py.
 """
 
 from __future__ import annotations
 
 from qstudy.core.dims import ModelDims
+from qstudy.data.synthetic import caption_vocabulary
+
+
+def clip_vision_shapes(hidden: int, intermediate: int, layers: int, image_size: int,
+                       patch_size: int) -> dict[str, tuple[int, ...]]:
+    """``CLIPVisionModel``'s parameters, as its safetensors header lists them."""
+    norm = lambda name: {f"{name}.weight": (hidden,), f"{name}.bias": (hidden,)}  # noqa: E731
+    linear = lambda name, out, into: {f"{name}.weight": (out, into), f"{name}.bias": (out,)}  # noqa: E731
+    shapes = {"embeddings.class_embedding": (hidden,),
+              "embeddings.patch_embedding.weight": (hidden, 3, patch_size, patch_size),
+              "embeddings.position_embedding.weight": ((image_size // patch_size) ** 2 + 1, hidden),
+              **norm("pre_layrnorm"), **norm("post_layernorm")}
+    for layer in range(layers):
+        prefix = f"encoder.layers.{layer}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes |= linear(f"{prefix}.self_attn.{proj}", hidden, hidden)
+        shapes |= (norm(f"{prefix}.layer_norm1") | norm(f"{prefix}.layer_norm2")
+                   | linear(f"{prefix}.mlp.fc1", intermediate, hidden)
+                   | linear(f"{prefix}.mlp.fc2", hidden, intermediate))
+    return shapes
+
+
+def gpt2_shapes(vocab: int, positions: int, hidden: int, layers: int) -> dict[str, tuple[int, ...]]:
+    """``GPT2LMHeadModel``'s parameters (the LM head is tied to ``wte``); Conv1D weights are (in, out)."""
+    norm = lambda name: {f"{name}.weight": (hidden,), f"{name}.bias": (hidden,)}  # noqa: E731
+    conv = lambda name, into, out: {f"{name}.weight": (into, out), f"{name}.bias": (out,)}  # noqa: E731
+    shapes = {"transformer.wte.weight": (vocab, hidden), "transformer.wpe.weight": (positions, hidden),
+              **norm("transformer.ln_f")}
+    for layer in range(layers):
+        prefix = f"transformer.h.{layer}"
+        shapes |= (norm(f"{prefix}.ln_1") | norm(f"{prefix}.ln_2") | conv(f"{prefix}.attn.c_attn", hidden, 3 * hidden)
+                   | conv(f"{prefix}.attn.c_proj", hidden, hidden) | conv(f"{prefix}.mlp.c_fc", hidden, 4 * hidden)
+                   | conv(f"{prefix}.mlp.c_proj", 4 * hidden, hidden))
+    return shapes
 
 
 def tiny_dims() -> ModelDims:
-    """The tiny preset's shapes: CLIP-vision (64 wide, 4 layers), GPT-2 (128 wide, 2 layers), a rank-16 merger."""
-    vision = {"embeddings.patch_embedding.weight": (64, 3, 8, 8), "post_layernorm.weight": (64,)}
-    for layer in range(4):
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            vision[f"encoder.layers.{layer}.self_attn.{proj}.weight"] = (64, 64)
-        vision[f"encoder.layers.{layer}.mlp.fc1.weight"] = (128, 64)
-        vision[f"encoder.layers.{layer}.mlp.fc2.weight"] = (64, 128)
-    lm = {"transformer.wte.weight": (33, 128)}
-    for layer in range(2):
-        lm[f"transformer.h.{layer}.attn.c_attn.weight"] = (128, 384)
-        lm[f"transformer.h.{layer}.attn.c_proj.weight"] = (128, 128)
-        lm[f"transformer.h.{layer}.mlp.c_fc.weight"] = (128, 512)
+    """The tiny base (model/tiny.py, train/pretrain.py's ``BaseSpec``): CLIP-vision 64 wide x 4 layers on 32 px
+    frames in 8 px patches, GPT-2 128 wide x 2 layers over the captions' words, 4 frames, a rank-16 merger."""
+    vocab = len(set(caption_vocabulary())) + 4  # the word-level tokenizer's words and its four special tokens
     return ModelDims(vision_hidden=64, vision_layers=4, lm_hidden=128, lm_layers=2,
-                     num_frames=8, vision_shapes=vision, lm_shapes=lm, vision_image_size=32, vision_patch_size=8,
-                     temporal_merger_rank=16)
+                     num_frames=4, vision_shapes=clip_vision_shapes(64, 128, 4, 32, 8),
+                     lm_shapes=gpt2_shapes(vocab, 256, 128, 2), vision_image_size=32, vision_patch_size=8,
+                     frame_grid=2, temporal_merger_rank=16)
 
 
 def paper_dims() -> ModelDims:
-    """CLIP ViT-B/16 + GPT-2 (124M) shapes from their config classes: no download, no weights."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
-
-    with torch.device("meta"):
-        vision = CLIPVisionModel(CLIPVisionConfig(patch_size=16, image_size=224))
-        lm = GPT2LMHeadModel(GPT2Config())
-    shapes = lambda model: {name: tuple(p.shape) for name, p in model.named_parameters()}  # noqa: E731
+    """CLIP ViT-B/16 + GPT-2 (124M), 8 frames."""
     return ModelDims(vision_hidden=768, vision_layers=12, lm_hidden=768, lm_layers=12,
-                     num_frames=8, vision_shapes=shapes(vision), lm_shapes=shapes(lm), vision_image_size=224,
-                     vision_patch_size=16)
+                     num_frames=8, vision_shapes=clip_vision_shapes(768, 3072, 12, 224, 16),
+                     lm_shapes=gpt2_shapes(50257, 1024, 768, 12), vision_image_size=224, vision_patch_size=16)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -136,14 +138,44 @@ def test_the_key_covers_every_decode_setting(dataset, other):
     assert cache_key(annotations, clips, other) != cache_key(annotations, clips, SETTINGS)
 
 
-def counting_build(dataset: Path, root: Path, counter: Path, barrier, results, pause_s: float) -> None:
-    """A builder process: every decode appends the video id to ``counter`` (and takes ``pause_s`` longer)."""
+def wait_for(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.01)
+
+
+def counting_build(dataset: Path, root: Path, counter: Path, barrier, results, waiters: int = 0,
+                   stall_after: int | None = None) -> None:
+    """A builder process: every decode appends the video id to ``counter``.
+
+    Its first decode waits until ``waiters`` other builders have said they wait for its lock
+    (each appends a line to ``waiting.txt`` beside ``counter``); after ``stall_after`` decodes it
+    stalls until killed, as a writer dying mid-build.
+    """
     real = cache.try_sample
+    waiting = counter.with_name("waiting.txt")
+
+    class SaysItWaits(logging.Handler):
+        def emit(self, record):
+            if "waiting for it" in record.getMessage():
+                with open(waiting, "a") as handle:
+                    handle.write(f"{os.getpid()}\n")
+
+    cache.log.addHandler(SaysItWaits())
+    cache.log.setLevel(logging.INFO)
+    decodes = 0
 
     def counted(clip, **settings):
+        nonlocal decodes
+        if decodes == 0 and waiters:
+            wait_for(lambda: waiting.exists() and len(waiting.read_text().split()) >= waiters, "the other builders")
+        if decodes == stall_after:
+            threading.Event().wait()  # forever: the test kills this process
         with open(counter, "a") as handle:  # O_APPEND: whole lines from every process
             handle.write(clip.video_id + "\n")
-        time.sleep(pause_s)
+        decodes += 1
         return real(clip, **settings)
 
     cache.try_sample = counted
@@ -160,7 +192,7 @@ def counting_build(dataset: Path, root: Path, counter: Path, barrier, results, p
 def test_concurrent_builders_decode_each_clip_once_and_agree(dataset, tmp_path):
     counter, root, builders = tmp_path / "decodes.txt", tmp_path / "cache", 3
     barrier, results = SPAWN.Barrier(builders), SPAWN.Queue()
-    processes = [SPAWN.Process(target=counting_build, args=(dataset, root, counter, barrier, results, 0.05))
+    processes = [SPAWN.Process(target=counting_build, args=(dataset, root, counter, barrier, results, builders - 1))
                  for _ in range(builders)]
     for process in processes:
         process.start()
@@ -172,6 +204,7 @@ def test_concurrent_builders_decode_each_clip_once_and_agree(dataset, tmp_path):
     clips = train_clips(dataset)
     assert Counter(counter.read_text().split()) == Counter(clip.video_id for clip in clips)  # each exactly once
     assert sorted(decoded for decoded, *_ in outcomes) == [0, 0, len(clips)]  # one built, two waited and mapped
+    assert len((tmp_path / "waiting.txt").read_text().split()) == builders - 1
     direct = decode_clips(clips, SETTINGS.num_frames, SETTINGS.size, progress=False)
     expected = (digest(direct.frames), [clip.video_id for clip in direct.clips], direct.skipped)
     assert all(tuple(outcome[1:]) == expected for outcome in outcomes)
@@ -180,12 +213,11 @@ def test_concurrent_builders_decode_each_clip_once_and_agree(dataset, tmp_path):
 def test_a_killed_writer_leaves_nothing_a_reader_trusts(dataset, tmp_path):
     counter, root = tmp_path / "decodes.txt", tmp_path / "cache"
     barrier, results = SPAWN.Barrier(1), SPAWN.Queue()
-    writer = SPAWN.Process(target=counting_build, args=(dataset, root, counter, barrier, results, 1.0))
+    writer = SPAWN.Process(target=counting_build, args=(dataset, root, counter, barrier, results, 0, 3))
     writer.start()
-    deadline = time.monotonic() + 60
-    while not (counter.exists() and len(counter.read_text().split()) >= 3):  # mid-build, frames half written
-        assert time.monotonic() < deadline and writer.is_alive()
-        time.sleep(0.05)
+    wait_for(lambda: counter.exists() and len(counter.read_text().split()) == 3 or not writer.is_alive(),
+             "three decodes")  # mid-build, frames half written: it stalls at its fourth
+    assert writer.is_alive()
     os.kill(writer.pid, signal.SIGKILL)
     writer.join()
 

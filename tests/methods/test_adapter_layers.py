@@ -9,11 +9,8 @@ from torch.nn import functional as F
 from qstudy.methods import adapter_config_from_mapping
 from qstudy.methods.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
 from qstudy.core.errors import ConfigError
-from qstudy.core.dims import ModelDims, is_norm_module
-
-# The tiny preset's shapes: CLIP vision 64 wide, 4 layers, 32 px images in 8 px patches; GPT-2 128 wide, 2 layers.
-TINY = ModelDims(vision_hidden=64, vision_layers=4, lm_hidden=128, lm_layers=2,
-                 num_frames=4, vision_shapes={}, lm_shapes={}, vision_image_size=32, vision_patch_size=8)
+from qstudy.core.dims import is_norm_module
+from shapes import tiny_dims
 
 
 def test_lphm_weight_is_a_sum_of_kronecker_products():
@@ -94,13 +91,14 @@ def test_fusion_refuses_features_of_other_rows():
 ])
 def test_bad_hyperparameters_fail_naming_the_field(mapping, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        adapter_config_from_mapping(mapping).validate(TINY)
+        adapter_config_from_mapping(mapping).validate(tiny_dims())
 
 
 def test_ademvl_closed_form_counts_the_per_frame_visual_embeddings():
     config = adapter_config_from_mapping({"method": "ademvl", "vision_adapter_dim": 0, "pool_strides": [1, 2]})
+    tiny = tiny_dims()  # CLIP 64 wide, 32 px frames in 8 px patches (a 4x4 grid, 2x2 pooled); GPT-2 128 wide
     projection = 64 * 128 + 128 + 128 * 128 + 128
-    assert config.extra_trainable(TINY) == projection + 2 * 4 * (16 + 4) * 128
+    assert config.extra_trainable(tiny) == projection + 2 * tiny.num_frames * (16 + 4) * 128
 
 
 @pytest.mark.parametrize(("name", "is_norm"), [

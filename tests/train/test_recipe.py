@@ -49,7 +49,8 @@ def test_qstudy_train_writes_every_metric_and_counts_the_corrupt_video(tiny_work
         assert epoch["train_steps"] == 6 and 0 < epoch["train_seconds"] < epoch["seconds"]
         assert epoch["peak_memory_mb"] is None  # CPU: torch counts no peak
     assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
-    assert metrics["num_skipped_videos"] == 1 and "not" not in metrics["skipped_videos"][0]["video_id"]
+    corrupt = [path.stem for path in (data / "videos").iterdir() if path.read_bytes() == b"not an mp4 at all"]
+    assert metrics["num_skipped_videos"] == 1 and [v["video_id"] for v in metrics["skipped_videos"]] == corrupt
     assert metrics["wall_seconds"] > 0
     assert (tmp_path / "run" / "adapter.safetensors").stat().st_size > 0
     assert "1 videos skipped" in capsys.readouterr().out
