@@ -1,0 +1,1 @@
+"""The ``ademvl`` method: its config (``config.py``, torch-free) and its modules (``modules.py``)."""

@@ -1,0 +1,1 @@
+"""The ``hyperformer`` method: its config (``config.py``, torch-free) and its modules (``modules.py``)."""
