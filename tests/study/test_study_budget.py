@@ -7,7 +7,8 @@ from servers import finish, metric_steps, mlflow_runs, study, tiny_space
 from shapes import tiny_dims
 
 from qstudy.methods import adapter_config_from_mapping
-from qstudy.study.tracking import FINISHED, INFEASIBLE, STATUS_TAG
+from qstudy.tracking.schema import FINISHED, INFEASIBLE, STATUS_TAG
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,15 +26,15 @@ def test_the_arm_over_budget_is_infeasible_and_never_trains(ray_head, mlflow_ser
     output = finish(study(ray_head, study_home, str(space), "--name", "budget", "--mlflow-uri", mlflow_server.uri))
 
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    runs = {run.data.params["method"]: run for run in children if run.data.tags["qstudy.study"] == "budget"}
+    runs = {run.data.params["method"]: run for run in children if run.data.tags[schema.STUDY_TAG] == "budget"}
     assert set(runs) == {"frozen", "qadapter"}  # each arm once: the study enqueues every arm first
     over, under = runs["qadapter"], runs["frozen"]
     assert over.data.tags[STATUS_TAG] == INFEASIBLE and over.data.params["over_budget"] == "True"
     assert over.data.metrics["trainable_params"] == big > budget  # the closed form, logged before training
     assert metric_steps(mlflow_server.uri, over.info.run_id, "val_cider") == []
     trials = study_home / "studies" / "budget" / "trials"
-    assert not (trials / over.data.tags["qstudy.trial_id"] / "adapter.safetensors").exists()
+    assert not (trials / over.data.tags[schema.TRIAL_ID_TAG] / "adapter.safetensors").exists()
     assert under.data.tags[STATUS_TAG] == FINISHED and under.data.params["over_budget"] == "False"
     assert under.data.metrics["trainable_params"] == frozen <= budget and "cider" in under.data.metrics
-    assert (trials / under.data.tags["qstudy.trial_id"] / "adapter.safetensors").exists()
+    assert (trials / under.data.tags[schema.TRIAL_ID_TAG] / "adapter.safetensors").exists()
     assert "1 finished, 1 infeasible" in output

@@ -8,6 +8,7 @@ import pytest
 from servers import finish, metric_steps, mlflow_runs, study, tiny_space
 
 from qstudy.data.annotations import read_clips
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -22,11 +23,11 @@ def test_two_worker_ddp_trial_splits_each_epoch_between_the_ranks(ray_head, mlfl
                  "--mlflow-uri", mlflow_server.uri))
 
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    (run,) = [run for run in children if run.data.tags["qstudy.study"] == "ddp"]
+    (run,) = [run for run in children if run.data.tags[schema.STUDY_TAG] == "ddp"]
     assert run.info.status == "FINISHED" and "cider" in run.data.metrics
     assert run.data.params["workers"] == "2" and run.data.params["deepspeed"] == "False"
     assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0]  # rank 0 logged, once
-    trial_id = run.data.tags["qstudy.trial_id"]
+    trial_id = run.data.tags[schema.TRIAL_ID_TAG]
     metrics = json.loads((study_home / "studies" / "ddp" / "trials" / trial_id / "metrics.json").read_text())
     data = metrics["config"]["data"]
     clips = len(read_clips(data["format"], data["annotations"], data["video_dir"], "train"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from servers import finish, metric_steps, mlflow_runs, study, tiny_space
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -23,13 +24,13 @@ def test_two_worker_deepspeed_trial_checkpoints_every_rank(ray_head, mlflow_serv
                  "--mlflow-uri", mlflow_server.uri))
 
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    (run,) = [run for run in children if run.data.tags["qstudy.study"] == "zero2"]
+    (run,) = [run for run in children if run.data.tags[schema.STUDY_TAG] == "zero2"]
     assert run.info.status == "FINISHED" and "cider" in run.data.metrics
     assert run.data.params["workers"] == "2" and run.data.params["deepspeed"] == "True"
     assert run.data.params["zero_stage"] == "2"
     assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0, 1]  # rank 0 logged, once per epoch
     # Ray Train persisted one checkpoint per epoch holding both ranks' ZeRO optimizer shards.
-    trial_id = run.data.tags["qstudy.trial_id"]
+    trial_id = run.data.tags[schema.TRIAL_ID_TAG]
     run_dir = study_home / "studies" / "zero2" / "train" / f"train-{trial_id}"
     checkpoints = sorted(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
     assert checkpoints

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from qstudy.cli import main
 from qstudy.tracking.schema import NODE_TAG
 from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, ray_api, tiny_space
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,13 +43,13 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     assert details["status"] == "SUCCEEDED" and details["driver_node_id"] == ray_head.head_node
 
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")  # the study family's experiment
-    parents = [run for run in parents if run.data.tags["qstudy.study"] == "e2e"]  # other tests share the server
-    children = [run for run in children if run.data.tags["qstudy.study"] == "e2e"]
+    parents = [run for run in parents if run.data.tags[schema.STUDY_TAG] == "e2e"]  # other tests share the server
+    children = [run for run in children if run.data.tags[schema.STUDY_TAG] == "e2e"]
     assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
     assert len(children) == trials
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
     for run in children:
-        assert run.info.status == "FINISHED" and run.data.tags["qstudy.status"] == "FINISHED"
+        assert run.info.status == "FINISHED" and run.data.tags[schema.STATUS_TAG] == "FINISHED"
         assert run.data.tags[NODE_TAG] == ray_head.worker_node != ray_head.head_node
         assert run.data.metrics["cider"] >= 0 and run.data.metrics["trainable_params"] > 0
         assert run.data.metrics["total_params"] > run.data.metrics["trainable_params"]

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from servers import BIN, finish, metric_steps, mlflow_runs, study, tiny_space, trial_process, wait_until
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -64,18 +65,18 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
                                                         ("FAIL", "lora")]
     # MLflow: one child run per trial, the raising one FAILED with its error.
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    faults = [run for run in children if run.data.tags["qstudy.study"] == "faults"]
-    by_trial = {run.data.tags["qstudy.trial_id"]: run for run in faults}
+    faults = [run for run in children if run.data.tags[schema.STUDY_TAG] == "faults"]
+    by_trial = {run.data.tags[schema.TRIAL_ID_TAG]: run for run in faults}
     assert len(faults) == len(by_trial) == 3
     failed = [run for run in faults if run.info.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].data.tags["qstudy.status"] == "FAILED"
-    assert "data.annotations" in failed[0].data.tags["qstudy.error"] and "cider" not in failed[0].data.metrics
+    assert len(failed) == 1 and failed[0].data.tags[schema.STATUS_TAG] == "FAILED"
+    assert "data.annotations" in failed[0].data.tags[schema.ERROR_TAG] and "cider" not in failed[0].data.metrics
     # The killed trial resumed from the newest checkpoint it left (the one before it when the kill
     # caught that one being written, so on disk but not yet registered): its second life trained
     # only the epochs after it.
     resumed = by_trial[killed_trial]
     assert resumed.info.status == "FINISHED" and "cider" in resumed.data.metrics
-    restarted_from = int(resumed.data.tags["qstudy.restarted_from"].removeprefix("checkpoint_"))
+    restarted_from = int(resumed.data.tags[schema.RESTARTED_FROM_TAG].removeprefix("checkpoint_"))
     assert restarted_from in left and restarted_from >= left[-1] - 1, (restarted_from, left)
     second_life = json.loads((tune_dir.parent / "trials" / killed_trial / "metrics.json").read_text())
     assert [epoch["epoch"] for epoch in second_life["epochs"]] == list(range(restarted_from + 1, epochs))
@@ -94,7 +95,7 @@ def _trial_state(study_dir: Path) -> dict[str, dict]:
         entries = study_dir / "outbox" / trial_id / "entries.jsonl"
         outputs = study_dir / "trials" / trial_id / "metrics.json"
         trials[trial_id] = {
-            "finished": entries.exists() and '"qstudy.status": "FINISHED"' in entries.read_text(),
+            "finished": entries.exists() and 'schema.STATUS_TAG: "FINISHED"' in entries.read_text(),
             "checkpoints": sorted(int(path.name.removeprefix("checkpoint_")) for path in trial_dir.glob("checkpoint_*")),
             "outputs": outputs.read_bytes() if outputs.exists() else None}
     return trials
@@ -112,15 +113,15 @@ def assert_one_story(ray_head, home: Path, name: str, uri: str, summary: str, tm
     no run is left open and no metric step was logged twice. Returns the child runs by trial id."""
     parents, children = mlflow_runs(uri, "qadapter-tiny")
     (parent,) = [run for run in parents if run.info.run_name == name]
-    runs = {run.data.tags["qstudy.trial_id"]: run for run in children if run.data.tags["qstudy.study"] == name}
-    assert len(runs) == len([run for run in children if run.data.tags["qstudy.study"] == name])
-    statuses = {trial_id: run.data.tags["qstudy.status"] for trial_id, run in runs.items()}
+    runs = {run.data.tags[schema.TRIAL_ID_TAG]: run for run in children if run.data.tags[schema.STUDY_TAG] == name}
+    assert len(runs) == len([run for run in children if run.data.tags[schema.STUDY_TAG] == name])
+    statuses = {trial_id: run.data.tags[schema.STATUS_TAG] for trial_id, run in runs.items()}
     assert all(run.info.status != "RUNNING" for run in runs.values()) and "RUNNING" not in statuses.values()
     client = MlflowClient(uri)
     for run in runs.values():
         for key in run.data.metrics:
             steps = metric_steps(uri, run.info.run_id, key)
-            assert len(steps) == len(set(steps)), (run.data.tags["qstudy.trial_id"], key, steps)
+            assert len(steps) == len(set(steps)), (run.data.tags[schema.TRIAL_ID_TAG], key, steps)
 
     parent_summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert {trial["trial_id"]: trial["status"] for trial in parent_summary["trials"]} == statuses
@@ -133,7 +134,7 @@ def assert_one_story(ray_head, home: Path, name: str, uri: str, summary: str, tm
     assert f"best CIDEr: {best:.4f} (trial {best_id})" in summary
     assert re.search(rf"best CIDEr: .*\(trial {best_id}\): CIDEr {best:.4f}", report)
     assert client.get_run(parent.info.run_id).data.metrics["best_cider"] == pytest.approx(best)
-    assert parent.info.status == "FINISHED" and parent.data.tags["qstudy.status"] == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags[schema.STATUS_TAG] == "FINISHED"
     return runs
 
 
@@ -149,17 +150,17 @@ def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, st
             continue
         after = study_dir / "trials" / trial_id / "metrics.json"
         if state["finished"]:
-            assert after.read_bytes() == state["outputs"] and "qstudy.restarted_from" not in run.data.tags, trial_id
+            assert after.read_bytes() == state["outputs"] and schema.RESTARTED_FROM_TAG not in run.data.tags, trial_id
             covered += trial_id in saved
-        elif state["checkpoints"] and trial_id in saved and run.data.tags["qstudy.status"] == "FINISHED":
-            tag = run.data.tags.get("qstudy.restarted_from")
+        elif state["checkpoints"] and trial_id in saved and run.data.tags[schema.STATUS_TAG] == "FINISHED":
+            tag = run.data.tags.get(schema.RESTARTED_FROM_TAG)
             restarted = int(tag.removeprefix("checkpoint_")) if tag else -1  # -1: trained from scratch
             assert restarted >= state["checkpoints"][-1] - 1, (trial_id, restarted, state["checkpoints"])
             # Its second life trained only the epochs after that checkpoint (its first life's checkpoint_N is epoch N).
             resumed = [epoch["epoch"] for epoch in json.loads(after.read_text())["epochs"]]
             assert resumed == list(range(restarted + 1, epochs)), (trial_id, restarted, resumed)
             covered += restarted >= 0
-        if run.data.tags["qstudy.status"] == "FINISHED":
+        if run.data.tags[schema.STATUS_TAG] == "FINISHED":
             assert set(metric_steps(uri, run.info.run_id, "val_cider")) == set(range(epochs)), trial_id
     return covered
 
@@ -198,7 +199,7 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
     assert len(ran) == trials and ran <= set(runs)
     for trial_id in set(runs) - ran:
         expected = ("FINISHED", "FINISHED") if before[trial_id]["finished"] else ("LOST", "KILLED")
-        assert (runs[trial_id].data.tags["qstudy.status"], runs[trial_id].info.status) == expected, trial_id
+        assert (runs[trial_id].data.tags[schema.STATUS_TAG], runs[trial_id].info.status) == expected, trial_id
 
 
 def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
@@ -219,14 +220,14 @@ def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
     assert "interrupted: continue with `qstudy study --resume interrupted`" in output
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
     (parent,) = [run for run in parents if run.info.run_name == "interrupted"]
-    assert parent.info.status == "KILLED" and parent.data.tags["qstudy.status"] == "INTERRUPTED"
-    runs = [run for run in children if run.data.tags["qstudy.study"] == "interrupted"]
+    assert parent.info.status == "KILLED" and parent.data.tags[schema.STATUS_TAG] == "INTERRUPTED"
+    runs = [run for run in children if run.data.tags[schema.STUDY_TAG] == "interrupted"]
     assert runs and all(run.info.status != "RUNNING" for run in runs)
-    assert any(run.data.tags["qstudy.status"] == "INTERRUPTED" for run in runs)
+    assert any(run.data.tags[schema.STATUS_TAG] == "INTERRUPTED" for run in runs)
     before = _trial_state(study_dir)
     saved = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
 
     summary = finish(study(ray_head, study_home, "--resume", "interrupted"))
     runs = assert_one_story(ray_head, study_home, "interrupted", mlflow_server.uri, summary, tmp_path)
     assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
-    assert sorted(run.data.tags["qstudy.status"] for run in runs.values()) == ["FINISHED"] * trials
+    assert sorted(run.data.tags[schema.STATUS_TAG] for run in runs.values()) == ["FINISHED"] * trials

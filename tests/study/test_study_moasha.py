@@ -8,6 +8,7 @@ import yaml
 from qstudy.study.search import STOPPED_AT_ATTR
 from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
 from servers import finish, metric_steps, mlflow_runs, study, tiny_space
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,12 +34,12 @@ def test_real_training_study_with_moasha_tags_its_stopped_trials(ray_head, mlflo
     assert f"{len(complete)} finished" in output and f"{len(pruned)} stopped" in output
 
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    runs = [run for run in children if run.data.tags["qstudy.study"] == name]
-    stopped = [run for run in runs if run.data.tags["qstudy.status"] == STOPPED]
+    runs = [run for run in children if run.data.tags[schema.STUDY_TAG] == name]
+    stopped = [run for run in runs if run.data.tags[schema.STATUS_TAG] == STOPPED]
     assert len(stopped) == len(pruned)
     for run in stopped:
         assert run.info.status == "KILLED" and run.data.tags[STOPPED_AT_TAG] == "1"
         # The rung's epoch is logged; Tune may end the trial's thread before or after it logs the next.
         assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider")[:1] == [0]
-    assert all(run.data.tags["qstudy.status"] == "FINISHED" and "cider" in run.data.metrics
+    assert all(run.data.tags[schema.STATUS_TAG] == "FINISHED" and "cider" in run.data.metrics
                for run in runs if run not in stopped)

@@ -13,6 +13,7 @@ from qstudy.analysis.report import read_studies
 from qstudy.study.search import STOPPED_AT_ATTR
 from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
 from servers import REPO, SPACES, finish, metric_steps, mlflow_runs, study
+from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -43,21 +44,21 @@ def test_moasha_study_on_replayed_curves(ray_head, mlflow_server, study_home, tm
 
     # MLflow: the same trials closed STOPPED at the same rung, with that many epochs logged.
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    runs = {run.data.tags["qstudy.trial_id"]: run for run in children if run.data.tags["qstudy.study"] == name}
+    runs = {run.data.tags[schema.TRIAL_ID_TAG]: run for run in children if run.data.tags[schema.STUDY_TAG] == name}
     assert len(runs) == trials
     for trial_id, run in runs.items():
         epochs = metric_steps(mlflow_server.uri, run.info.run_id, "val_cider")
         if trial_id in stopped_by_scheduler:
             rung = stopped_by_scheduler[trial_id]
-            assert run.data.tags["qstudy.status"] == STOPPED and run.info.status == "KILLED"
+            assert run.data.tags[schema.STATUS_TAG] == STOPPED and run.info.status == "KILLED"
             assert run.data.tags[STOPPED_AT_TAG] == str(rung) and epochs == list(range(rung))
             assert "cider" not in run.data.metrics  # no final CIDEr for a low-fidelity trial
         else:
-            assert run.data.tags["qstudy.status"] == "FINISHED" and epochs == list(range(10))
+            assert run.data.tags[schema.STATUS_TAG] == "FINISHED" and epochs == list(range(10))
 
     # The summary (the parent run's summary.json and the printed line) and `qstudy report` agree.
     parent = next(run for run in mlflow_runs(mlflow_server.uri, "qadapter-tiny")[0]
-                  if run.data.tags["qstudy.study"] == name)
+                  if run.data.tags[schema.STUDY_TAG] == name)
     summary = json.loads(Path(MlflowClient(mlflow_server.uri).download_artifacts(
         parent.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert parent.data.metrics["trials_stopped"] == len(pruned)
