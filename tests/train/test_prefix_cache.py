@@ -1,7 +1,7 @@
 """The frozen-prefix cache: computed once per key, keyed by what the states depend on, and wired into a run.
 
 Loss and gradient equality with and without reuse, for every method, is in
-tests/adapters/test_adapter_table.py; this file covers the cache and the recipe around it.
+tests/methods/test_adapter_table.py; this file covers the cache and the recipe around it.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_every_rank_takes_the_steps_the_schedule_counts(clips, batching, per_cli
     for rank in range(world):
         batches = list(caption_batches(split, data, batch, random.Random(0), steps * accumulation, shard=(rank, world)))
         assert len(batches) == steps * accumulation
-        if accumulation == 1 and max_steps is None:  # model/base.py's call: as many as every rank can take
+        if accumulation == 1 and max_steps is None:  # train/pretrain.py's call: as many as every rank can take
             assert len(list(caption_batches(split, data, batch, random.Random(0), shard=(rank, world)))) == steps
         for visual, captions, clip_of_row in batches:
             rows = [int(i) for i in visual.flatten()] if clip_of_row is None else [

@@ -12,7 +12,7 @@ them (on one thread on a CPU, so an entry's bytes do not depend on which run bui
 weights' dtype enters the key), and rounded once to the storage dtype: bf16 for ``bf16`` runs,
 whose activations are bf16 anyway, fp16 for ``fp32`` runs (3 more mantissa bits). Everything
 after layer L is the run's own arithmetic, so reuse equals running the whole tower with that
-one rounding at depth L (tests/adapters/test_adapter_table.py).
+one rounding at depth L (tests/methods/test_adapter_table.py).
 """
 
 from __future__ import annotations
