@@ -12,18 +12,11 @@ from qstudy.core.errors import ConfigError, QstudyError
 from qstudy.config import RunConfig
 from qstudy.core.paths import check_path_component, qstudy_home
 from qstudy.core.validate import load_yaml
+from qstudy.model.quiet import quiet_weight_loading
 
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
 DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "qadapter_tiny.yaml"
-
-
-def _quiet_libraries() -> None:
-    """Progress bars of weight loading drown the run's own log."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def cmd_data(args) -> None:
@@ -58,7 +51,7 @@ def cmd_data_cache(args) -> None:
 def cmd_base(args) -> None:
     from qstudy.train.pretrain import BaseSpec, pretrain_base
 
-    _quiet_libraries()
+    quiet_weight_loading()
     spec = BaseSpec(seed=args.seed) if args.steps is None else BaseSpec(steps=args.steps, seed=args.seed)
     model = pretrain_base(args.out, spec)
     print(json.dumps(model.__dict__, indent=2))
@@ -100,7 +93,7 @@ def cmd_train(args) -> None:
         read_clips(config.data.format, config.data.annotations, config.data.video_dir, split)
     from qstudy.train.recipe import run
 
-    _quiet_libraries()
+    quiet_weight_loading()
     print_result(run(config))
 
 
@@ -157,7 +150,7 @@ def cmd_demo(args) -> None:
 
     home = qstudy_home()
     print(f"preparing the tiny workspace in {home} (synthetic mp4 clips, pretrained tiny base)")
-    _quiet_libraries()
+    quiet_weight_loading()
     prepare_tiny_workspace(home)
     space = DEMO_SPACE if DEMO_SPACE.exists() else Path.cwd() / "search_spaces" / DEMO_SPACE.name
     name = time.strftime("demo-%Y%m%d-%H%M%S")
@@ -199,7 +192,7 @@ def cmd_export(args) -> None:
 def cmd_caption(args) -> None:
     from qstudy.export import caption_videos, load_adapter
 
-    _quiet_libraries()
+    quiet_weight_loading()
     captioner, config = load_adapter(args.adapter)
     undecoded = 0
     # Each caption is printed as it is made: a later failure loses none of them.

@@ -5,12 +5,14 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qstudy.analysis.pareto import (
     analyse,
     best_under_budget,
     default_reference,
+    front_ranks,
     front_table,
     hypervolume,
     hypervolume_history,
@@ -318,3 +320,23 @@ def test_analysis_imports_neither_torch_nor_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def _brute_force_fronts(losses: np.ndarray) -> list[int]:
+    remaining, ranks, front = set(range(len(losses))), [0] * len(losses), 0
+    while remaining:
+        current = {i for i in remaining if not any(
+            np.all(losses[j] <= losses[i]) and np.any(losses[j] < losses[i]) for j in remaining)}
+        for i in current:
+            ranks[i] = front
+        remaining -= current
+        front += 1
+    return ranks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_front_ranks_are_the_non_dominated_fronts(seed):
+    """front_ranks wraps Optuna's private routine: pin its meaning, ties and duplicates included."""
+    rng = random.Random(seed)
+    losses = np.array([[rng.choice([0.5, 1.0, 1.5, 2.0]), rng.choice([10, 20, 30])] for _ in range(25)], dtype=float)
+    assert front_ranks(losses).tolist() == _brute_force_fronts(losses)

@@ -32,7 +32,7 @@ def test_specs_select_these_layers(spec, expected):
 @pytest.mark.parametrize(("spec", "message"), [
     ("last:0", "'last:0' needs a positive count"),
     ("every:0", "'every:0' needs a positive count"),
-    ("last:5", "layer -1 is beyond the encoder's 4 layers"),
+    ("last:5", "'last:5' asks for more layers than the encoder's 4"),
     ("every:5", "selects no layer"),
     ([], "selects no layer"),
     ([4], "layer 4 is beyond the encoder's 4 layers"),

@@ -1,16 +1,14 @@
-"""MOASHA's promotion decisions, pinned on hand-made rung results (ties, asynchronous arrival), and its sorting routine."""
+"""MOASHA's promotion decisions, pinned on hand-made rung results (ties, asynchronous arrival)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import pickle
-import random
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
-from qstudy.study.scheduler import MultiObjectiveASHA, continues, crowding_distance, front_ranks, rank_order, rungs
+from qstudy.study.scheduler import MultiObjectiveASHA, continues, crowding_distance, rank_order, rungs
 from ray.tune.schedulers import TrialScheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -120,26 +118,6 @@ def test_resumed_scheduler_keeps_its_rungs(tmp_path):
     assert _report(resumed, "c", 1, 1.5, 900) == STOP        # n=3 with a and b remembered: keep 1
     assert resumed.stopped == {"b": 1, "c": 1}
     assert [entry[0] for entry in resumed._table()[3]] == ["z"]
-
-
-def _brute_force_fronts(losses: np.ndarray) -> list[int]:
-    remaining, ranks, front = set(range(len(losses))), [0] * len(losses), 0
-    while remaining:
-        current = {i for i in remaining if not any(
-            np.all(losses[j] <= losses[i]) and np.any(losses[j] < losses[i]) for j in remaining)}
-        for i in current:
-            ranks[i] = front
-        remaining -= current
-        front += 1
-    return ranks
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_front_ranks_are_the_non_dominated_fronts(seed):
-    """front_ranks wraps Optuna's private routine: pin its meaning, ties and duplicates included."""
-    rng = random.Random(seed)
-    losses = np.array([[rng.choice([0.5, 1.0, 1.5, 2.0]), rng.choice([10, 20, 30])] for _ in range(25)], dtype=float)
-    assert front_ranks(losses).tolist() == _brute_force_fronts(losses)
 
 
 def test_whatever_the_arrival_order_dominance_decides_the_extremes():

@@ -131,3 +131,35 @@ def test_the_summary_and_the_report_count_a_resumed_trial_alike(tmp_path, capsys
     assert "2 trials: 1 failed, 1 finished" in capsys.readouterr().out
     assert {record.trial_id: record.status for record in summary.records} == {"trial-1": "FINISHED",
                                                                               "trial-2": "FAILED"}
+
+
+def test_a_delivery_killed_while_recording_its_progress_resumes_where_it_was(tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = writer.ensure_experiment(store, "killed", tmp_path / "artifacts")
+    parent = writer.start_study_run(store, experiment, "study", {"trials": 1})
+    target = writer.TrialTarget(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_id=experiment,
+                                parent_run_id=parent, study="study", outbox_root=str(tmp_path / "outbox"))
+    tracker = writer.TrialTracker(target, "trial-1", "qadapter-trial-1")  # server down: all in the outbox
+    for epoch in range(3):
+        tracker.log_metrics({schema.VAL_CIDER: 0.1 * epoch}, step=epoch)
+    target = dataclasses.replace(target, tracking_uri=store)
+
+    write_text = writer.Path.write_text
+
+    def killed_after_truncating(path, text, *args, **kwargs):  # what a kill mid-write leaves behind
+        if path.name.startswith("sent"):
+            write_text(path, "")
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(writer.Path, "write_text", killed_after_truncating)
+    try:
+        writer.deliver_all(target)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+
+    assert writer.deliver_all(target) == 0
+    (run,) = [run for run in MlflowClient(store).search_runs([experiment]) if run.info.run_id != parent]
+    history = MlflowClient(store).get_metric_history(run.info.run_id, schema.VAL_CIDER)
+    assert sorted(metric.step for metric in history) == [0, 1, 2]  # each step once

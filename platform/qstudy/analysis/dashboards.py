@@ -223,17 +223,18 @@ def epoch_curves_figure(analysis: StudyAnalysis, options: EpochCurvesOptions) ->
     return figure, f"{len(with_curves)} trials"
 
 
-FIGURES: dict[str, Callable[[StudyAnalysis, Any], tuple[go.Figure, str]]] = {
-    "pareto": pareto_figure,
-    "hypervolume": hypervolume_figure,
-    "parallel_coordinates": parallel_coordinates_figure,
-    "epoch_curves": epoch_curves_figure,
+# Keyed by the view's options class, so the view kinds are named once (views.OPTIONS_BY_VIEW).
+FIGURES: dict[type, Callable[[StudyAnalysis, Any], tuple[go.Figure, str]]] = {
+    ParetoOptions: pareto_figure,
+    HypervolumeOptions: hypervolume_figure,
+    ParallelCoordinatesOptions: parallel_coordinates_figure,
+    EpochCurvesOptions: epoch_curves_figure,
 }
 
 
 def render(view: ViewSpec, analysis: StudyAnalysis) -> go.Figure:
     """The view's figure with its title (plus what it shows, in numbers) and description."""
-    figure, headline = FIGURES[view.view](analysis, view.options)
+    figure, headline = FIGURES[type(view.options)](analysis, view.options)
     # plotly never wraps a subtitle: break it to the PNG's width (about 8 pixels a character).
     description = textwrap.wrap(view.description, width=max(view.png.width // 8, 40))
     figure.update_layout(

@@ -17,10 +17,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from optuna._hypervolume import compute_hypervolume
-from optuna.study._multi_objective import _is_pareto_front
 
 from qstudy.records import TrialRecord
+
+
+def front_ranks(losses: np.ndarray) -> np.ndarray:
+    """The 0-based non-dominated front of each row of ``losses`` (rows: points; every column minimised).
+
+    Optuna's ``_fast_non_domination_rank``, the routine its NSGA-II sampler and
+    ``Study.best_trials`` rank with: vectorised and maintained, but private (Optuna 5 has no
+    public one), so this is the one place qstudy touches it, and tests/analysis/test_pareto.py
+    pins its meaning (ties and duplicates included) against a brute-force definition.
+    """
+    from optuna.study._multi_objective import _fast_non_domination_rank
+
+    return _fast_non_domination_rank(losses)
 
 
 def valid_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -37,12 +48,8 @@ def pareto_front(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     candidates = valid_records(records)
     if not candidates:
         return []
-    # Optuna's own routine (what Study.best_trials uses): vectorised, minimisation only, and it
-    # gives exact duplicates the same verdict. It is private API, so the brute-force property
-    # test in tests/analysis/test_pareto.py pins its meaning against optuna upgrades.
     losses = np.array([[record.trainable_params, -record.cider] for record in candidates], dtype=float)
-    on_front = _is_pareto_front(losses, assume_unique_lexsorted=False)
-    front = [record for record, is_on_front in zip(candidates, on_front) if is_on_front]
+    front = [record for record, rank in zip(candidates, front_ranks(losses)) if rank == 0]
     return sorted(front, key=lambda record: (record.trainable_params, -record.cider, record.order))
 
 
@@ -70,9 +77,14 @@ def hypervolume(records: Iterable[TrialRecord], reference: tuple[float, float]) 
         for record in valid_records(records)
         if record.cider >= cider_floor and record.trainable_params <= params_ceiling
     ]
-    # optuna minimises every objective, so CIDEr goes in negated; reshape keeps (0, 2) when empty.
-    losses = np.array([[-record.cider, record.trainable_params] for record in inside], dtype=float).reshape(-1, 2)
-    return float(compute_hypervolume(losses, np.array([-cider_floor, params_ceiling], dtype=float)))
+    # In two objectives the dominated region is a staircase: sweep the records from the best
+    # CIDEr down, each adding the strip between its size and the smallest size seen so far.
+    area, smallest = 0.0, float(params_ceiling)
+    for record in sorted(inside, key=lambda record: (-record.cider, record.trainable_params)):
+        if record.trainable_params < smallest:
+            area += (record.cider - cider_floor) * (smallest - record.trainable_params)
+            smallest = record.trainable_params
+    return area
 
 
 def hypervolume_history(records: Iterable[TrialRecord], reference: tuple[float, float]) -> list[tuple[int, float]]:

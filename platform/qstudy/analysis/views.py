@@ -69,11 +69,15 @@ class PngSize:
 class ViewFile:
     """The keys a view file may hold; ``options`` is checked against the view's own dataclass."""
 
-    view: Literal["pareto", "hypervolume", "parallel_coordinates", "epoch_curves"]
+    view: str  # a key of OPTIONS_BY_VIEW
     title: str
     description: str
     png: PngSize = field(default_factory=PngSize)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.view not in OPTIONS_BY_VIEW:
+            raise ConfigError(f"view: {self.view!r} is not one of {list(OPTIONS_BY_VIEW)}")
 
 
 @dataclass(frozen=True)

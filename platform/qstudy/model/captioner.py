@@ -53,8 +53,8 @@ class Projector(nn.Module):
     With ``temporal_merger_rank`` > 0 it also makes one clip token from all frames at once:
     every frame's base tokens (pooled + grid) down-projected to that rank, concatenated in frame
     order, through a two-layer MLP. Motion is a difference between frames; per-frame tokens that
-    the LM attends to separately carry it only weakly, and a tiny LM never learnt to read it
-    (direction stayed at chance); one token that sees the frames side by side learns it.
+    the LM attends to separately carry it only weakly, and a small LM does not learn to read it
+    from them; one token that sees the frames side by side does.
     """
 
     def __init__(self, dims: ModelDims):

@@ -1,7 +1,7 @@
 """The live trial table a study prints: Tune's status table, printed when it has news, pointing at the study directory.
 
 Tune's ``CLIReporter`` prints its table every ``max_report_frequency`` seconds whether or not
-anything changed (a two-minute demo printed ~150 lines of tables), and names Ray's staging
+anything changed (~150 tables in a two-minute study), and names Ray's staging
 directory in the session temp dir as the result directory. This one prints when a trial has
 started, finished or failed (at most every ``max_report_frequency`` seconds, so trials that
 change together share a table) and at the end, and names the study directory, where Tune's

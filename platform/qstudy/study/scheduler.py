@@ -14,11 +14,8 @@ and with ``n`` below ``reduction_factor`` only the best one does, as in Ray's AS
 
 The ranking is non-dominated sorting (CIDEr max, parameters min), then, inside a front,
 NSGA-II's crowding distance (larger first: the extremes and sparse regions of the front are
-kept), then arrival order; a result identical to an earlier one ranks after every distinct one. The sorting is
-Optuna's ``_fast_non_domination_rank``, the routine its NSGA-II sampler ranks with: a
-maintained implementation already installed, but private API (Optuna has no public one), so
-only :func:`front_ranks` touches it and ``tests/study/test_scheduler.py`` pins that function's
-meaning against a brute-force definition.
+kept), then arrival order; a result identical to an earlier one ranks after every distinct one. The fronts
+are :func:`qstudy.analysis.pareto.front_ranks`, the same sorting the study's Pareto analysis uses.
 
 The rungs are written to ``state_path`` after every change: Ray pickles a scheduler only as
 it was when the ``Tuner`` was built, so a resumed study reads them back from there. Imports
@@ -34,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from qstudy.analysis.pareto import front_ranks
 
 EPOCH = "epoch"  # 0-based index of the epoch a result closes (study/worker.py's epoch_metrics)
 CIDER, PARAMS = "cider", "trainable_params"
@@ -65,13 +64,6 @@ def crowding_distance(points: np.ndarray) -> np.ndarray:
         distance[order[0]] = distance[order[-1]] = math.inf
         distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
     return distance[inverse.reshape(-1)]
-
-
-def front_ranks(losses: np.ndarray) -> np.ndarray:
-    """The 0-based non-dominated front of each row of ``losses`` (rows: points; every column minimised)."""
-    from optuna.study._multi_objective import _fast_non_domination_rank
-
-    return _fast_non_domination_rank(losses)
 
 
 def rank_order(results: Sequence[tuple[float, float]]) -> list[int]:

@@ -322,9 +322,6 @@ class SampledConfig:
     trainable_params: int
     over_budget: bool
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"method": self.method, **self.values}
-
     @classmethod
     def from_tune_config(cls, config: dict) -> "SampledConfig":
         return config[SAMPLED]

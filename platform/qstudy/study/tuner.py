@@ -38,6 +38,9 @@ STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SCHEDULER_STATE = "scheduler.json"
+# How long the driver keeps retrying a remote server for outboxes it could not deliver: a restarting
+# tracking server is back within a minute or two; longer, and the outboxes wait for `--resume`.
+OUTBOX_WAIT_S = 120
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,7 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
         trial.status not in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
     target = _target(state, directory)
     _close_trial_runs(target, trials)
-    undelivered = writer.deliver_all(target, wait_s=120 if writer.is_remote(state.tracking_uri) else 0)
+    undelivered = writer.deliver_all(target, wait_s=OUTBOX_WAIT_S if writer.is_remote(state.tracking_uri) else 0)
     if not interrupted:  # an interrupted study's running Optuna trials are the ones its resume finishes
         _close_optuna_orphans(state)
     summary = read_summary(state, directory, space.study, time.perf_counter() - started, interrupted)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qstudy.config import RunConfig
 from qstudy.metrics import ScorerProcessDied
+from qstudy.model.quiet import quiet_weight_loading
 from qstudy.tracking import schema
 from qstudy.tracking.schema import FINISHED, NODE_TAG
 from qstudy.tracking.writer import TrialTarget, TrialTracker
@@ -93,14 +94,6 @@ def epoch_metrics(result, trainable_params: int) -> dict[str, float]:
             **{f"val_{name}": value for name, value in result.val.items()}}
 
 
-def _quiet_libraries() -> None:
-    """Weight-loading progress bars from every trial would bury Tune's live table."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], checkpoint_dir: Path | None) -> None:
     """Train one trial on this worker; ``report(metrics, checkpoint_dir)`` after every epoch.
 
@@ -116,7 +109,7 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
         from qstudy.train.recipe import run
 
     raise_if_failed_before(task)
-    _quiet_libraries()
+    quiet_weight_loading()
     config = task.run_config
     output = Path(config.output_dir)
     tracker = TrialTracker(task.tracking, task.trial_id, task.run_name) if rank() == 0 else None

@@ -272,6 +272,13 @@ def _send(client, run_id: str, entry: dict) -> None:
         raise ValueError(f"unknown outbox entry {op!r}")
 
 
+def _record(path: Path, text: str) -> None:
+    """Replace ``path``'s text in one rename: a process killed while writing leaves the old text, never an empty file."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: str) -> bool:
     """Deliver one outbox in order, recording progress after every acknowledged entry."""
     entries_path, sent_path, run_id_path = outbox / _ENTRIES, outbox / "sent", outbox / "run_id"
@@ -282,11 +289,11 @@ def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: s
     try:
         client = _client(target.tracking_uri)
         if not run_id_path.exists():
-            run_id_path.write_text(_find_or_create_run(client, target, trial_id, run_name))
+            _record(run_id_path, _find_or_create_run(client, target, trial_id, run_name))
         run_id = run_id_path.read_text()
         for index in range(sent, len(entries)):
             _send(client, run_id, entries[index])
-            sent_path.write_text(str(index + 1))
+            _record(sent_path, str(index + 1))
     except Exception as error:  # noqa: BLE001 - any transport or server error: keep the entries, train on
         log.warning("MLflow unreachable for trial %s, %d entries kept in %s: %s",
                     trial_id, len(entries) - sent, outbox, error)

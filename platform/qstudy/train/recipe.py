@@ -31,6 +31,10 @@ from qstudy.train.device import autocast, peak_memory_mb, select_device
 from qstudy.train.engine import Engine, join_process_group, make_engine, rank, world_size
 from qstudy.train.prefix_cache import prefix_states, reuse_depth
 
+# Epoch e of a run with seed s shuffles with seed s * SEEDS_PER_RUN + e: runs of neighbouring
+# seeds never share an epoch's order while they train fewer epochs than this.
+SEEDS_PER_RUN = 1000
+
 log = logging.getLogger(__name__)
 
 
@@ -187,7 +191,7 @@ def steps_per_epoch(split: SplitData, data: DataConfig, train: TrainConfig, worl
 
 def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
     captioner.train()
-    rng = random.Random(config.train.seed * 1000 + epoch)
+    rng = random.Random(config.train.seed * SEEDS_PER_RUN + epoch)
     micro_batches = steps_per_epoch(split, config.data, config.train) * config.train.gradient_accumulation_steps
     losses = []
     batches = caption_batches(split, config.data, config.train.batch_size, rng, micro_batches)

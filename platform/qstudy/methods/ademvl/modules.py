@@ -9,6 +9,8 @@ from qstudy.methods.ademvl.config import AdemVLConfig
 from qstudy.methods.layers import FEED_FORWARD_NAMES, MultiscaleFusion, ParallelAdapter, beside_sublayer, sublayer
 from qstudy.model.extension import Extension, Slot
 
+# The reference's set_Clip_Adapter scale; kept as published rather than searched, like its dropout.
+VISION_ADAPTER_SCALE = 0.1
 PENULTIMATE = -2  # hidden_states[-2]: the output of the encoder's penultimate layer
 
 
@@ -16,7 +18,7 @@ def inject(config: AdemVLConfig, captioner) -> Extension:
     dims = captioner.dims
     modules, handles = {}, []
     if config.vision_adapter_dim:
-        adapters = nn.ModuleList(ParallelAdapter(dims.vision_hidden, config.vision_adapter_dim, scale=0.1)
+        adapters = nn.ModuleList(ParallelAdapter(dims.vision_hidden, config.vision_adapter_dim, scale=VISION_ADAPTER_SCALE)
                                  for _ in captioner.encoder_layers)
         modules["ademvl_vision"] = adapters
         for layer, adapter in zip(captioner.encoder_layers, adapters):

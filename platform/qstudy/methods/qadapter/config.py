@@ -32,6 +32,8 @@ def resolve_layers(spec: str | list[int], num_layers: int, where: str = "adapter
         count = int(count)
         if count < 1:
             raise ConfigError(f"{where}: {spec!r} needs a positive count")
+        if kind == "last" and count > num_layers:
+            raise ConfigError(f"{where}: {spec!r} asks for more layers than the encoder's {num_layers}")
         layers = list(range(num_layers - count, num_layers)) if kind == "last" else list(range(count - 1, num_layers, count))
     else:
         raise ConfigError(f"{where}: {spec!r} is not a list of layers, 'all', 'last:N' or 'every:N'")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from qstudy.methods.layers import QueryAdapter, after_layer
-from qstudy.methods.qadapter.config import QAdapterConfig, resolve_layers
+from qstudy.methods.qadapter.config import QAdapterConfig
 from qstudy.model.extension import Extension, Slot
 
 
 def inject(config: QAdapterConfig, captioner) -> Extension:
     extension = Extension()
-    layers = resolve_layers(config.insertion_layers, captioner.dims.vision_layers)
+    layers = config.layers(captioner.dims)
     # The last block's query tokens leave the tower's forward, which returns only hidden states, through here.
     queries = Slot[torch.Tensor]("Q-Adapter's query tokens")
     for layer in layers:
