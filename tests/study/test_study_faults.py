@@ -95,7 +95,7 @@ def _trial_state(study_dir: Path) -> dict[str, dict]:
         entries = study_dir / "outbox" / trial_id / "entries.jsonl"
         outputs = study_dir / "trials" / trial_id / "metrics.json"
         trials[trial_id] = {
-            "finished": entries.exists() and 'schema.STATUS_TAG: "FINISHED"' in entries.read_text(),
+            "finished": entries.exists() and f'"{schema.STATUS_TAG}": "{schema.FINISHED}"' in entries.read_text(),
             "checkpoints": sorted(int(path.name.removeprefix("checkpoint_")) for path in trial_dir.glob("checkpoint_*")),
             "outputs": outputs.read_bytes() if outputs.exists() else None}
     return trials

@@ -58,5 +58,6 @@ def test_beam_search_captions_each_clip_as_it_would_alone(tiny_workspace, tmp_pa
     data = replace(config.data, annotations=str(source / "annotations.json"), video_dir=str(source / "videos"))
     frames = load_split(data, "val", captioner.image_size, 3, progress=False).frames[:3]
     beams = captioner.generate(frames, max_new_tokens=8, num_beams=3)
-    assert len(set(beams)) == 3, beams
+    # Whether the clips' captions differ depends on the base, so on the machine that built it: the
+    # check is the equality (on this machine's base a row misalignment breaks it).
     assert beams == [captioner.generate(clip[None], max_new_tokens=8, num_beams=3)[0] for clip in frames]
