@@ -1,38 +1,63 @@
-"""A trial on two Ray Train workers training with DeepSpeed ZeRO-2 over gloo: the GPU cluster's path, on CPU.
+"""A trial on two Ray Train workers over gloo, with plain PyTorch DDP and with DeepSpeed ZeRO-2 (the GPU cluster's path, on CPU).
 
-The first DeepSpeed start on a machine compiles its CPU communication op (~1 min);
+Each rank trains half of every epoch, rank 0 alone logs, and Ray Train persists each epoch's
+checkpoint. The first DeepSpeed start on a machine compiles its CPU communication op (~1 min);
 TORCH_EXTENSIONS_DIR keeps it in the test cache for later sessions.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
-import yaml
 from servers import finish, metric_steps, mlflow_runs, study, tiny_space
+
+from qstudy.data.annotations import read_clips
 from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
+BATCH = 48  # clips per step and rank: a few steps per epoch, so the world size shows in their number
 
-def test_two_worker_deepspeed_trial_checkpoints_every_rank(ray_head, mlflow_server, study_home, tmp_path):
+
+def rank_0_weights(checkpoint: Path) -> bool:
+    return (checkpoint / "trainable.safetensors").exists()
+
+
+def both_ranks_optimizer_shards(checkpoint: Path) -> bool:
+    shards = {path.name for path in checkpoint.rglob("*optim_states.pt")}
+    return any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards)
+
+
+# (engine overrides, the trial's params that say so, what the persisted checkpoint must hold)
+ENGINES = {
+    "ddp": ({}, {schema.DEEPSPEED_PARAM: "False"}, rank_0_weights),
+    "zero2": ({"train.deepspeed": True, "train.zero_stage": 2},
+              {schema.DEEPSPEED_PARAM: "True", schema.ZERO_STAGE_PARAM: "2"}, both_ranks_optimizer_shards),
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_two_worker_trial_splits_each_epoch_and_checkpoints(engine, ray_head, mlflow_server, study_home, tmp_path):
+    overrides, engine_params, checkpoint_holds = ENGINES[engine]
     space = tiny_space(tmp_path, trials=1, concurrency=1, cpus_per_worker=0.99,  # 2 x 0.99 + the driver's 0.01
-                       arms={"qadapter": {"adapter.rank": 8}})
-    raw = yaml.safe_load(space.read_text())
-    raw["overrides"].update({"train.deepspeed": True, "train.zero_stage": 2})
-    space.write_text(yaml.safe_dump(raw))
-    finish(study(ray_head, study_home, str(space), "--name", "zero2", "--workers-per-trial", "2",
+                       arms={"qadapter": {"adapter.rank": 8}},
+                       overrides={"train.epochs": 1, "train.batch_size": BATCH, "train.max_steps_per_epoch": None,
+                                  **overrides})
+    finish(study(ray_head, study_home, str(space), "--name", engine, "--workers-per-trial", "2",
                  "--mlflow-uri", mlflow_server.uri))
 
     _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
-    (run,) = [run for run in children if run.data.tags[schema.STUDY_TAG] == "zero2"]
-    assert run.info.status == "FINISHED" and "cider" in run.data.metrics
-    assert run.data.params["workers"] == "2" and run.data.params["deepspeed"] == "True"
-    assert run.data.params["zero_stage"] == "2"
-    assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0, 1]  # rank 0 logged, once per epoch
-    # Ray Train persisted one checkpoint per epoch holding both ranks' ZeRO optimizer shards.
+    (run,) = [run for run in children if run.data.tags[schema.STUDY_TAG] == engine]
+    assert run.info.status == "FINISHED" and schema.CIDER in run.data.metrics
+    assert run.data.params.items() >= {schema.WORKERS_PARAM: "2", **engine_params}.items()
+    assert metric_steps(mlflow_server.uri, run.info.run_id, schema.VAL_CIDER) == [0]  # rank 0 logged, once
     trial_id = run.data.tags[schema.TRIAL_ID_TAG]
-    run_dir = study_home / "studies" / "zero2" / "train" / f"train-{trial_id}"
+    metrics = json.loads((study_home / "studies" / engine / "trials" / trial_id / "metrics.json").read_text())
+    data = metrics["config"]["data"]
+    clips = len(read_clips(data["format"], data["annotations"], data["video_dir"], "train"))
+    assert metrics["epochs"][0]["train_steps"] == clips // (2 * BATCH) < clips // BATCH
+    run_dir = study_home / "studies" / engine / "train" / f"train-{trial_id}"
     checkpoints = sorted(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
-    assert checkpoints
-    shards = {path.name for path in checkpoints[-1].rglob("*optim_states.pt")}
-    assert any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards), shards
+    assert checkpoints and checkpoint_holds(checkpoints[-1])
