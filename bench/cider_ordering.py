@@ -63,11 +63,11 @@ def attributes(config) -> dict[str, float]:
 
 def run_arm(arm: str, base_seed: int, threads: int, seed: int, output_dir: Path) -> tuple[float, dict[str, float], float]:
     """(val CIDEr, attribute accuracy, seconds) of one arm in one cell; runs in a worker process."""
-    from qstudy.cli import _quiet_libraries
+    from qstudy.model.quiet import quiet_weight_loading
     from qstudy.train.engine import cpu_threads
     from qstudy.train.recipe import run
 
-    _quiet_libraries()
+    quiet_weight_loading()
     config = arm_config(arm, base_seed, seed, output_dir)
     started = time.perf_counter()
     with cpu_threads(threads):
@@ -92,10 +92,11 @@ def main() -> None:
     # another does not slow to a crawl. Set before any torch loads OpenMP (workers inherit it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from qstudy.cli import _quiet_libraries, tiny_base_dir
+    from qstudy.cli import tiny_base_dir
+    from qstudy.model.quiet import quiet_weight_loading
     from qstudy.train.pretrain import BaseSpec, pretrain_base
 
-    _quiet_libraries()
+    quiet_weight_loading()
     for base_seed in args.base_seeds:  # before any run, so that no two workers build one base
         pretrain_base(tiny_base_dir(base_seed), BaseSpec(seed=base_seed))
     cells = list(itertools.product(args.base_seeds, args.threads, args.seeds))

@@ -79,7 +79,8 @@ def main() -> None:
 
     import torch
 
-    from qstudy.cli import DEMO_CONFIG, _quiet_libraries, tiny_base_dir
+    from qstudy.cli import DEMO_CONFIG, tiny_base_dir
+    from qstudy.model.quiet import quiet_weight_loading
     from qstudy.config import RunConfig
     from qstudy.export import load_trained
     from qstudy.train.pretrain import BaseSpec, pretrain_base
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--adapted", type=Path, help="output directory of a finished Q-Adapter run")
     parser.add_argument("--base-seed", type=int, default=0, help="the tiny base of this seed (built if missing)")
     args = parser.parse_args()
-    _quiet_libraries()
+    quiet_weight_loading()
     torch.set_num_threads(1)
 
     config = RunConfig.from_yaml(DEMO_CONFIG)

@@ -122,10 +122,10 @@ def main() -> None:
                         help="record configs K, K+N, K+2N, ... of the plan (N processes filling one table)")
     args = parser.parse_args()
 
-    from qstudy.cli import _quiet_libraries
+    from qstudy.model.quiet import quiet_weight_loading
     from qstudy.study.space import load_space
 
-    _quiet_libraries()
+    quiet_weight_loading()
     spaces = {name: load_space(path) for name, path in SPACES.items()}
     epochs = {space.base["train"]["epochs"] for space in spaces.values()}
     if len(epochs) != 1:

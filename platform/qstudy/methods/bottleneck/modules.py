@@ -34,5 +34,5 @@ def inject_residual(config: ResidualAdapterConfig, captioner, tower_adapters: To
 
 
 def inject(config: BottleneckConfig, captioner) -> Extension:
-    return inject_residual(config, captioner,
-                    lambda hidden, bottleneck, layers: BottleneckAdapters(hidden, bottleneck, 2 * layers, config.sharing))
+    return inject_residual(config, captioner, lambda hidden, bottleneck, layers: BottleneckAdapters(
+        hidden, bottleneck, 2 * layers, config.sharing))
