@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import ConfigError, Problems
 from qstudy.core.paths import check_path_component, expand_path, qstudy_home
 from qstudy.core.validate import check_at_least, from_mapping, load_yaml, to_mapping
 from qstudy.methods import AdapterConfig
@@ -47,12 +47,16 @@ class DataConfig:
     reuse_frozen_prefix: bool = True
 
     def __post_init__(self):
-        check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1,
-                       captions_per_clip=1)
+        problems = Problems()
+        with problems.check():
+            check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1,
+                           captions_per_clip=1)
         for name in ("train_split", "val_split"):  # MSVD reads <split>.txt beside the annotations
-            check_path_component(getattr(self, name), f"data.{name}")
+            with problems.check():
+                check_path_component(getattr(self, name), f"data.{name}")
         if self.cache_dir == "":
-            raise ConfigError("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
+            problems.add("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
+        problems.raise_any()
 
 
 @dataclass
@@ -104,12 +108,15 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
-        check_at_least("train", self, epochs=1, batch_size=1, weight_decay=0, max_steps_per_epoch=1, log_every=1,
-                       gradient_accumulation_steps=1)
+        problems = Problems()
+        with problems.check():
+            check_at_least("train", self, epochs=1, batch_size=1, weight_decay=0, max_steps_per_epoch=1, log_every=1,
+                           gradient_accumulation_steps=1)
         if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+            problems.add(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            problems.add(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        problems.raise_any()
 
 
 @dataclass
@@ -150,7 +157,7 @@ class RunConfig:
         try:
             return cls.from_dict(load_yaml(path), base_dir=path.parent)
         except ConfigError as error:
-            raise ConfigError(f"{path}: {error}") from None
+            raise error.prefixed(f"{path}: ") from None
 
     def resolve_paths(self, base_dir: Path) -> None:
         """Make relative local paths absolute. Model fields may be hub names: those stay as they are."""

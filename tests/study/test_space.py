@@ -66,7 +66,7 @@ def arm_param(method: str, key: str, spec):
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(trails=4), "unknown key trails"),
     (arm_param("qadapter", "adapter.rank", {"choise": [4]}), r"unknown key arms\.qadapter\.adapter\.rank\.choise"),
-    (arm_param("qadapter", "adapter.rnk", {"choices": [4]}), r"arms\.qadapter: unknown key adapter\.rnk"),
+    (arm_param("qadapter", "adapter.rnk", {"choices": [4]}), r"arms\.qadapter\.adapter\.rnk: unknown key adapter\.rnk"),
     (lambda d: d["overrides"].update({"train.learning_rat": 0.1}), r"base: unknown key train\.learning_rat"),
     (lambda d: d["arms"].update(qadaptr={}), r"arms\.qadaptr: unknown method"),
     (arm_param("qadapter", "adapter.rank", {"choices": []}),

@@ -11,15 +11,17 @@ from typing import Any, Literal
 
 import yaml
 
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import ConfigError, Problems
 
 
 def check_at_least(section: str, obj: Any, **minimums: int | float) -> None:
-    """Each named field of ``obj`` is ``None`` (where its type allows) or at least its minimum."""
+    """Each named field of ``obj`` is ``None`` (where its type allows) or at least its minimum; all that are not are named."""
+    problems = Problems()
     for name, minimum in minimums.items():
         value = getattr(obj, name)
         if value is not None and value < minimum:
-            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
+            problems.add(f"{section}.{name} must be >= {minimum}, got {value}")
+    problems.raise_any()
 
 
 def _type_name(annotation: Any) -> str:
@@ -53,7 +55,11 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_type, *_) = typing.get_args(annotation) or (Any,)
-        items = [coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+        problems, items = Problems(), []
+        for i, item in enumerate(value):
+            with problems.check():
+                items.append(coerce(item, item_type, f"{where}[{i}]"))
+        problems.raise_any()
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -81,7 +87,11 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
 
 
 def from_mapping(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing keys by name."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown and missing keys by name.
+
+    Every unknown, missing and mistyped key is reported, in one :class:`ConfigError`; the
+    dataclass's own checks (``__post_init__``) run once the keys are right.
+    """
     prefix = f"{where}." if where else ""
     if isinstance(data, cls):
         return data
@@ -89,15 +99,17 @@ def from_mapping(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (allowed: {', '.join(sorted(fields))})")
+    problems = Problems()
+    for name in sorted(set(data) - set(fields)):
+        problems.add(f"unknown key {prefix}{name} (allowed: {', '.join(sorted(fields))})")
     values = {}
     for name, spec in fields.items():
         if name in data:
-            values[name] = coerce(data[name], hints[name], f"{prefix}{name}")
+            with problems.check():
+                values[name] = coerce(data[name], hints[name], f"{prefix}{name}")
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {prefix}{name}")
+            problems.add(f"missing key {prefix}{name}")
+    problems.raise_any()
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:

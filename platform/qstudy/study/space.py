@@ -16,9 +16,9 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import ConfigError, NothingToTrain, Problems
 from qstudy.config import ModelConfig, RunConfig
 from qstudy.core.paths import check_path_component, expand_path
 from qstudy.core.validate import from_mapping, load_yaml
@@ -142,16 +142,19 @@ class SpaceFile:
     reduction_factor: int = 3
 
     def __post_init__(self):
-        check_path_component(self.study, "study")  # it names the study's directory under $QSTUDY_HOME/studies
+        problems = Problems()
+        with problems.check():
+            check_path_component(self.study, "study")  # it names the study's directory under $QSTUDY_HOME/studies
         for name in ("trials", "concurrency", "workers_per_trial", "grace_epochs"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+                problems.add(f"{name}: {getattr(self, name)} must be >= 1")
         if self.reduction_factor < 2:
-            raise ConfigError(f"reduction_factor: {self.reduction_factor} must be >= 2 (it keeps 1/reduction_factor)")
+            problems.add(f"reduction_factor: {self.reduction_factor} must be >= 2 (it keeps 1/reduction_factor)")
         if self.cpus_per_worker <= 0:
-            raise ConfigError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
+            problems.add(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
         if not self.arms:
-            raise ConfigError("arms: at least one arm (an adapter method) is needed")
+            problems.add("arms: at least one arm (an adapter method) is needed")
+        problems.raise_any()
 
 
 @dataclass
@@ -231,67 +234,138 @@ def _resolve_budget(budget: int | str | None, total_params: int) -> int | None:
         raise ConfigError(f"parameter_budget: {error}") from None
 
 
-def _validate_arm(space: SearchSpace, arm: Arm) -> None:
-    """Check the arm at every parameter's first value, then each choice and range end in turn."""
+def _arm_problems(space: SearchSpace, arm: Arm) -> list[str]:
+    """Every bad choice or range end of the arm, each named by its key and value.
 
-    def check(values: dict[str, Any]) -> None:
-        space.run_config(arm.method, values).adapter.validate(space.dims)
+    Each value is checked beside values of the other keys that passed, so one bad key does not
+    hide another; a problem that names no searched key (a method default that does not fit
+    the model) is the arm's own, named once.
+    """
+    where = f"arms.{arm.method}"
+    arm_problems, by_param = Problems(), {param.key: {} for param in arm.params}
 
-    first = {param.key: param.extremes()[0] for param in arm.params}
-    try:  # an unknown key fails here, whichever parameter is being varied
-        check(first)
-    except ConfigError as error:
-        raise ConfigError(f"arms.{arm.method}: {error}") from None
+    def check(values: dict[str, Any], param: Param, value: Any) -> bool:
+        try:
+            space.run_config(arm.method, values).adapter.validate(space.dims)
+            return True
+        except ConfigError as error:
+            own = [problem for problem in error.problems if param.key in problem]
+            if own:
+                by_param[param.key].setdefault(_encode(value), (value, own[0]))
+            arm_problems.add(*(f"{where}: {problem}" for problem in error.problems if param.key not in problem))
+            return not own
+
+    anchor: dict[str, Any] = {}
     for param in arm.params:
-        for value in param.extremes()[1:]:
-            try:
-                check({**first, param.key: value})
-            except ConfigError as error:
-                raise ConfigError(f"arms.{arm.method}.{param.key}: value {value!r}: {error}") from None
+        passing = [value for value in param.extremes() if check({**anchor, param.key: value}, param, value)]
+        if passing:
+            anchor[param.key] = passing[0]
+    for param in arm.params:  # values that passed before later keys were fixed may clash with them
+        for value in param.extremes():
+            check({**anchor, param.key: value}, param, value)
+
+    problems = Problems()
+    for param in arm.params:
+        failures = list(by_param[param.key].values())
+        if len(failures) == len(param.extremes()) and len({problem for _, problem in failures}) == 1:
+            problems.add(f"{where}.{param.key}: {failures[0][1]}")  # whatever the value
+        else:
+            problems.add(*(f"{where}.{param.key}: value {value!r}: {problem}" for value, problem in failures))
+    problems.add(*arm_problems.items)
+    return problems.items
 
 
-def _parse_arms(arms: dict) -> list[Arm]:
+def smallest_trainable(space: SearchSpace, arm: Arm) -> int:
+    """The fewest trainable parameters any config of ``arm`` has, in closed form.
+
+    Only ``adapter.*`` keys change a count: every combination of their values is tried (a
+    float range by its ends).
+    """
+    params = [param for param in arm.params if param.key.startswith("adapter.")]
+    values = [param.every_value() if not param.choices and param.is_integer else param.extremes() for param in params]
+    return min(space.run_config(arm.method, {p.key: v for p, v in zip(params, combination)})
+               .adapter.count_trainable(space.dims) for combination in itertools.product(*values))
+
+
+def check_feasible(space: SearchSpace) -> None:
+    """Raise :class:`NothingToTrain` when every config of the space is over its parameter budget."""
+    budget = space.parameter_budget
+    if budget is None:
+        return
+    smallest = min(smallest_trainable(space, arm) for arm in space.arms)
+    if smallest > budget:
+        total = space.dims.total_params
+        setting = space.settings.parameter_budget
+        shown = setting.strip() if isinstance(setting, str) and setting.strip().endswith("%") else f"{budget:,}"
+        raise NothingToTrain(f"every sampled config is over parameter_budget {shown} "
+                             f"(smallest in this space: {100 * smallest / total:.1f}%, {smallest:,} of {total:,} "
+                             "parameters); raise the budget or add smaller choices")
+
+
+def _parse_arms(arms: dict, problems: Problems) -> list[Arm]:
+    """The arms that parse; the problems of the others go to ``problems``."""
     from qstudy.methods import ADAPTERS
 
     parsed = []
     for method, params in arms.items():
         if method not in ADAPTERS:
-            raise ConfigError(f"arms.{method}: unknown method (one of: {', '.join(sorted(ADAPTERS))})")
+            problems.add(f"arms.{method}: unknown method (one of: {', '.join(sorted(ADAPTERS))})")
+            continue
         if not isinstance(params, dict | None):
-            raise ConfigError(f"arms.{method}: expected a mapping of dotted keys to choices or ranges")
-        parsed.append(Arm(method, tuple(Param.from_spec(key, value, f"arms.{method}.{key}")
-                                        for key, value in (params or {}).items())))
+            problems.add(f"arms.{method}: expected a mapping of dotted keys to choices or ranges")
+            continue
+        specs = []
+        for key, value in (params or {}).items():
+            with problems.check():
+                specs.append(Param.from_spec(key, value, f"arms.{method}.{key}"))
+        if len(specs) == len(params or {}):
+            parsed.append(Arm(method, tuple(specs)))
     return parsed
 
 
 def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
-                dims: ModelDims | None = None) -> SearchSpace:
-    """Validate a search-space mapping completely; every error names the field.
+                dims: ModelDims | None = None,
+                more_checks: Callable[[SearchSpace], list[str]] | None = None) -> SearchSpace:
+    """Validate a search-space mapping completely; every error names the field, and all are reported at once.
 
     ``dims`` defaults to the shapes of the base config's models; pass them to validate
-    without the model files (a hub model offline, or a test).
+    without the model files (a hub model offline, or a test). ``more_checks`` (the study
+    driver's data check) gets the space even when its arms have problems, and what it finds
+    is reported with theirs.
     """
     base_dir = base_dir or Path.cwd()
     settings = from_mapping(SpaceFile, data)
     base = _load_base(settings.base, base_dir)
     base.pop("adapter", None)  # each arm supplies its method
+    problems = Problems()
     for key, value in settings.overrides.items():
-        set_dotted(base, key, value)
+        with problems.check("overrides: "):
+            set_dotted(base, key, value)
     try:
         resolved = RunConfig.from_dict({**base, "adapter": {"method": "frozen"}}, base_dir=base_dir).to_dict()
     except ConfigError as error:
-        raise ConfigError(f"base: {error}") from None
+        problems.add(*error.prefixed("base: ").problems)
+        _parse_arms(settings.arms, problems)  # an arm's own problems are found without a base
+        problems.raise_any()
     resolved.pop("adapter")
     epochs = resolved["train"]["epochs"]
     if settings.scheduler == "moasha" and settings.grace_epochs * settings.reduction_factor > epochs:
-        raise ConfigError(f"grace_epochs: {settings.grace_epochs} x reduction_factor {settings.reduction_factor} "
-                          f"exceeds train.epochs {epochs}: no rung to compare trials at (study/scheduler.py)")
-    arms = _parse_arms(settings.arms)
-    space = SearchSpace(path=path, settings=settings, base=resolved, arms=arms,
-                        dims=dims if dims is not None else read_dims(resolved, path))
+        problems.add(f"grace_epochs: {settings.grace_epochs} x reduction_factor {settings.reduction_factor} "
+                     f"exceeds train.epochs {epochs}: no rung to compare trials at (study/scheduler.py)")
+    arms = _parse_arms(settings.arms, problems)
+    if dims is None:
+        with problems.check():
+            dims = read_dims(resolved, path)
+        if dims is None:  # nothing more can be checked without the model's shapes
+            problems.raise_any()
+    space = SearchSpace(path=path, settings=settings, base=resolved, arms=arms, dims=dims)
     for arm in arms:
-        _validate_arm(space, arm)
-    space.parameter_budget = _resolve_budget(settings.parameter_budget, space.dims.total_params)
+        problems.add(*_arm_problems(space, arm))
+    with problems.check():
+        space.parameter_budget = _resolve_budget(settings.parameter_budget, space.dims.total_params)
+    if more_checks is not None:
+        problems.add(*more_checks(space))
+    problems.raise_any()
     return space
 
 
@@ -301,8 +375,7 @@ def load_space(path: str | Path, dims: ModelDims | None = None) -> SearchSpace:
     try:
         return parse_space(load_yaml(path), str(path), base_dir=path.resolve().parent, dims=dims)
     except ConfigError as error:
-        message = str(error)
-        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise error.prefixed(f"{path}: ") from None
 
 
 SAMPLED = "sampled"  # the key of the trial's SampledConfig in the config dict Tune hands the trial
