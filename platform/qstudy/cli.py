@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from qstudy.core.errors import ConfigError, QstudyError
+from qstudy.core.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOTHING_TRAINED, EXIT_OK,
+                                 EXIT_TRIALS_FAILED, ConfigError, NothingToTrain, QstudyError, one_line)
 from qstudy.config import RunConfig
 from qstudy.core.paths import check_path_component, qstudy_home
 from qstudy.core.validate import load_yaml
@@ -17,6 +18,17 @@ from qstudy.model.quiet import quiet_weight_loading
 DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
 DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "qadapter_tiny.yaml"
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK:<4} done; for study, demo and study --resume: at least one trial finished and every trial
+       ended as planned (finished, stopped early by the scheduler, or infeasible by the budget)
+  {EXIT_FAILED:<4} an unexpected error (a traceback; please report it); caption: a video could not be decoded
+  {EXIT_BAD_INPUT:<4} bad input, before anything ran: a config, data or annotation problem (all of them,
+       one line each, naming the field or file), an unknown study name (the known ones are listed)
+  {EXIT_TRIALS_FAILED:<4} the study ran but trials failed: the summary names how many, the first one's
+       reason and the file with its full log
+  {EXIT_NOTHING_TRAINED:<4} the study trained nothing: every config of the space is over parameter_budget
+       (said before Ray starts), or no trial finished
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); a study says how to resume it"""
 
 
 def cmd_data(args) -> None:
@@ -112,11 +124,27 @@ def _study_verbosity(args) -> int:
 
 
 def _print_summary(summary) -> None:
+    """The study's summary, then exit with what it means (see EXIT_CODES)."""
     from qstudy.study.tuner import format_summary
 
-    print(format_summary(summary))
-    if summary.interrupted:
-        sys.exit(130)  # the shell's code for a Ctrl-C
+    print(format_summary(summary), flush=True)
+    code = summary.exit_code
+    if code == EXIT_TRIALS_FAILED:
+        print(f"qstudy: study {summary.name}: trials failed (exit {code})", file=sys.stderr)
+    elif code == EXIT_NOTHING_TRAINED:
+        print(f"qstudy: study {summary.name}: nothing trained, no trial finished (exit {code})", file=sys.stderr)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
+def _local_study(name: str) -> str:
+    """A study under $QSTUDY_HOME by its name or its space's study family (the latest of it), saying which."""
+    from qstudy.study.tuner import resolve_study
+
+    resolved, note = resolve_study(qstudy_home(), name)
+    if note:
+        print(f"qstudy: {note}", file=sys.stderr)
+    return resolved
 
 
 def cmd_study(args) -> None:
@@ -125,7 +153,7 @@ def cmd_study(args) -> None:
     if (args.space is None) == (args.resume is None):
         raise ConfigError("give a search-space file or --resume NAME (not both)")
     if args.resume:
-        _print_summary(resume_study(args.resume, qstudy_home(), args.address, _study_verbosity(args)))
+        _print_summary(resume_study(_local_study(args.resume), qstudy_home(), args.address, _study_verbosity(args)))
     else:
         _print_summary(run_study(_study_options(args, args.space, args.name)))
 
@@ -136,8 +164,9 @@ def cmd_dashboard(args) -> None:
 
     from qstudy.study.tuner import load_state
 
-    state = load_state(qstudy_home(), args.study)
-    print(f"optuna-dashboard for study {args.study} ({state.optuna_storage}): http://127.0.0.1:{args.port} "
+    name = _local_study(args.study)
+    state = load_state(qstudy_home(), name)
+    print(f"optuna-dashboard for study {name} ({state.optuna_storage}): http://127.0.0.1:{args.port} "
           "(Ctrl-C stops it)", flush=True)
     run_server(state.optuna_storage, host="127.0.0.1", port=args.port)
 
@@ -161,14 +190,9 @@ def cmd_demo(args) -> None:
 def cmd_report(args) -> None:
     from qstudy.analysis.report import format_published, format_report, publish_dashboards, read_studies
     from qstudy.analysis.views import default_views_dir, load_views
-    from qstudy.tracking.reader import StudyNotFound
-    from qstudy.tracking.writer import TrackingUnavailable
 
     views = load_views(args.views or default_views_dir())  # a bad view file fails before MLflow is read
-    try:
-        selection = read_studies(args.studies, args.mlflow_uri, args.budget, args.reference)
-    except (StudyNotFound, TrackingUnavailable) as error:
-        sys.exit(f"qstudy: {error}")
+    selection = _announced(read_studies(args.studies, args.mlflow_uri, args.budget, args.reference))
     print(format_report(selection))
     out_dir = args.report_dir or qstudy_home() / "reports" / selection.name
     print("\n" + format_published(selection, out_dir, publish_dashboards(selection, views, out_dir, not args.no_png)))
@@ -177,16 +201,18 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     from qstudy.analysis.report import read_studies
     from qstudy.export import Selection, export_trials
-    from qstudy.tracking.reader import StudyNotFound
-    from qstudy.tracking.writer import TrackingUnavailable
 
     choice = Selection.parse(args.select)
-    try:
-        index = export_trials(read_studies(args.studies, args.mlflow_uri), choice, args.export_dir)
-    except (StudyNotFound, TrackingUnavailable) as error:
-        sys.exit(f"qstudy: {error}")
+    index = export_trials(_announced(read_studies(args.studies, args.mlflow_uri)), choice, args.export_dir)
     print(index.read_text())
     print(f"index: {index}")
+
+
+def _announced(selection):
+    """The selection, after saying how a name that was not a study's own was read."""
+    for note in selection.notes:
+        print(f"qstudy: {note}", file=sys.stderr)
+    return selection
 
 
 def cmd_caption(args) -> None:
@@ -200,7 +226,7 @@ def cmd_caption(args) -> None:
         print(f"{video}\t{caption if caption is not None else '(could not decode this video)'}", flush=True)
         undecoded += caption is None
     if undecoded:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 def _study_name(text: str) -> str:
@@ -222,7 +248,8 @@ def _add_study_arguments(parser: argparse.ArgumentParser, trials: int | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qstudy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qstudy", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log training progress")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -251,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="run a hyperparameter study (Ray Tune + Optuna, tracked in MLflow)")
     study.add_argument("space", type=Path, nargs="?", help="search-space YAML (see search_spaces/)")
-    study.add_argument("--resume", metavar="NAME", type=_study_name, help="continue a study whose driver stopped")
+    study.add_argument("--resume", metavar="NAME", type=_study_name,
+                       help="continue a study whose driver stopped (a study name, or its space's study: the latest)")
     study.add_argument("--name", type=_study_name, help="study name (default: the space's study family)")
     study.add_argument("--replay", metavar="TABLE", type=Path,
                        help="replay recorded curves (bench/record_curves.py) instead of training each trial")
@@ -260,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
     dashboard.add_argument("study", metavar="STUDY", type=_study_name,
-                           help="study name (a directory under $QSTUDY_HOME/studies)")
+                           help="study name (a directory under $QSTUDY_HOME/studies), or its space's study: the latest")
     dashboard.add_argument("--port", type=int, default=8080)
     dashboard.set_defaults(handler=cmd_dashboard)
 
@@ -269,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     report = commands.add_parser("report", help="Pareto front, hypervolume, knee and dashboards of studies in MLflow")
-    report.add_argument("studies", nargs="+", metavar="STUDY", help="study name or parent run id; several combine")
+    report.add_argument("studies", nargs="+", metavar="STUDY",
+                        help="study name, parent run id, or MLflow experiment (its latest study); several combine")
     report.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
     report.add_argument("--budget", help="parameter budget: a share of the base model (1.5%%) or a count (250k)")
     report.add_argument("--reference", help="hypervolume reference point CIDER,PARAMS (default: 0,1.1x largest trial)")
@@ -279,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     export = commands.add_parser("export", help="write selected trials' configs, adapter weights and metrics")
-    export.add_argument("studies", nargs="+", metavar="STUDY", help="study name or parent run id; several combine")
+    export.add_argument("studies", nargs="+", metavar="STUDY",
+                        help="study name, parent run id, or MLflow experiment (its latest study); several combine")
     export.add_argument("--select", default="front", help="front | knee | best | budget=1.5%% (default: front)")
     export.add_argument("--out", dest="export_dir", type=Path, required=True)
     export.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
@@ -301,14 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except QstudyError as error:
-        kind = "config error: " if isinstance(error, ConfigError) else ""
-        message = " ".join(str(error).split())  # one line, whatever a library put into it (YAML errors span several)
-        print(f"qstudy: {kind}{message}", file=sys.stderr)
-        return 2
+        kind = "config error: " if isinstance(error, ConfigError) else "nothing to train: " if isinstance(
+            error, NothingToTrain) else ""
+        # One line per problem, whatever a library put into each (YAML errors span several).
+        for problem in error.problems if isinstance(error, ConfigError) else (str(error),):
+            print(f"qstudy: {kind}{one_line(problem)}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:  # before a study's trials started; once they run, the study handles Ctrl-C
         print("qstudy: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 from qstudy.tracking.reader import TrialRun
 from qstudy.tracking.schema import (
     CIDER,
+    ERROR_TAG,
     FINISHED,
     METHOD_PARAM,
     METHOD_TAG,
@@ -63,6 +64,7 @@ class TrialRecord:
     epoch_cider: tuple[float, ...] = ()
     run_id: str | None = None
     order: int = 0  # completion order, the x axis of the hypervolume history
+    error: str | None = None  # what a FAILED trial raised, as it logged it
 
     @property
     def is_valid(self) -> bool:
@@ -117,6 +119,7 @@ def from_mlflow(runs: Sequence[TrialRun]) -> list[TrialRecord]:
             epoch_cider=run.epoch_cider,
             run_id=run.run_id,
             order=order,
+            error=run.tags.get(ERROR_TAG),
         )
         for order, run in enumerate(runs)
     ]

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from qstudy.analysis.pareto import StudyAnalysis, analyse, front_table, parse_budget
 from qstudy.analysis.views import ViewSpec
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import ConfigError, QstudyError
 from qstudy.records import TrialRecord, format_counts, from_mlflow
-from qstudy.tracking.reader import StudyRun, client_for, find_study, load_trial_runs, resolve_tracking_uri
-from qstudy.tracking.schema import BASE_TOTAL_PARAM, DASHBOARDS_ARTIFACT_DIR
+from qstudy.tracking.reader import (StudyNotFound, StudyRun, client_for, find_study, load_trial_runs,
+                                    resolve_tracking_uri)
+from qstudy.tracking.schema import BASE_TOTAL_PARAM, DASHBOARDS_ARTIFACT_DIR, ROLE_TAG, STUDY_ROLE
 from qstudy.tracking.writer import is_remote, log_run_artifacts
 
 
@@ -28,6 +29,7 @@ class StudySelection:
     studies: tuple[StudyRun, ...]
     analysis: StudyAnalysis
     budget_text: str | None = None
+    notes: tuple[str, ...] = ()  # how a name the user gave was read (an experiment's latest study)
 
     @property
     def name(self) -> str:
@@ -74,7 +76,8 @@ def read_studies(
     """Find the studies in MLflow, read their trials and analyse them as one set."""
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
-    studies = tuple(find_study(client, name) for name in names)
+    found = [find_named_study(client, name) for name in names]
+    studies = tuple(study for study, _ in found)
     records = from_mlflow(load_trial_runs(client, studies))
     budget_count = None
     if budget is not None:
@@ -83,7 +86,23 @@ def read_studies(
         except ValueError as error:
             raise ConfigError(f"--budget: {error}") from None
     reference_point = parse_reference(reference, studies) if reference is not None else None
-    return StudySelection(uri, studies, analyse(records, reference_point, budget_count), budget)
+    return StudySelection(uri, studies, analyse(records, reference_point, budget_count), budget,
+                          tuple(note for _, note in found if note))
+
+
+def find_named_study(client, name: str) -> tuple[StudyRun, str | None]:
+    """``(study, note)`` for a study's name or parent run id, or an MLflow experiment's name (a space's ``study``),
+    which means the latest study in it; the note says which. An unknown name is bad input listing the studies."""
+    try:
+        return find_study(client, name), None
+    except StudyNotFound as error:
+        experiment = client.get_experiment_by_name(name)
+        latest = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'",
+                                    order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        if not latest:
+            raise QstudyError(str(error)) from None
+        study = find_study(client, latest[0].info.run_id)
+        return study, f"{name!r} is an MLflow experiment; reading its latest study, {study.name}"
 
 
 def _describe(record: TrialRecord | None) -> str:

@@ -14,6 +14,15 @@ EXIT_NOTHING_TRAINED = 4  # a study trained nothing: every config over the budge
 EXIT_INTERRUPTED = 130  # Ctrl-C (the shell's code for SIGINT)
 
 
+REASON_LIMIT = 240  # characters of a failed trial's reason on its one line
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """A message as one line (a library's may span several), cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
 class QstudyError(Exception):
     """Bad input, or a run that cannot train: one line naming the field or file; the CLI prints it and exits 2."""
 

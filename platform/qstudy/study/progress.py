@@ -1,28 +1,34 @@
-"""The live trial table a study prints: Tune's status table, printed when it has news, pointing at the study directory.
+"""What a study prints while it runs: Tune's status table when it has news, and one line per failed trial.
 
 Tune's ``CLIReporter`` prints its table every ``max_report_frequency`` seconds whether or not
 anything changed (~150 tables in a two-minute study), and names Ray's staging
 directory in the session temp dir as the result directory. This one prints when a trial has
 started, finished or failed (at most every ``max_report_frequency`` seconds, so trials that
 change together share a table) and at the end, and names the study directory, where Tune's
-experiment state, the trials' outputs and the Optuna study are. Imports no torch.
+experiment state, the trials' outputs and the Optuna study are. Tune's error table (and its
+traceback per failure, see study/tuner.py) only with -v; by default a failed trial is one line:
+its trial, arm, reason and the file with its full error. Imports no torch.
 """
 
 from __future__ import annotations
 
 import time
 
-from ray.tune import CLIReporter
+from ray.tune import Callback, CLIReporter
+
+from qstudy.core.errors import REASON_LIMIT, one_line
 
 _RESULT_DIR_LINE = "Result logdir: "
+_ERROR_TABLE_LINE = "Number of errored trials: "
 
 
 class LiveTable(CLIReporter):
-    """``CLIReporter`` without repeats; its "Result logdir" line names ``study_dir``."""
+    """``CLIReporter`` without repeats; its "Result logdir" line names ``study_dir``; its error table only if ``show_errors``."""
 
-    def __init__(self, study_dir: str, **kwargs):
+    def __init__(self, study_dir: str, show_errors: bool = False, **kwargs):
         super().__init__(**kwargs)
         self._study_dir = study_dir
+        self._show_errors = show_errors
         self._shown: tuple = ()
 
     def should_report(self, trials, done: bool = False) -> bool:
@@ -34,6 +40,29 @@ class LiveTable(CLIReporter):
         return False
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        lines = self._progress_str(trials, done, *sys_info).split("\n")
-        self._print("\n".join(f"Study directory: {self._study_dir}" if line.startswith(_RESULT_DIR_LINE) else line
-                              for line in lines))
+        lines = []
+        for line in self._progress_str(trials, done, *sys_info).split("\n"):
+            if line.startswith(_ERROR_TABLE_LINE) and not self._show_errors:
+                break  # the error table is the table's last part
+            lines.append(f"Study directory: {self._study_dir}" if line.startswith(_RESULT_DIR_LINE) else line)
+        self._print("\n".join(lines).rstrip("\n"))
+
+
+def reason(error: BaseException | None) -> str:
+    """What a trial raised, as one line: the exception inside Ray's wrapper, its type and message."""
+    if error is None:
+        return "no error was recorded"
+    cause = getattr(error, "cause", None) or error  # RayTaskError carries the trial's own exception
+    return one_line(f"{type(cause).__name__}: {cause}", REASON_LIMIT)
+
+
+class FailureLines(Callback):
+    """One line per trial that failed for good (Tune retries first): trial, arm, reason, the file with its full error."""
+
+    def on_trial_error(self, iteration: int, trials, trial, **info) -> None:
+        try:
+            error = trial.get_pickled_error()
+        except Exception:  # noqa: BLE001 - an error Ray could not pickle still gets its line
+            error = None
+        print(f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {reason(error)}; "
+              f"full log: {trial.error_file}", flush=True)

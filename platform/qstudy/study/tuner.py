@@ -1,13 +1,15 @@
 """The study driver: a validated space in, a Ray Tune ``Tuner`` with two-objective ``OptunaSearch``, a summary out.
 
-Order matters: the space is validated and the tracking server checked before Ray starts
-anything; the MLflow experiment and parent run are created here, once, before any trial
+Order matters: the space is validated (every problem at once, the data's annotations
+included), its budget checked against the smallest config it allows, and the tracking
+server checked before Ray starts anything; the MLflow experiment and parent run are created here, once, before any trial
 (trials racing to create them collide). The node's frame cache is warmed here too, so trials
 map decoded frames instead of each decoding the dataset. The Optuna study lives in an RDB
 (sqlite) file in the study directory and Tune's experiment state beside it, so ``--resume
 NAME`` continues the same study, the same parent run and the same trials. A Ctrl-C closes
 every open run as INTERRUPTED and says how to resume. The summary is ``qstudy report``'s own
-reading of the study from MLflow, so the two always agree. Imports no torch.
+reading of the study from MLflow, so the two always agree; its :attr:`StudySummary.exit_code`
+says whether the study trained as planned. Imports no torch.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import yaml
 
 from qstudy.analysis.pareto import front_table
 from qstudy.analysis.report import read_studies
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import (EXIT_INTERRUPTED, EXIT_NOTHING_TRAINED, EXIT_OK, EXIT_TRIALS_FAILED, ConfigError,
+                                 REASON_LIMIT, Problems, one_line)
 from qstudy.core.validate import load_yaml
 from qstudy.records import TrialRecord, format_counts, trial_counts
-from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
+from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
+                                parse_space)
 from qstudy.study.trial import StudyContext, run_name, run_trial
 from qstudy.tracking import schema, writer
 from qstudy.tracking.writer import TrialTarget
@@ -89,9 +93,21 @@ class StudySummary:
     front: list[TrialRecord] = field(default_factory=list)
     best: TrialRecord | None = None
     interrupted: bool = False  # Ctrl-C: `qstudy study --resume NAME` continues
+    commands_need_uri: bool = False  # the tracking URI is not the home's default: commands must name it
 
     def count(self, status: str) -> int:
         return sum(record.status == status for record in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit status: 0 only when a trial finished and none failed (``cli`` lists the codes)."""
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.count(schema.FAILED):
+            return EXIT_TRIALS_FAILED
+        if not self.count(schema.FINISHED):
+            return EXIT_NOTHING_TRAINED
+        return EXIT_OK
 
 
 def study_dir(home: Path, name: str) -> Path:
@@ -108,12 +124,38 @@ def _snapshot_space(options: StudyOptions) -> dict:
     return raw
 
 
-def _parse_snapshot(snapshot: dict, origin: Path) -> SearchSpace:
-    """Validate the snapshot as if it sat beside the original file (its relative paths stay valid)."""
+def _parse_snapshot(snapshot: dict, origin: Path, reads_data: bool = True) -> SearchSpace:
+    """Validate the snapshot as if it sat beside the original file (its relative paths stay valid).
+
+    ``reads_data``: the trials train on the space's data (not replayed curves), so its
+    annotations are checked too.
+    """
     try:
-        return parse_space(snapshot, str(origin), base_dir=origin.resolve().parent)
+        return parse_space(snapshot, str(origin), base_dir=origin.resolve().parent,
+                           more_checks=check_data if reads_data else None)
     except ConfigError as error:
-        raise ConfigError(f"{origin}: {error}") from None
+        raise error.prefixed(f"{origin}: ") from None
+
+
+def check_data(space: SearchSpace) -> list[str]:
+    """The problems of every split every data variant of the space reads: its annotations, not its videos.
+
+    Runs before Ray starts and before any MLflow run exists, so a bad split name or file fails
+    the study in seconds instead of failing each trial in turn.
+    """
+    from qstudy.data.annotations import read_clips
+    from qstudy.data.cache import run_splits
+
+    problems = Problems()
+    for _, config in space.data_variants():
+        data = config.data
+        for (split, _), field_name in zip(run_splits(data), ("train_split", "val_split")):
+            try:
+                read_clips(data.format, data.annotations, data.video_dir, split)
+            except ConfigError as error:  # a problem that names no data field is the split's
+                problems.add(*(problem if problem.startswith("data.") else f"data.{field_name}: {problem}"
+                               for problem in error.problems))
+    return problems.items
 
 
 def _check_address(address: str) -> None:
@@ -159,16 +201,12 @@ def _connect_ray(address: str | None, verbose: int) -> None:
 def _warm_frame_cache(space: SearchSpace) -> None:
     """Decode every split the trials will read into this node's frame cache, once, before any trial.
 
-    A data section that cannot be read is left to its trials, which fail naming it as any
-    trial with a bad config does.
+    Its annotations were read by :func:`check_data` when the space was validated.
     """
     from qstudy.data.cache import prebuild
 
-    for arm, config in space.data_variants():
-        try:
-            prebuild(config)
-        except ConfigError as error:
-            log.warning("frame cache: arm %s not pre-decoded: %s", arm, error)
+    for _, config in space.data_variants():
+        prebuild(config)
 
 
 def _check_resources(context: StudyContext) -> None:
@@ -193,16 +231,17 @@ def _check_resources(context: StudyContext) -> None:
 def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
     from ray import tune
 
-    from qstudy.study.progress import LiveTable
+    from qstudy.study.progress import FailureLines, LiveTable
 
     reporter = LiveTable(
-        str(directory), metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
+        str(directory), show_errors=verbose > 1,
+        metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
         parameter_columns={"method": "method"}, max_report_frequency=15, sort_by_metric=False)
     # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
     restarts = context.space.settings.max_failures if context.in_actor else 0
     return tune.RunConfig(name="tune", storage_path=str(directory), progress_reporter=reporter, verbose=verbose,
-                          failure_config=tune.FailureConfig(max_failures=restarts))
+                          failure_config=tune.FailureConfig(max_failures=restarts), callbacks=[FailureLines()])
 
 
 def _trial_dirname(trial) -> str:
@@ -216,12 +255,21 @@ def _trainable(context: StudyContext):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), context.driver_resources())
 
 
+def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
+    """Ray's ``Tuner.restore(...)`` hint after a Ctrl-C: the study's summary says how to resume it instead."""
+    return "Tuner.restore" not in record.getMessage()
+
+
 def _prepare_output(verbose: int) -> None:
-    """The live table and the summary; the libraries' INFO lines (study created, tables migrated) only with -v."""
+    """The live table, a line per failed trial and the summary; the libraries' INFO lines (study created,
+    tables migrated), Tune's tracebacks and error tables only with -v."""
     # The classic reporter prints one compact live table; the new output engine prints every config key.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
+    # Tune logs each failed trial's whole traceback; progress.FailureLines prints one line instead.
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if verbose > 1 else "0"
     if verbose <= 1:
         import optuna
 
@@ -233,7 +281,9 @@ def run_study(options: StudyOptions) -> StudySummary:
     """Validate, set up tracking and storage, run every trial, summarise."""
     started = time.perf_counter()
     snapshot = _snapshot_space(options)
-    space = _parse_snapshot(snapshot, options.space_path)  # before Ray starts anything
+    # Before Ray starts anything and before any MLflow run exists: every config and data problem, then the budget.
+    space = _parse_snapshot(snapshot, options.space_path, reads_data=options.replay_table is None)
+    check_feasible(space)
     name = options.name or space.study
     directory = study_dir(options.home, name)
     if (directory / STATE_FILE).exists():
@@ -288,9 +338,27 @@ def load_state(home: Path, name: str) -> StudyState:
     """The ``study.json`` of study ``name`` under ``home``; an unknown name fails listing the known ones."""
     path = study_dir(home, name) / STATE_FILE
     if not path.exists():
-        known = sorted(p.name for p in (home / "studies").glob("*") if (p / STATE_FILE).exists())
-        raise ConfigError(f"no study {name!r} in {home / 'studies'} (known: {', '.join(known) or 'none'})")
+        raise ConfigError(f"no study {name!r} in {home / 'studies'} (studies there: {', '.join(_known(home)) or 'none'})")
     return StudyState(**json.loads(path.read_text()))
+
+
+def _known(home: Path) -> list[str]:
+    """The studies under ``home``, oldest first."""
+    states = [path for path in (home / "studies").glob(f"*/{STATE_FILE}")]
+    return [path.parent.name for path in sorted(states, key=lambda path: (path.stat().st_mtime, path.parent.name))]
+
+
+def resolve_study(home: Path, name: str) -> tuple[str, str | None]:
+    """``(study name, note)``: a study's own name, or its space's ``study`` (the MLflow experiment), meaning the
+    latest study run from that space; the note says which one that is. An unknown name fails listing the studies."""
+    if (study_dir(home, name) / STATE_FILE).exists():
+        return name, None
+    family = [known for known in _known(home)
+              if load_yaml(study_dir(home, known) / SPACE_SNAPSHOT).get("study") == name]
+    if not family:
+        load_state(home, name)  # raises, listing the studies there
+    note = f"{name!r} is the study family of {len(family)} studies here; using the latest, {family[-1]}"
+    return family[-1], note
 
 
 def make_searcher(space: SearchSpace, name: str, storage, target: TrialTarget | None):
@@ -322,7 +390,8 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     started = time.perf_counter()
     directory = study_dir(home, name)
     state = load_state(home, name)
-    space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin))
+    space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin),
+                            reads_data=state.replay_table is None)
     writer.check_reachable(state.tracking_uri)
 
     _prepare_output(verbose)
@@ -384,9 +453,11 @@ def read_summary(state: StudyState, directory: Path, experiment: str, wall_secon
                  interrupted: bool) -> StudySummary:
     """The study as ``qstudy report`` reads it from MLflow: the same records, counted the same way."""
     analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
+    home = directory.parent.parent
     return StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri, experiment=experiment,
                         parent_run_id=state.parent_run_id, wall_seconds=wall_seconds, records=list(analysis.records),
-                        front=list(analysis.front), best=analysis.best, interrupted=interrupted)
+                        front=list(analysis.front), best=analysis.best, interrupted=interrupted,
+                        commands_need_uri=state.tracking_uri != writer.default_tracking_uri(home))
 
 
 def _finish(state: StudyState, directory: Path, space: SearchSpace, started: float) -> StudySummary:
@@ -418,18 +489,53 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
     return summary
 
 
+def trial_log(summary: StudySummary, trial_id: str) -> Path:
+    """Where Tune wrote a failed trial's full error (its traceback, each time it failed)."""
+    return summary.study_dir / "tune" / f"trial_{trial_id}" / "error.txt"
+
+
+def _outcome_lines(summary: StudySummary) -> list[str]:
+    """Why the study did not train as planned: the failures (the first one's reason and log), or why nothing trained."""
+    failed = [record for record in summary.records if record.status == schema.FAILED]
+    if failed:
+        first = failed[0]
+        return [f"{len(failed)} of {len(summary.records)} trials failed; the first, trial {first.trial_id} "
+                f"({first.method}): {one_line(first.error or 'no error was recorded', REASON_LIMIT)}",
+                f"  full log: {trial_log(summary, first.trial_id)}"]
+    if not summary.interrupted and not summary.count(schema.FINISHED):
+        why = (" (an infeasible trial is over the space's parameter_budget and is never trained)"
+               if summary.count(schema.INFEASIBLE) else "")
+        return [f"nothing trained: no trial finished{why}"]
+    return []
+
+
+def next_commands(summary: StudySummary) -> list[str]:
+    """The commands that look at this study next, as a user types them."""
+    uri = f" --mlflow-uri {summary.tracking_uri}" if summary.commands_need_uri else ""
+    exports = summary.study_dir.parent.parent / "exports" / summary.name
+    lines = [f"qstudy report {summary.name}{uri}",
+             f"qstudy export {summary.name} --select front --out {exports}{uri}",
+             f"qstudy dashboard {summary.name}"]
+    if writer.is_remote(summary.tracking_uri):
+        lines.append(f"MLflow UI: {summary.tracking_uri}")
+    else:
+        lines.append(f"mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000   (then http://127.0.0.1:5000)")
+    return lines
+
+
 def format_summary(summary: StudySummary) -> str:
-    """The final summary the CLI prints: counts, the Pareto front, the best trial, and where everything is."""
+    """The final summary the CLI prints: counts, the Pareto front, the best trial, what went wrong, where
+    everything is, and the commands to run next."""
     best = summary.best
     lines = [f"study {summary.name}: {format_counts(summary.records)} in {summary.wall_seconds:.0f} s",
              "Pareto front (CIDEr max, trainable parameters min):",
              front_table(summary.front),
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
+             *_outcome_lines(summary),
              f"study directory: {summary.study_dir}",
              f"MLflow: {summary.tracking_uri}  experiment {summary.experiment!r}, parent run {summary.parent_run_id}"]
-    if not writer.is_remote(summary.tracking_uri):
-        lines.append(f"open the MLflow UI: mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000 "
-                     "(then http://127.0.0.1:5000)")
     if summary.interrupted:
         lines.append(f"interrupted: continue with `qstudy study --resume {summary.name}`")
+    else:
+        lines += ["next:", *(f"  {command}" for command in next_commands(summary))]
     return "\n".join(lines)
