@@ -31,13 +31,14 @@ def optuna_states(directory: Path, name: str) -> list[tuple[str, str]]:
 
 def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkpoint(
         ray_head, mlflow_server, study_home, tmp_path):
-    """Arm `lora` reads annotations that do not exist (a config that genuinely raises); a
-    qadapter trial is SIGKILLed after its first checkpoint and must finish from it."""
+    """Arm `lora` asks for a batch larger than the training split (a config that passes validation and
+    raises when its trial starts); a qadapter trial is SIGKILLed after its first checkpoint and must
+    finish from it. The study exits 3: a trial failed."""
     epochs = 3
     space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=3, concurrency=2, sampler="random",
                        seed=10,  # qadapter, qadapter, lora
                        arms={"qadapter": {"adapter.rank": {"choices": [4, 8]}},
-                             "lora": {"adapter.rank": 4, "data.annotations": str(tmp_path / "missing.json")}})
+                             "lora": {"adapter.rank": 4, "train.batch_size": 1000}})
     driver = study(ray_head, study_home, str(space), "--name", "faults", "--mlflow-uri", mlflow_server.uri)
     tune_dir = study_home / "studies" / "faults" / "tune"
 
@@ -55,7 +56,7 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
     # A tiny epoch is shorter than the look-up above, so the dead process may have left a later
     # checkpoint than the one that was seen; Ray needs seconds to restart it, so this is its legacy.
     left = sorted(int(path.name.removeprefix("checkpoint_")) for path in (tune_dir / f"trial_{killed_trial}").glob("checkpoint_*"))
-    finish(driver)
+    finish(driver, code=3)
 
     # Ray: the raising trial errored, the killed one was restarted and terminated normally.
     statuses = [(trial.status, trial.config["method"]) for trial in ExperimentAnalysis(str(tune_dir)).trials]
@@ -70,7 +71,7 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
     assert len(faults) == len(by_trial) == 3
     failed = [run for run in faults if run.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags[schema.STATUS_TAG] == "FAILED"
-    assert "data.annotations" in failed[0].data.tags[schema.ERROR_TAG] and "cider" not in failed[0].data.metrics
+    assert "train.batch_size 1000" in failed[0].data.tags[schema.ERROR_TAG] and "cider" not in failed[0].data.metrics
     # The killed trial resumed from the newest checkpoint it left (the one before it when the kill
     # caught that one being written, so on disk but not yet registered): its second life trained
     # only the epochs after it.
@@ -218,6 +219,7 @@ def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
     output, _ = driver.communicate(timeout=300)
     assert driver.returncode == 130, output[-5000:]
     assert "interrupted: continue with `qstudy study --resume interrupted`" in output
+    assert "Tuner.restore" not in output  # qstudy's is the only resume instruction
     parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
     (parent,) = [run for run in parents if run.info.run_name == "interrupted"]
     assert parent.info.status == "KILLED" and parent.data.tags[schema.STATUS_TAG] == "INTERRUPTED"

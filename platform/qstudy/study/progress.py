@@ -13,6 +13,7 @@ its trial, arm, reason and the file with its full error. Imports no torch.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ray.tune import Callback, CLIReporter
 
@@ -56,13 +57,36 @@ def reason(error: BaseException | None) -> str:
     return one_line(f"{type(cause).__name__}: {cause}", REASON_LIMIT)
 
 
+def last_exception(traceback_text: str) -> str:
+    """The ``Type: message`` a formatted traceback ends with, as one line."""
+    lines = traceback_text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    rest = lines[starts[-1] + 1:] if starts else lines
+    message = next((i for i, line in enumerate(rest) if not line.startswith(" ")), 0)
+    return one_line("\n".join(rest[message:]), REASON_LIMIT)
+
+
 class FailureLines(Callback):
-    """One line per trial that failed for good (Tune retries first): trial, arm, reason, the file with its full error."""
+    """One line per trial that failed for good (Tune retries first): trial, arm, reason, the file with its full error.
+
+    A retried trial that had raised fails again at once saying so (study/worker.py); its line
+    gives the reason it raised the first time, from the traceback the worker kept.
+    """
+
+    def __init__(self, outbox_root: str):
+        self._outbox_root = Path(outbox_root)
 
     def on_trial_error(self, iteration: int, trials, trial, **info) -> None:
+        from qstudy.study.worker import FAILED_MARKER, ApplicationFailure
+
         try:
             error = trial.get_pickled_error()
         except Exception:  # noqa: BLE001 - an error Ray could not pickle still gets its line
             error = None
-        print(f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {reason(error)}; "
-              f"full log: {trial.error_file}", flush=True)
+        marker = self._outbox_root / trial.trial_id / FAILED_MARKER
+        if isinstance(getattr(error, "cause", None) or error, ApplicationFailure) and marker.exists():
+            why = last_exception(marker.read_text())
+        else:
+            why = reason(error)
+        print(f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {why}; full log: {trial.error_file}",
+              flush=True)

@@ -241,7 +241,8 @@ def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
     restarts = context.space.settings.max_failures if context.in_actor else 0
     return tune.RunConfig(name="tune", storage_path=str(directory), progress_reporter=reporter, verbose=verbose,
-                          failure_config=tune.FailureConfig(max_failures=restarts), callbacks=[FailureLines()])
+                          failure_config=tune.FailureConfig(max_failures=restarts),
+                          callbacks=[FailureLines(context.tracking.outbox_root)])
 
 
 def _trial_dirname(trial) -> str:
