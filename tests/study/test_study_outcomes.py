@@ -40,7 +40,7 @@ def test_a_study_whose_trials_all_fail_exits_3_one_line_per_trial(ray_head, mlfl
     assert len(failed) == 2, output[-5000:]
     for line in failed:
         assert line[2] == "qadapter" and line[3].startswith("ConfigError: train.batch_size 1000")
-        assert "train.batch_size 1000" in Path(line[4]).read_text()  # the full log: Tune's error file
+        assert "train.batch_size 1000" in Path(line[4]).read_text()  # the full log: Tune's error file, in the study dir
     # Tracebacks, Tune's error tables and its restore hint only with -v.
     for noise in ("Traceback", "Trial task failed", "Number of errored trials", "Tuner.restore"):
         assert noise not in output, noise
@@ -50,7 +50,7 @@ def test_a_study_whose_trials_all_fail_exits_3_one_line_per_trial(ray_head, mlfl
     assert re.search(r"^2 of 2 trials failed; the first, trial \S+ \(qadapter\): ConfigError: train\.batch_size 1000",
                      summary, re.M)
     log = re.search(r"^  full log: (\S+)$", summary, re.M)[1]
-    assert log in {line[4] for line in failed}
+    assert log in {line[4] for line in failed} and Path(log).is_file()
     next_commands = summary[summary.index("\nnext:\n"):].splitlines()[2:]
     assert next_commands[:3] == [
         f"  qstudy report all-fail --mlflow-uri {mlflow_server.uri}",

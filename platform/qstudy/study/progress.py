@@ -88,5 +88,6 @@ class FailureLines(Callback):
             why = last_exception(marker.read_text())
         else:
             why = reason(error)
-        print(f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {why}; full log: {trial.error_file}",
-              flush=True)
+        # Where the error file lands in the study's storage (Tune writes it to a staging dir first and copies it).
+        log = Path(trial.path) / Path(trial.error_file).name
+        print(f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {why}; full log: {log}", flush=True)
