@@ -15,7 +15,8 @@ Placeholders and heavy settings, substituted so the whole README runs in minutes
 - `SPACE` is search_spaces/qadapter_tiny.yaml with its own `study` (`readme-space`), uncut (a
   replayed study takes the recorded curves' 10 epochs, in seconds).
 - `<study>`, `STUDY` and `NAME` name the first study a command made; `DIR` is a fresh directory;
-  relative paths resolve in a fresh working directory; `exported/01-...` is the first directory
+  a relative path to a file of the checkout (`bench/data/...`) names that file, other relative
+  paths resolve in a fresh working directory; `exported/01-...` is the first directory
   the export wrote, and `video.mp4` a clip of the tiny workspace.
 - `qstudy dashboard` serves until stopped: it gets a free `--port`, must answer there, then is stopped.
 - `qstudy report` gets `--no-png` where no Chromium is installed (PNGs need one).
@@ -117,6 +118,8 @@ class Readme:
                 word = str(sorted(path for path in (self.work / "exported").iterdir() if path.is_dir())[0])
             elif word == "video.mp4":
                 word = str(sorted((self.home / "data" / "target" / "videos").glob("*.mp4"))[0])
+            elif not word.startswith("-") and (REPO / word).is_file():  # the README runs in a checkout
+                word = str(REPO / word)
             elif i > 0 and args[i - 1] == "--trials":
                 word = str(min(int(word), 2))
             out.append(word)

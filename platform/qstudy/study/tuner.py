@@ -281,6 +281,8 @@ def _prepare_output(verbose: int) -> None:
 def run_study(options: StudyOptions) -> StudySummary:
     """Validate, set up tracking and storage, run every trial, summarise."""
     started = time.perf_counter()
+    if options.replay_table is not None and not options.replay_table.is_file():
+        raise ConfigError(f"--replay {options.replay_table}: file not found")
     snapshot = _snapshot_space(options)
     # Before Ray starts anything and before any MLflow run exists: every config and data problem, then the budget.
     space = _parse_snapshot(snapshot, options.space_path, reads_data=options.replay_table is None)
