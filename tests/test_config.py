@@ -96,3 +96,16 @@ def test_round_trip_through_dict(tmp_path):
     config = RunConfig.from_yaml(write(tmp_path, VALID))
     again = RunConfig.from_dict(config.to_dict())
     assert again == config
+
+
+def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    data["train"].update(learnign_rate=1, epochs=0, warmup_ratio=2.0)
+    data["data"].update(num_frames=0, val_split="../val")
+    data["model"].pop("language_model")
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_yaml(write(tmp_path, data))
+    problems = [problem.removeprefix(f"{tmp_path / 'run.yaml'}: ") for problem in error.value.problems]
+    assert [problem.split(" ")[0] if problem.startswith(("unknown", "missing")) is False else problem.split(" (")[0]
+            for problem in problems] == [
+        "data.num_frames", "data.val_split:", "missing key model.language_model", "unknown key train.learnign_rate"]

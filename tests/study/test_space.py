@@ -8,6 +8,7 @@ space is validated against shapes built from transformers config classes on the 
 from __future__ import annotations
 
 import copy
+import re
 import pickle
 import subprocess
 import sys
@@ -184,3 +185,19 @@ def test_cli_exits_2_naming_the_field_before_ray_starts(tmp_path, capsys):
     assert main(["study", str(path)]) == 2
     assert "arms.qadapter.adapter.rank.choices: expected a non-empty list" in capsys.readouterr().err
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_every_problem_of_a_space_is_reported_at_once():
+    """The arms of the paper-scale space on the tiny base, plus two bad settings: one run names them all."""
+    data = mutated(lambda d: d.update(arms=yaml.safe_load((SPACES / "qadapter.yaml").read_text())["arms"],
+                                      concurrency=0, reduction_factor=1))
+    with pytest.raises(ConfigError) as error:
+        parse(data)
+    problems = error.value.problems
+    expected = [r"^concurrency: 0 must be >= 1$", r"^reduction_factor: 1 must be >= 2",
+                r"^arms\.qadapter\.adapter\.insertion_layers: value \[5, 11\]: .*layer 5 is beyond",
+                r"^arms\.qadapter\.adapter\.rank: value 128: .*must be in 1\.\.64",
+                r"^arms\.qadapter\.adapter\.rank: value 256: .*must be in 1\.\.64"]
+    for pattern in expected:
+        assert any(re.search(pattern, problem) for problem in problems), (pattern, problems)
+    assert str(error.value) == "\n".join(problems)

@@ -141,7 +141,8 @@ class SpaceFile:
     grace_epochs: int = 1
     reduction_factor: int = 3
 
-    def __post_init__(self):
+    def problems(self) -> list[str]:
+        """What is wrong with the settings; parse_space reports it with the arms' problems."""
         problems = Problems()
         with problems.check():
             check_path_component(self.study, "study")  # it names the study's directory under $QSTUDY_HOME/studies
@@ -154,7 +155,7 @@ class SpaceFile:
             problems.add(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
         if not self.arms:
             problems.add("arms: at least one arm (an adapter method) is needed")
-        problems.raise_any()
+        return problems.items
 
 
 @dataclass
@@ -338,6 +339,7 @@ def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
     base = _load_base(settings.base, base_dir)
     base.pop("adapter", None)  # each arm supplies its method
     problems = Problems()
+    problems.add(*settings.problems())
     for key, value in settings.overrides.items():
         with problems.check("overrides: "):
             set_dotted(base, key, value)
