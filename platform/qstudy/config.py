@@ -77,6 +77,9 @@ class ModelConfig:
     # Recompute each vision and LM layer's activations in the backward instead of keeping them:
     # memory for time, for models whose activations do not fit.
     gradient_checkpointing: bool = False
+    # transformers' Hub kernels: layers fetched from the Hugging Face Hub at run time replace
+    # some of the model's own on CUDA (RMSNorm, activations). Off: the locked stack's code runs.
+    hub_kernels: bool = False
 
     def __post_init__(self):
         check_at_least("model", self, frame_grid=0, temporal_merger_rank=0, max_caption_tokens=1)
