@@ -27,6 +27,7 @@ from qstudy.analysis.report import read_studies
 from qstudy.core.errors import ConfigError
 from qstudy.core.validate import load_yaml
 from qstudy.records import TrialRecord, format_counts, trial_counts
+from qstudy.study.preflight import check_node_versions
 from qstudy.study.space import OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, make_sampler, parse_space
 from qstudy.study.trial import StudyContext, run_name, run_trial
 from qstudy.tracking import schema, writer
@@ -248,6 +249,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer,
                        replay_table=str(options.replay_table.resolve()) if options.replay_table else None)
+    check_node_versions()
     _check_resources(_context(state, directory, space))
     if state.replay_table is None:
         _warm_frame_cache(space)
@@ -328,6 +330,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     _prepare_output(verbose)
     _connect_ray(address, verbose)
     context = _context(state, directory, space)
+    check_node_versions()
     _check_resources(context)
     if state.replay_table is None:
         _warm_frame_cache(space)
