@@ -12,6 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+# A test that uses one of these is slow whatever it checks: the session's Ray cluster and MLflow server.
+SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
