@@ -65,7 +65,8 @@ def _subcommands(parser: argparse.ArgumentParser, prefix: str):
 
 
 def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """One table cell's text. A pipe inside a code span stays (Python-Markdown's tables skip code spans)."""
+    return str(text).replace("\n", " ")
 
 
 def _argument_row(action: argparse.Action) -> str:
@@ -189,7 +190,7 @@ def _field_table(cls, prefix: str) -> list[str]:
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for name, annotation, default, comment in all_fields(cls):
         comment = comment.replace("``", "`")
-        rows.append(f"| `{prefix}{name}` | `{_cell(annotation)}` | {_cell(default)} | {_cell(comment)} |")
+        rows.append(f"| `{prefix}{name}` | `{annotation}` | {default} | {_cell(comment)} |")
     return rows
 
 
