@@ -1,4 +1,4 @@
-"""Bad inputs through the CLI as the README documents it: one table, one row per bad input.
+"""Bad inputs through the CLI as the docs document it: one table, one row per bad input.
 
 Every row runs ``qstudy ...`` in a subprocess and asserts its exit code, that stderr ends in
 one ``qstudy`` line naming the field or file and holds no traceback, and that nothing already
