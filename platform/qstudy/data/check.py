@@ -21,7 +21,7 @@ def check_data(data: DataConfig, splits: Iterable[str] = RUN_SPLITS) -> None:
     """
     video_dir = Path(data.video_dir)
     if not video_dir.is_dir():
-        raise ConfigError(f"data.video_dir: {video_dir} is {'not a directory' if video_dir.exists() else 'not found'}")
+        raise ConfigError(f"data.video_dir: {video_dir}: {'not a directory' if video_dir.exists() else 'not found'}")
     files, members = {}, {}
     for name in splits:
         split = getattr(data, name)
