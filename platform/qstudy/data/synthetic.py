@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
 
 @dataclass(frozen=True)
 class _Video:
+    """One clip: what it shows, its split and its captions."""
+
     index: int
     colour: str
     shape: str
@@ -175,8 +178,8 @@ def _seconds(spec: SyntheticSpec) -> int:
     return -(-spec.num_frames // FPS)
 
 
-def _msrvtt_files(videos: list[_Video], video_ids: list[str], files: dict[str, tuple[str, ...]], spec: SyntheticSpec,
-                  out_dir: Path) -> None:
+def _msrvtt_files(videos: list[_Video], video_ids: list[str], spec: SyntheticSpec, out_dir: Path,
+                  files: dict[str, tuple[str, ...]]) -> None:
     """MSR-VTT's JSON: ``files`` maps each file name to the splits it holds; videos carry MSR-VTT's fields.
 
     And what each clip shows (colour, shape, direction), which :func:`attribute_accuracy` reads.
@@ -201,9 +204,9 @@ def _msvd_clip(spec: SyntheticSpec, index: int) -> tuple[str, int, int]:
     return f"{spec.domain[:3]}{index:08d}", 0, _seconds(spec)
 
 
-def _msvd_files(videos: list[_Video], spec: SyntheticSpec, video_ids: list[str], out_dir: Path) -> None:
+def _msvd_files(videos: list[_Video], video_ids: list[str], spec: SyntheticSpec, out_dir: Path) -> None:
     """MSVD's corpus CSV (English rows only) and one <split>_list.txt per split."""
-    with open(out_dir / MSVD_CORPUS, "w", newline="") as handle:
+    with open(out_dir / LAYOUTS["msvd"].annotations, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MSVD_COLUMNS)
         for video in videos:
@@ -214,19 +217,28 @@ def _msvd_files(videos: list[_Video], spec: SyntheticSpec, video_ids: list[str],
         (out_dir / f"{split}_list.txt").write_text("".join(f"{video_id}\n" for video_id in members))
 
 
-# The three layouts, each as its dataset ships: its video ids, and the file a config's data.annotations names.
-LAYOUTS = {
-    # One MSR-VTT-format JSON holding all three splits (what the tiny workspace uses).
-    "merged": (lambda spec, index: f"{spec.domain}{index:05d}", "annotations.json"),
-    # MSR-VTT's own: train_val_videodatainfo.json (train, validate), test_videodatainfo.json (test).
-    "msrvtt": (lambda spec, index: f"video{index}", "train_val_videodatainfo.json"),
-    # MSVD's: the corpus CSV; <VideoID>_<Start>_<End> video files.
-    "msvd": (lambda spec, index: "_".join(map(str, _msvd_clip(spec, index))), "video_corpus.csv"),
-}
-MSRVTT_TEST_FILE = "test_videodatainfo.json"
-MSVD_CORPUS = LAYOUTS["msvd"][1]
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset ships: its video ids, the file a config's data.annotations names, and the writer of its files."""
+
+    video_id: Callable[[SyntheticSpec, int], str]
+    annotations: str
+    write: Callable[[list[_Video], list[str], SyntheticSpec, Path], None]
+
+
 MSVD_COLUMNS = ("VideoID", "Start", "End", "WorkerID", "Source", "AnnotationTime", "Language", "Description")
 DIRECTIONS_CATEGORY = {direction: number for number, direction in enumerate(DIRECTIONS)}
+LAYOUTS = {
+    # One MSR-VTT-format JSON holding all three splits: what the tiny workspace uses.
+    "merged": Layout(lambda spec, index: f"{spec.domain}{index:05d}", "annotations.json",
+                     lambda *written: _msrvtt_files(*written, {"annotations.json": tuple(SPLITS)})),
+    # MSR-VTT's own files: train and validate in one, test in the other; videos/video<N>.mp4.
+    "msrvtt": Layout(lambda spec, index: f"video{index}", "train_val_videodatainfo.json",
+                     lambda *written: _msrvtt_files(*written, {"train_val_videodatainfo.json": ("train", "validate"),
+                                                               "test_videodatainfo.json": ("test",)})),
+    # MSVD's corpus CSV; videos/<VideoID>_<Start>_<End>.mp4.
+    "msvd": Layout(lambda spec, index: "_".join(map(str, _msvd_clip(spec, index))), "video_corpus.csv", _msvd_files),
+}
 
 
 def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = True, layout: str = "merged") -> Path:
@@ -236,21 +248,14 @@ def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = True, la
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout: unknown layout {layout!r} (one of: {', '.join(LAYOUTS)})")
-    out_dir = Path(out_dir)
+    out_dir, chosen = Path(out_dir), LAYOUTS[layout]
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    video_id, annotations = LAYOUTS[layout]
     videos, rng = _videos(spec)
-    video_ids = [video_id(spec, video.index) for video in videos]
+    video_ids = [chosen.video_id(spec, video.index) for video in videos]
     for video, name in tqdm(list(zip(videos, video_ids)), desc=f"writing {spec.domain} clips", disable=not progress):
         write_mp4(out_dir / "videos" / f"{name}.mp4", render_clip(video.colour, video.shape, video.direction, spec, rng))
-    if layout == "merged":
-        _msrvtt_files(videos, video_ids, {annotations: tuple(SPLITS)}, spec, out_dir)
-    elif layout == "msrvtt":
-        _msrvtt_files(videos, video_ids, {annotations: ("train", "validate"), MSRVTT_TEST_FILE: ("test",)}, spec,
-                      out_dir)
-    else:
-        _msvd_files(videos, spec, video_ids, out_dir)
-    return out_dir / annotations
+    chosen.write(videos, video_ids, spec, out_dir)
+    return out_dir / chosen.annotations
 
 
 ATTRIBUTES = ("colour", "shape", "direction")
