@@ -12,6 +12,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+# The fast tier (`pytest -m "not slow"`) leaves out what costs minutes or starts servers: any test on
+# the session's Ray cluster and MLflow server, and these, each measured at 10 s or more.
+SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server"}
+SLOW_TESTS = (
+    "tests/train/test_floors.py",  # the floors grid: trains every floor under 1 and 2 threads (~3 min)
+    "tests/analysis/test_browser.py",  # headless Chromium
+    "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study
+    "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
+    "tests/train/test_recipe.py::test_two_deepspeed_ranks",  # two torchrun ranks
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Bad inputs through the CLI as the README documents it: one table, one row per bad input.
+"""Bad inputs through the CLI as the docs document it: one table, one row per bad input.
 
 Every row runs ``qstudy ...`` in a subprocess and asserts its exit code, that stderr ends in
 one ``qstudy`` line naming the field or file and holds no traceback, and that nothing already
@@ -32,7 +32,7 @@ from qstudy.cli import DEMO_CONFIG
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train.epochs": 1, "train.batch_size": 4, "train.max_steps_per_epoch": 2, "data.max_val_clips": 2,
          "data.decode_workers": 1, "eval.meteor": False, "eval.batch_size": 2, "eval.max_new_tokens": 4}
-SPLIT_CLIPS = {"train": 4, "val": 2}  # the first clips of the workspace's splits make a row's dataset
+SPLIT_CLIPS = {"train": 4, "validate": 2}  # the first clips of the workspace's splits make a row's dataset
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: refused at once, whatever network the machine has
 
 
@@ -409,7 +409,7 @@ def cache_case(scene: Scene) -> list[str]:
 
 def cache_val_corrupt(scene: Scene) -> list[str]:
     """``qstudy data cache`` (the study driver's warm-up) on a val split where nothing decodes."""
-    annotations = scene.dataset(videos={video_id: header_only_mp4 for video_id in scene.split_ids("val")})
+    annotations = scene.dataset(videos={video_id: header_only_mp4 for video_id in scene.split_ids("validate")})
     return ["data", "cache", str(scene.config(None, annotations))]
 
 
@@ -452,8 +452,8 @@ TABLE = {
                                                overrides={"train.gradient_accumulation_steps": 6}),
     "train-all-corrupt": data_case("data.video_dir", "'train'", "could be decoded", videos={"train": half_cut_mp4}),
     "train-all-audio-only": data_case("data.video_dir", "'train'", videos={"train": audio_only_mp4}),
-    "val-all-missing": data_case("data.video_dir", "'val'", videos={"val": lambda path: None}),
-    "val-all-garbled": data_case("data.video_dir", "'val'", videos={"val": garbled_mdat_mp4}),
+    "val-all-missing": data_case("data.video_dir", "'validate'", videos={"validate": lambda path: None}),
+    "val-all-garbled": data_case("data.video_dir", "'validate'", videos={"validate": garbled_mdat_mp4}),
     "caption-null": data_case("sentences[0].caption", "None", edit=lambda a: _set(a, "sentences", 0, "caption", None)),
     "caption-empty": data_case("sentences[2].caption", edit=lambda a: _set(a, "sentences", 2, "caption", " ")),
     "caption-number": data_case("sentences[1].caption", "42", edit=lambda a: _set(a, "sentences", 1, "caption", 42)),
@@ -470,7 +470,7 @@ TABLE = {
     "split-name-escapes": train_case({"data.val_split": "../val"}, "data.val_split", "not a plain name"),
     "video-id-absolute": data_case("video id", "/etc/hostname", edit=escaping_id("/etc/hostname")),
     "video-id-escapes-cache": Case(cache_case, ("video id", ESCAPING_ID)),
-    "cache-val-all-corrupt": Case(cache_val_corrupt, ("data.video_dir", "'val'", "could be decoded")),
+    "cache-val-all-corrupt": Case(cache_val_corrupt, ("data.video_dir", "'validate'", "could be decoded")),
     "study-name-escapes-space": study_name_case("../../../ROW", via="space"),
     "study-name-absolute-space": study_name_case("/tmp/ROW", via="space"),
     "study-name-escapes-option": study_name_case("../../../ROW", via="--name"),

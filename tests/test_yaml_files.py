@@ -53,12 +53,19 @@ def validate_cluster_config(path: Path) -> None:
     validate_config(prepare_config(yaml.safe_load(path.read_text())))
 
 
+def validate_mkdocs_config(path: Path) -> None:
+    from mkdocs.config import load_config
+
+    load_config(str(path))
+
+
 VALIDATORS = {  # glob relative to the repository root -> what reads such a file
     "platform/qstudy/presets/*.yaml": validate_run_config,
     "search_spaces/*.yaml": validate_search_space,
     "dashboards/*.yaml": validate_dashboard_view,
     "jobs/*.yaml": validate_runtime_env,
     "ray_cluster.yaml": validate_cluster_config,
+    "mkdocs.yml": validate_mkdocs_config,
 }
 
 

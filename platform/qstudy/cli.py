@@ -35,7 +35,7 @@ def cmd_data(args) -> None:
     from qstudy.data.synthetic import SyntheticSpec, generate
 
     spec = SyntheticSpec(domain=args.domain, num_clips=args.clips, seed=args.seed)
-    print(generate(args.out, spec))
+    print(generate(args.out, spec, layout=args.layout))
 
 
 def run_configs_of(path: Path) -> list[tuple[str, RunConfig]]:
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--domain", default="target", choices=["source", "target"])
     synthetic.add_argument("--clips", type=int, default=480)
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--layout", default="merged", choices=["merged", "msrvtt", "msvd"],
+                           help="merged: one annotations.json with every split; msrvtt: train_val_videodatainfo.json "
+                                "+ test_videodatainfo.json; msvd: video_corpus.csv + <split>_list.txt")
     synthetic.set_defaults(handler=cmd_data)
     cache = data.add_parser("cache", help="decode a run's or a search space's splits into the node's frame cache")
     cache.add_argument("config", type=Path, help="a run config YAML or a search-space YAML")

@@ -21,11 +21,18 @@ from qstudy.methods import AdapterConfig
 class DataConfig:
     """Where the clips and captions are, and how frames are sampled from them."""
 
+    # msrvtt: a JSON with "videos" (each with its "split") and "sentences", as MSR-VTT's
+    # train_val_videodatainfo.json (splits "train" and "validate") or one file with every split.
+    # msvd: the corpus CSV (English rows) or "<video_id> <caption>" lines (AllVideoDescriptions.txt),
+    # split by <split>.txt / <split>_list.txt beside it, else by MSVD's standard 1200/100/670 order.
     annotations: str
-    video_dir: str
+    video_dir: str  # every split's <video_id>.<ext>: MSR-VTT's TrainValVideo and TestVideo files together
     format: Literal["msrvtt", "msvd"] = "msrvtt"
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "validate"  # MSR-VTT's name, and that of MSVD's default split
+    test_split: str = "test"
+    # Where test_split is read when it is not in data.annotations: MSR-VTT's test_videodatainfo.json.
+    test_annotations: str | None = None
     num_frames: int = 8
     image_size: int | None = None  # None: the vision encoder's own input size
     max_val_clips: int | None = None
@@ -51,11 +58,12 @@ class DataConfig:
         with problems.check():
             check_at_least("data", self, num_frames=1, image_size=1, max_val_clips=1, decode_workers=1,
                            captions_per_clip=1)
-        for name in ("train_split", "val_split"):  # MSVD reads <split>.txt beside the annotations
+        for name in ("train_split", "val_split", "test_split"):  # MSVD reads <split>.txt beside the annotations
             with problems.check():
                 check_path_component(getattr(self, name), f"data.{name}")
-        if self.cache_dir == "":
-            problems.add("data.cache_dir: empty path (leave it out for $QSTUDY_HOME/cache)")
+        for name, unset in (("cache_dir", "$QSTUDY_HOME/cache"), ("test_annotations", "no test file")):
+            if getattr(self, name) == "":
+                problems.add(f"data.{name}: empty path (leave it out for {unset})")
         problems.raise_any()
 
 
@@ -81,6 +89,9 @@ class ModelConfig:
     # Recompute each vision and LM layer's activations in the backward instead of keeping them:
     # memory for time, for models whose activations do not fit.
     gradient_checkpointing: bool = False
+    # transformers' Hub kernels: layers fetched from the Hugging Face Hub at run time replace
+    # some of the model's own on CUDA (RMSNorm, activations). Off: the locked stack's code runs.
+    hub_kernels: bool = False
 
     def __post_init__(self):
         check_at_least("model", self, frame_grid=0, temporal_merger_rank=0, max_caption_tokens=1)
@@ -173,6 +184,7 @@ class RunConfig:
 
         self.data.annotations = resolve(self.data.annotations, may_be_hub_name=False)
         self.data.video_dir = resolve(self.data.video_dir, may_be_hub_name=False)
+        self.data.test_annotations = resolve(self.data.test_annotations, may_be_hub_name=False)
         self.data.cache_dir = resolve(self.data.cache_dir or str(qstudy_home() / "cache"), may_be_hub_name=False)
         for name in ("vision_encoder", "language_model", "tokenizer", "projector"):
             setattr(self.model, name, resolve(getattr(self.model, name), may_be_hub_name=True))

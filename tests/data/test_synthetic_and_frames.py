@@ -24,7 +24,7 @@ def test_generates_real_mp4_and_msrvtt_annotations(dataset):
     out, annotations = dataset
     data = json.loads(annotations.read_text())
     assert len(data["videos"]) == 40 and len(data["sentences"]) == 40 * 5
-    assert {v["split"] for v in data["videos"]} == {"train", "val", "test"}
+    assert {v["split"] for v in data["videos"]} == {"train", "validate", "test"}
     assert (out / "videos" / "target00000.mp4").read_bytes()[4:8] == b"ftyp"  # an ISO-BMFF (mp4) file
     clips = read_clips("msrvtt", annotations, out / "videos", "train")
     assert len(clips) == 28
@@ -32,6 +32,41 @@ def test_generates_real_mp4_and_msrvtt_annotations(dataset):
     for clip in clips:  # every reference names what the clip shows
         words = [set(caption.split()) for caption in clip.captions]
         assert all({truth[clip.video_id][a] for a in ("colour", "shape", "direction")} <= w for w in words)
+
+
+@pytest.mark.parametrize(("layout", "files", "format"), [
+    ("msrvtt", {"train_val_videodatainfo.json": ("train", "validate"), "test_videodatainfo.json": ("test",)}, "msrvtt"),
+    ("msvd", {"video_corpus.csv": ("train", "validate", "test")}, "msvd"),
+])
+def test_cli_writes_each_official_layout_and_the_readers_read_it_back(layout, files, format, dataset, tmp_path):
+    """``qstudy data synthetic --layout``: the clips, splits and captions of the default layout, renamed as the dataset names them."""
+    from qstudy.cli import main
+    from qstudy.data.annotations import read_annotations
+    from qstudy.data.frames import sample_frames
+
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--clips", "40", "--seed", "3", "--layout", layout]) == 0
+    merged_dir, merged = dataset
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == sorted([*files, "videos"])
+    merged_splits = read_annotations("msrvtt", merged)
+    seen = []
+    for name, splits in files.items():
+        annotations = read_annotations(format, tmp_path / name)
+        assert sorted(annotations.splits) == sorted(splits)
+        for split in splits:
+            clips = annotations.clips(split, tmp_path / "videos")
+            expected = merged_splits.clips(split, merged_dir / "videos")
+            assert [c.captions for c in clips] == [c.captions for c in expected]
+            assert all(c.path.exists() and c.path.suffix == ".mp4" for c in clips)
+            seen += [c.video_id for c in clips]
+    assert len(seen) == len(set(seen)) == 40  # every clip in exactly one split
+    if layout == "msrvtt":
+        assert all(video_id.startswith("video") for video_id in seen)
+        video = json.loads((tmp_path / "train_val_videodatainfo.json").read_text())["videos"][0]
+        assert {"video_id", "category", "url", "start time", "end time", "split", "id"} <= set(video)
+    else:  # <VideoID>_<Start>_<End>, an 11-character VideoID
+        assert all(len(video_id.rsplit("_", 2)[0]) == 11 for video_id in seen)
+    first = sorted((tmp_path / "videos").iterdir())[0]
+    assert first.read_bytes()[4:8] == b"ftyp" and sample_frames(str(first), num_frames=4, size=32).shape == (4, 32, 32, 3)
 
 
 def _digests(directory) -> dict[str, str]:
@@ -69,7 +104,7 @@ def test_decord_frames_keep_the_drawn_colour_and_motion(tmp_path):
 
 def test_corrupt_and_missing_videos_are_skipped_and_counted(dataset, tmp_path):
     out, annotations = dataset
-    clips = read_clips("msrvtt", annotations, out / "videos", "val")
+    clips = read_clips("msrvtt", annotations, out / "videos", "validate")
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
     extra = [Clip("corrupt", corrupt, ("x",)), Clip("missing", tmp_path / "missing.mp4", ("x",))]

@@ -22,4 +22,8 @@ def test_cluster_config_passes_rays_schema():
     assert "--dashboard-host=127.0.0.1" in start_head and "RAY_AUTH_MODE=token" in start_head
     assert "--num-cpus=0" in start_head  # no trial on the head, as the tests' cluster (conftest.py)
     assert "0.0.0.0" not in yaml.safe_dump(config)
-    assert any("pip install" in command and "qstudy" in command for command in config["setup_commands"])
+    # Every node installs the committed lock, pin for pin: the CPU one on the head, the CUDA one on GPU workers.
+    installs = {kind: " ".join(config[f"{kind}_setup_commands"]) for kind in ("head", "worker")}
+    for kind, lock in (("head", "requirements/lock-cpu.txt"), ("worker", "requirements/lock-cuda.txt")):
+        assert all(part in installs[kind] for part in ("pip install --no-deps", lock, "-e /home/ubuntu/qstudy"))
+    assert any("jre" in command for command in config["setup_commands"])  # pycocoevalcap needs java on every node

@@ -15,7 +15,7 @@ from qstudy.train.floors import floor_config
 from qstudy.train.recipe import run
 
 # Absolute CIDEr margins: half the smallest gap bench/cider_ordering.py measured over its whole
-# grid (2 base builds x 1 and 2 threads x 3 seeds; see the README), so the test checks an
+# grid (2 base builds x 1 and 2 threads x 3 seeds; see docs/benchmarks.md), so the test checks an
 # ordering that held in every cell, on any machine's build of the base, not a lucky score.
 MARGIN_FROZEN_OVER_BLIND = 0.5  # smallest gap 1.00
 MARGIN_QADAPTER_OVER_BLIND = 0.35  # smallest gap 0.69
@@ -46,7 +46,7 @@ def test_qadapter_clearly_beats_the_blind_floor(scores):
 
 @pytest.mark.xfail(strict=False, reason=(
     "base-dependent: Q-Adapter beat the frozen floor by 1.3-1.7 CIDEr in all 6 cells on the base built "
-    "with seed 0, but lost in 5 of 6 on the base of seed 1 (README, floors grid); another machine's "
+    "with seed 0, but lost in 5 of 6 on the base of seed 1 (docs/benchmarks.md, floors grid); another machine's "
     "numerics build another base"))
 def test_qadapter_beats_the_frozen_floor(scores):
     assert scores["qadapter"] > scores["frozen"], scores

@@ -56,7 +56,7 @@ def test_beam_search_captions_each_clip_as_it_would_alone(tiny_workspace, tmp_pa
     # Source-domain clips, which the base was trained on: it captions them apart.
     source = Path(config.model.projector).parent / "source-data"
     data = replace(config.data, annotations=str(source / "annotations.json"), video_dir=str(source / "videos"))
-    frames = load_split(data, "val", captioner.image_size, 3, progress=False).frames[:3]
+    frames = load_split(data, "validate", captioner.image_size, 3, progress=False).frames[:3]
     beams = captioner.generate(frames, max_new_tokens=8, num_beams=3)
     # Whether the clips' captions differ depends on the base, so on the machine that built it: the
     # check is the equality (on this machine's base a row misalignment breaks it).

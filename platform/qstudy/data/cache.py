@@ -34,7 +34,7 @@ from tqdm import tqdm
 from qstudy.core.errors import ConfigError
 from qstudy.config import DataConfig, RunConfig
 from qstudy.core.paths import qstudy_home
-from qstudy.data.annotations import Clip, read_clips
+from qstudy.data.annotations import RUN_SPLITS, Clip, clip_limit, data_clips, split_source
 from qstudy.data.frames import try_sample
 from qstudy.core.dims import read_config, vision_tower_config
 
@@ -77,7 +77,7 @@ def cache_root(data: DataConfig) -> Path:
 
 def run_splits(data: DataConfig) -> list[tuple[str, int | None]]:
     """``(split, clip limit)`` of what a run reads: the whole train split, val up to ``max_val_clips``."""
-    return [(data.train_split, None), (data.val_split, data.max_val_clips)]
+    return [(getattr(data, field), clip_limit(data, field)) for field in RUN_SPLITS]
 
 
 def _video_signature(path: Path) -> list:
@@ -224,8 +224,8 @@ def split_frames(data: DataConfig, split: str, size: int, limit: int | None = No
 
     A split of which no video decoded is an error: nothing could train on it or score it.
     """
-    clips = read_clips(data.format, data.annotations, data.video_dir, split)[:limit]
-    cached = cached_frames(Path(data.annotations), clips, DecodeSettings.from_data(data, size), cache_root(data),
+    clips = data_clips(data, split)[:limit]
+    cached = cached_frames(split_source(data, split)[1], clips, DecodeSettings.from_data(data, size), cache_root(data),
                            data.decode_workers, progress)
     if not cached.clips:
         first = cached.skipped[0]

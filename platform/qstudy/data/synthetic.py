@@ -1,4 +1,4 @@
-"""A learnable synthetic video-caption dataset, written as real mp4 files with MSR-VTT annotations.
+"""A learnable synthetic video-caption dataset, written as real mp4 files with MSR-VTT or MSVD annotations.
 
 Each clip shows one coloured shape moving in one direction over a noisy background; its
 captions are paraphrases naming colour, shape and direction. Two domains share the caption
@@ -9,9 +9,11 @@ captioner adapted to a new dataset. Output is byte-identical for a seed, in any 
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,8 @@ TEMPLATES = (
     "the {shape} is {colour} and moves {direction}",
     "a {colour} {shape} travels {direction} across the screen",
 )
-SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+FPS = 8
+SPLITS = {"train": 0.7, "validate": 0.15, "test": 0.15}  # MSR-VTT's split names
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def render_clip(colour: str, shape: str, direction: str, spec: SyntheticSpec, rn
     return frames
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
+def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
     """Lossless H.264 (libx264, crf 0, yuv420p) through PyAV: the same frames give the same bytes.
 
     Lossy rate control is not reproducible in a process that has imported torch (the same
@@ -138,36 +141,121 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
         container.mux(stream.encode())
 
 
-def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = True) -> Path:
-    """Write ``videos/*.mp4`` and ``annotations.json`` (MSR-VTT format); return the JSON path."""
-    out_dir = Path(out_dir)
-    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class _Video:
+    """One clip: what it shows, its split and its captions."""
+
+    index: int
+    colour: str
+    shape: str
+    direction: str
+    split: str
+    captions: tuple[str, ...]
+
+
+def _videos(spec: SyntheticSpec) -> tuple[list[_Video], np.random.Generator]:
+    """What each clip shows, its split and captions; and the generator its frames are then drawn from."""
     rng = np.random.default_rng(spec.seed)
     chooser = random.Random(spec.seed)
     domain = DOMAINS[spec.domain]
     combos = list(itertools.product(domain["colours"], domain["shapes"], DIRECTIONS))
-    videos, sentences = [], []
     split_names = list(SPLITS)
     split_edges = np.cumsum([SPLITS[s] for s in split_names]) * spec.num_clips
-    for index in tqdm(range(spec.num_clips), desc=f"writing {spec.domain} clips", disable=not progress):
+    drawn = []
+    for index in range(spec.num_clips):
         colour, shape, direction = combos[index % len(combos)] if index < len(combos) else chooser.choice(combos)
-        video_id = f"{spec.domain}{index:05d}"
-        write_mp4(out_dir / "videos" / f"{video_id}.mp4", render_clip(colour, shape, direction, spec, rng))
-        split = split_names[int(np.searchsorted(split_edges, index, side="right"))]
-        videos.append({"video_id": video_id, "split": split, "colour": colour, "shape": shape, "direction": direction})
-        for template in chooser.sample(TEMPLATES, spec.captions_per_clip):
-            sentences.append({"video_id": video_id, "sen_id": len(sentences),
-                              "caption": template.format(colour=colour, shape=shape, direction=direction)})
+        captions = tuple(template.format(colour=colour, shape=shape, direction=direction)
+                         for template in chooser.sample(TEMPLATES, spec.captions_per_clip))
+        drawn.append((colour, shape, direction, captions))
     # Shuffle split membership so every split sees every combination.
     order = list(range(spec.num_clips))
     chooser.shuffle(order)
-    assigned = [videos[i]["split"] for i in range(spec.num_clips)]
-    for video, position in zip(videos, order):
-        video["split"] = assigned[position]
-    annotations = out_dir / "annotations.json"
-    annotations.write_text(json.dumps({"info": {"generator": "qstudy.data.synthetic", **spec.__dict__},
-                                       "videos": videos, "sentences": sentences}, indent=1))
-    return annotations
+    splits = [split_names[int(np.searchsorted(split_edges, position, side="right"))] for position in order]
+    return [_Video(index, *drawn[index][:3], splits[index], drawn[index][3]) for index in range(spec.num_clips)], rng
+
+
+def _seconds(spec: SyntheticSpec) -> int:
+    return -(-spec.num_frames // FPS)
+
+
+def _msrvtt_files(videos: list[_Video], video_ids: list[str], spec: SyntheticSpec, out_dir: Path,
+                  files: dict[str, tuple[str, ...]]) -> None:
+    """MSR-VTT's JSON: ``files`` maps each file name to the splits it holds; videos carry MSR-VTT's fields.
+
+    And what each clip shows (colour, shape, direction), which :func:`attribute_accuracy` reads.
+    """
+    info = {"generator": "qstudy.data.synthetic", **spec.__dict__}
+    for name, splits in files.items():
+        entries, sentences = [], []
+        for video, video_id in zip(videos, video_ids):
+            if video.split not in splits:
+                continue
+            entries.append({"category": DIRECTIONS_CATEGORY[video.direction], "url": f"synthetic://{video_id}",
+                            "video_id": video_id, "start time": 0.0, "end time": float(_seconds(spec)),
+                            "split": video.split, "id": video.index,
+                            "colour": video.colour, "shape": video.shape, "direction": video.direction})
+            sentences.extend({"caption": caption, "video_id": video_id, "sen_id": len(sentences)}
+                             for caption in video.captions)
+        (out_dir / name).write_text(json.dumps({"info": info, "videos": entries, "sentences": sentences}, indent=1))
+
+
+def _msvd_clip(spec: SyntheticSpec, index: int) -> tuple[str, int, int]:
+    """An MSVD clip's (VideoID, Start, End): an 11-character id, as YouTube's, and the clip's seconds."""
+    return f"{spec.domain[:3]}{index:08d}", 0, _seconds(spec)
+
+
+def _msvd_files(videos: list[_Video], video_ids: list[str], spec: SyntheticSpec, out_dir: Path) -> None:
+    """MSVD's corpus CSV (English rows only) and one <split>_list.txt per split."""
+    with open(out_dir / LAYOUTS["msvd"].annotations, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MSVD_COLUMNS)
+        for video in videos:
+            for worker, caption in enumerate(video.captions):
+                writer.writerow([*_msvd_clip(spec, video.index), worker, "clean", 10, "English", caption])
+    for split in SPLITS:
+        members = [video_id for video, video_id in zip(videos, video_ids) if video.split == split]
+        (out_dir / f"{split}_list.txt").write_text("".join(f"{video_id}\n" for video_id in members))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset ships: its video ids, the file a config's data.annotations names, and the writer of its files."""
+
+    video_id: Callable[[SyntheticSpec, int], str]
+    annotations: str
+    write: Callable[[list[_Video], list[str], SyntheticSpec, Path], None]
+
+
+MSVD_COLUMNS = ("VideoID", "Start", "End", "WorkerID", "Source", "AnnotationTime", "Language", "Description")
+DIRECTIONS_CATEGORY = {direction: number for number, direction in enumerate(DIRECTIONS)}
+LAYOUTS = {
+    # One MSR-VTT-format JSON holding all three splits: what the tiny workspace uses.
+    "merged": Layout(lambda spec, index: f"{spec.domain}{index:05d}", "annotations.json",
+                     lambda *written: _msrvtt_files(*written, {"annotations.json": tuple(SPLITS)})),
+    # MSR-VTT's own files: train and validate in one, test in the other; videos/video<N>.mp4.
+    "msrvtt": Layout(lambda spec, index: f"video{index}", "train_val_videodatainfo.json",
+                     lambda *written: _msrvtt_files(*written, {"train_val_videodatainfo.json": ("train", "validate"),
+                                                               "test_videodatainfo.json": ("test",)})),
+    # MSVD's corpus CSV; videos/<VideoID>_<Start>_<End>.mp4.
+    "msvd": Layout(lambda spec, index: "_".join(map(str, _msvd_clip(spec, index))), "video_corpus.csv", _msvd_files),
+}
+
+
+def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = True, layout: str = "merged") -> Path:
+    """Write ``videos/*.mp4`` and the annotations of ``layout`` (see LAYOUTS); return the file data.annotations names.
+
+    The clips, their splits (train, validate, test) and captions are the same in every layout.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout: unknown layout {layout!r} (one of: {', '.join(LAYOUTS)})")
+    out_dir, chosen = Path(out_dir), LAYOUTS[layout]
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    videos, rng = _videos(spec)
+    video_ids = [chosen.video_id(spec, video.index) for video in videos]
+    for video, name in tqdm(list(zip(videos, video_ids)), desc=f"writing {spec.domain} clips", disable=not progress):
+        write_mp4(out_dir / "videos" / f"{name}.mp4", render_clip(video.colour, video.shape, video.direction, spec, rng))
+    chosen.write(videos, video_ids, spec, out_dir)
+    return out_dir / chosen.annotations
 
 
 ATTRIBUTES = ("colour", "shape", "direction")

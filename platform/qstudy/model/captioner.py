@@ -88,11 +88,20 @@ class Projector(nn.Module):
         return merged[:, None, :]
 
 
-def load_vision_tower(name_or_path: str, attn_implementation: str | None = None,
-                      gradient_checkpointing: bool = False) -> nn.Module:
+def loading_options(config: ModelConfig) -> dict:
+    """What every ``from_pretrained`` of a tower gets: the attention kernel, and Hub kernels only when asked.
+
+    transformers >= 5.25 turns Hub kernels on by default and swaps in layers fetched from the
+    Hub at run time (on CUDA), differently in train and eval mode: code no lock pins and an
+    offline cluster cannot fetch. qstudy decides, not the installed transformers.
+    """
+    return {"attn_implementation": config.attn_implementation, "use_kernels": config.hub_kernels}
+
+
+def load_vision_tower(config: ModelConfig) -> nn.Module:
     """A vision tower with ``.encoder.layers``, from a vision-only or a two-tower checkpoint."""
-    model = AutoModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
-    if gradient_checkpointing:  # on the loaded model: a two-tower checkpoint's vision_model is no PreTrainedModel
+    model = AutoModel.from_pretrained(config.vision_encoder, **loading_options(config))
+    if config.gradient_checkpointing:  # on the loaded model: a two-tower checkpoint's vision_model is no PreTrainedModel
         enable_checkpointing(model)
     return getattr(model, "vision_model", model)
 
@@ -144,11 +153,11 @@ class Captioner(nn.Module):
         dims = ModelDims.from_pretrained(config.vision_encoder, config.language_model, num_frames,
                                          frame_grid=config.frame_grid, temporal_merger_rank=config.temporal_merger_rank)
         mean, std = image_normalization(config.vision_encoder)
-        lm = AutoModelForCausalLM.from_pretrained(config.language_model, attn_implementation=config.attn_implementation)
+        lm = AutoModelForCausalLM.from_pretrained(config.language_model, **loading_options(config))
         if config.gradient_checkpointing:
             enable_checkpointing(lm)
         captioner = cls(
-            vision=load_vision_tower(config.vision_encoder, config.attn_implementation, config.gradient_checkpointing),
+            vision=load_vision_tower(config),
             lm=lm,
             tokenizer=AutoTokenizer.from_pretrained(config.tokenizer or config.language_model),
             dims=dims,

@@ -30,6 +30,7 @@ from qstudy.core.errors import (EXIT_INTERRUPTED, EXIT_NOTHING_TRAINED, EXIT_OK,
                                  REASON_LIMIT, Problems, one_line)
 from qstudy.core.validate import load_yaml
 from qstudy.records import TrialRecord, format_counts, trial_counts
+from qstudy.study.preflight import check_node_versions
 from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
                                 parse_space)
 from qstudy.study.trial import StudyContext, run_name, run_trial
@@ -138,23 +139,17 @@ def _parse_snapshot(snapshot: dict, origin: Path, reads_data: bool = True) -> Se
 
 
 def check_data(space: SearchSpace) -> list[str]:
-    """The problems of every split every data variant of the space reads: its annotations, not its videos.
+    """The problems of the data every data variant of the space reads (data/check.py): its files, not its videos.
 
     Runs before Ray starts and before any MLflow run exists, so a bad split name or file fails
     the study in seconds instead of failing each trial in turn.
     """
-    from qstudy.data.annotations import read_clips
-    from qstudy.data.cache import run_splits
+    from qstudy.data.check import check_data as check_data_section
 
     problems = Problems()
     for _, config in space.data_variants():
-        data = config.data
-        for (split, _), field_name in zip(run_splits(data), ("train_split", "val_split")):
-            try:
-                read_clips(data.format, data.annotations, data.video_dir, split)
-            except ConfigError as error:  # a problem that names no data field is the split's
-                problems.add(*(problem if problem.startswith("data.") else f"data.{field_name}: {problem}"
-                               for problem in error.problems))
+        with problems.check():
+            check_data_section(config.data)
     return problems.items
 
 
@@ -301,6 +296,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer,
                        replay_table=str(options.replay_table.resolve()) if options.replay_table else None)
+    check_node_versions()
     _check_resources(_context(state, directory, space))
     if state.replay_table is None:
         _warm_frame_cache(space)
@@ -400,6 +396,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     _prepare_output(verbose)
     _connect_ray(address, verbose)
     context = _context(state, directory, space)
+    check_node_versions()
     _check_resources(context)
     if state.replay_table is None:
         _warm_frame_cache(space)
