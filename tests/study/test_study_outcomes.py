@@ -130,12 +130,12 @@ def test_a_bad_split_exits_2_naming_field_and_file_before_anything_starts(tiny_w
     space = _write_space(tmp_path / "space.yaml")
     raw = yaml.safe_load(space.read_text())
     raw["overrides"].update({"data.annotations": str(data / "annotations.json"), "data.video_dir": str(data / "videos"),
-                             "data.val_split": "validate"})
+                             "data.val_split": "no-such-split"})
     space.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("QSTUDY_HOME", str(study_home))
 
     assert main(["study", str(space)]) == EXIT_BAD_INPUT
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("qstudy: config error: ") and "data.val_split" in line
-    assert str(data / "annotations.json") in line and "'validate'" in line
+    assert str(data / "annotations.json") in line and "'no-such-split'" in line
     _nothing_started(study_home)
