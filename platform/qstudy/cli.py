@@ -95,14 +95,12 @@ def print_result(result) -> None:
 
 
 def cmd_train(args) -> None:
-    from qstudy.data.annotations import read_clips
-    from qstudy.data.cache import run_splits
+    from qstudy.data.check import check_data
 
     config = RunConfig.from_yaml(args.config)  # fails on bad keys before torch is even imported
     if args.output_dir:
         config.output_dir = args.output_dir
-    for split, _ in run_splits(config.data):  # and on bad annotations, before a model is built
-        read_clips(config.data.format, config.data.annotations, config.data.video_dir, split)
+    check_data(config.data)  # and on bad annotations, splits or video_dir, before a model is built
     from qstudy.train.recipe import run
 
     quiet_weight_loading()

@@ -133,23 +133,23 @@ def _parse_snapshot(snapshot: dict, origin: Path, reads_data: bool = True) -> Se
     """
     try:
         return parse_space(snapshot, str(origin), base_dir=origin.resolve().parent,
-                           more_checks=check_data if reads_data else None)
+                           more_checks=data_problems if reads_data else None)
     except ConfigError as error:
         raise error.prefixed(f"{origin}: ") from None
 
 
-def check_data(space: SearchSpace) -> list[str]:
+def data_problems(space: SearchSpace) -> list[str]:
     """The problems of the data every data variant of the space reads (data/check.py): its files, not its videos.
 
     Runs before Ray starts and before any MLflow run exists, so a bad split name or file fails
     the study in seconds instead of failing each trial in turn.
     """
-    from qstudy.data.check import check_data as check_data_section
+    from qstudy.data.check import check_data
 
     problems = Problems()
     for _, config in space.data_variants():
         with problems.check():
-            check_data_section(config.data)
+            check_data(config.data)
     return problems.items
 
 
@@ -196,7 +196,7 @@ def _connect_ray(address: str | None, verbose: int) -> None:
 def _warm_frame_cache(space: SearchSpace) -> None:
     """Decode every split the trials will read into this node's frame cache, once, before any trial.
 
-    Its annotations were read by :func:`check_data` when the space was validated.
+    Its annotations were read by :func:`data_problems` when the space was validated.
     """
     from qstudy.data.cache import prebuild
 
