@@ -7,8 +7,9 @@ shapes, and a test checks every method's closed form against the instantiated mo
 A hub model's headers come over HTTP range requests (a 7B LM's weights are ~15 GB; its headers
 tens of kB); a local or cached file's header is read from disk. A checkpoint with only
 ``pytorch_model.bin`` weights has no header: its shapes are those of the model its config.json
-describes, built on torch's meta device. That branch alone imports torch, so validating a space
-over safetensors checkpoints (the Tune side) stays torch-free.
+describes, built on torch's meta device in a child interpreter. This module never imports torch:
+the method configs and the Tune side that validates spaces with it must stay torch-free
+(pyproject's import contracts).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import socket
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,7 @@ HUB_PROBE_TIMEOUT_S = 3.0
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+META_SHAPES_TIMEOUT_S = 300  # building a 70B model on the meta device takes seconds; importing torch too
 HEADER_FETCH_THREADS = 8  # a 70B model has ~30 shards: their headers come in parallel
 
 T = TypeVar("T")
@@ -157,21 +161,31 @@ def read_weight_shapes(name_or_path: str) -> dict[str, tuple[int, ...]]:
 
 def config_shapes(config: dict, name_or_path: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the model ``config`` describes (its ``architectures`` class), built on the
-    meta device: no memory, no weights. Tied weights count once, as in a safetensors file."""
-    import torch  # here only: safetensors checkpoints never need torch (see the module docstring)
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    meta device in a child interpreter: no weights, no memory, and no torch in this process (the module
+    docstring says why). Tied weights count once, as in a safetensors file."""
+    done = subprocess.run([sys.executable, "-c", _META_SHAPES_SCRIPT], input=json.dumps(config), capture_output=True,
+                          text=True, timeout=META_SHAPES_TIMEOUT_S)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelNotFound(f"{name_or_path}: no safetensors weights, and no model to read the shapes from "
+                            f"could be built from its config.json ({reason})")
+    return {key: tuple(shape) for key, shape in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ModelNotFound(f"{name_or_path}: no safetensors weights, and transformers knows no model_type "
-                            f"{model_type!r} to read the shapes from config.json")
-    model_config = CONFIG_MAPPING[model_type].from_dict(config)
-    architecture = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    with torch.device("meta"):
-        model = architecture(model_config) if architecture is not None else \
-            transformers.AutoModel.from_config(model_config)
-    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+
+# Reads a config.json mapping on stdin, prints {parameter name: shape} as the last line of stdout.
+_META_SHAPES_SCRIPT = """
+import json, sys
+import torch, transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+config = json.load(sys.stdin)
+if config.get("model_type") not in CONFIG_MAPPING:
+    sys.exit(f"transformers knows no model_type {config.get('model_type')!r}")
+model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+architecture = getattr(transformers, (config.get("architectures") or [""])[0], None)
+with torch.device("meta"):
+    model = architecture(model_config) if architecture else transformers.AutoModel.from_config(model_config)
+print(json.dumps({name: list(parameter.shape) for name, parameter in model.named_parameters()}))
+"""
 
 
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
