@@ -163,10 +163,13 @@ def config_shapes(config: dict, name_or_path: str) -> dict[str, tuple[int, ...]]
     """Parameter name -> shape of the model ``config`` describes (its ``architectures`` class), built on the
     meta device in a child interpreter: no weights, no memory, and no torch in this process (the module
     docstring says why). Tied weights count once, as in a safetensors file."""
-    done = subprocess.run([sys.executable, "-c", _META_SHAPES_SCRIPT], input=json.dumps(config), capture_output=True,
-                          text=True, timeout=META_SHAPES_TIMEOUT_S)
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    try:
+        done = subprocess.run([sys.executable, "-c", _META_SHAPES_SCRIPT], input=json.dumps(config),
+                              capture_output=True, text=True, timeout=META_SHAPES_TIMEOUT_S)
+        reason = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        reason = f"no model after {META_SHAPES_TIMEOUT_S} s"
+    if reason is not None:
         raise ModelNotFound(f"{name_or_path}: no safetensors weights, and no model to read the shapes from "
                             f"could be built from its config.json ({reason})")
     return {key: tuple(shape) for key, shape in json.loads(done.stdout.strip().splitlines()[-1]).items()}
