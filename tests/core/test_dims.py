@@ -136,7 +136,8 @@ from qstudy.core.errors import ConfigError
 try:
     result, error = {call}, None
 except Exception as exc:
-    result, error = None, {{"type": type(exc).__name__, "message": str(exc), "config_error": isinstance(exc, ConfigError)}}
+    result = None
+    error = {{"type": type(exc).__name__, "message": str(exc), "config_error": isinstance(exc, ConfigError)}}
 if isinstance(result, dims.ModelDims):
     result = {{**result.__dict__, "total_params": result.total_params}}
 print(json.dumps({{"result": result, "error": error, "torch": "torch" in sys.modules}}))
