@@ -8,8 +8,6 @@ scores, so any reader that used them would rank, select and summarise differentl
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from qstudy.analysis.paper import LATEX_FILE, MARKDOWN_FILE
@@ -34,7 +32,8 @@ def study(study_logging, tmp_path):
         tracker = study_logging.begin_trial(target, trial)
         tracker.log_metrics({schema.VAL_PREFIX + "bleu4": cider / 2, schema.VAL_PREFIX + "rouge_l": 0.5}, step=1)
         study_logging.end_trial(tracker, trial)
-    return uri, "held-out", {record.trial_id: record.run_id for record in read_studies(["held-out"], uri).analysis.records}
+    records = read_studies(["held-out"], uri).analysis.records
+    return uri, "held-out", {record.trial_id: record.run_id for record in records}
 
 
 def _view(uri: str, name: str):
@@ -88,6 +87,6 @@ def test_the_report_prints_and_writes_the_paper_table_with_val_and_test_side_by_
 
     latex = (tmp_path / "report" / LATEX_FILE).read_text()
     assert r"\multicolumn{4}{c}{Validation} & \multicolumn{4}{c}{Test} \\" in latex
-    assert re.search(r"^lora r=10 & 10\.0K & 0\.01\\% & 10\.0 & - & 50\.0 & 20\.0 & 40\.0 & 40\.0 & 40\.0 & 40\.0 \\\\$",
-                     latex, re.M), latex
+    row = r"lora r=10 & 10.0K & 0.01\% & 10.0 & - & 50.0 & 20.0 & 40.0 & 40.0 & 40.0 & 40.0 \\"
+    assert row in latex.splitlines(), latex
     assert latex.count(r"\\") == 4 + 2  # four rows and two header rows

@@ -25,9 +25,28 @@ TEST_CLIPS = 72  # the tiny workspace's test split
 
 
 def qstudy(home: Path, env: dict, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    ray_dir = tempfile.mkdtemp(prefix="qsev", dir="/tmp")  # Ray's socket paths must stay short
+    """A `qstudy` command line as a user runs it; a local Ray instance goes to a fresh RAY_TMPDIR unless env has one."""
+    ray_dir = env.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="qsev", dir="/tmp")  # Ray's socket paths must stay short
     return subprocess.run([str(BIN / "qstudy"), *args], env={**env, "QSTUDY_HOME": str(home), "RAY_TMPDIR": ray_dir},
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_the_held_out_config_reads_the_split_and_beams_asked_for_and_never_a_training_or_val_split():
+    from dataclasses import replace
+
+    from qstudy.cli import DEMO_CONFIG
+    from qstudy.config import RunConfig
+    from qstudy.core.errors import ConfigError
+    from qstudy.study.evaluation import held_out_config
+
+    config = RunConfig.from_yaml(DEMO_CONFIG)
+    assert held_out_config(config, None, None) == config  # the trial's own data.test_split and eval.num_beams
+    chosen = held_out_config(config, "heldout", 4)
+    assert chosen == replace(config, data=replace(config.data, test_split="heldout"),
+                             eval=replace(config.eval, num_beams=4))
+    for split, field in (("validate", "data.val_split"), ("train", "data.train_split"), ("../x", "data.test_split")):
+        with pytest.raises(ConfigError, match=field):
+            held_out_config(config, split, None)
 
 
 def selection_view(home: Path) -> tuple:
@@ -72,10 +91,12 @@ def test_evaluate_scores_the_front_on_test_logs_it_beside_val_and_the_report_pri
 
     # A split the data does not have, or the split trials were selected on: one line, exit 2, nothing evaluated.
     for split, field in (("no-such-split", "data.test_split"), ("validate", "data.val_split")):
-        refused = qstudy(study_home, test_env, "evaluate", STUDY, "--select", "front", "--split", split)
+        ray_dir = Path(tempfile.mkdtemp(prefix="qsev", dir="/tmp"))
+        refused = qstudy(study_home, {**test_env, "RAY_TMPDIR": str(ray_dir)}, "evaluate", STUDY, "--split", split)
         assert refused.returncode == EXIT_BAD_INPUT, refused.stderr[-3000:]
         (line,) = refused.stderr.strip().splitlines()
         assert line.startswith("qstudy: config error: trial ") and field in line and repr(split) in line, line
+        assert not any(ray_dir.iterdir())  # Ray never started
     assert not any(key.startswith(schema.TEST_PREFIX) for run in trial_runs(study_home).values() for key in run.metrics)
     assert {path.name for path in cache.iterdir() if path.is_dir()} == entries  # no video decoded
 
@@ -114,4 +135,27 @@ def test_evaluate_scores_the_front_on_test_logs_it_beside_val_and_the_report_pri
         assert cells[3] != "-" and cells[4] == "-" and "-" not in cells[5:], row
     assert "Test: split 'test', 2 beam(s)." in markdown
     latex = (tmp_path / "report" / LATEX_FILE).read_text()
-    assert r"\multicolumn{4}{c}{Validation} & \multicolumn{4}{c}{Test}" in latex and latex.count("qadapter") == len(front)
+    assert r"\multicolumn{4}{c}{Validation} & \multicolumn{4}{c}{Test}" in latex
+    assert latex.count("qadapter") == len(front)
+
+
+def test_evaluate_runs_on_a_cluster_and_logs_to_a_tracking_server(ray_head, mlflow_server, study_home, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from qstudy.analysis.report import read_studies
+
+    space = tiny_space(tmp_path, trials=2, concurrency=2, sampler="random", seed=2)
+    remote = ("--address", ray_head.address)
+    uri = ("--mlflow-uri", mlflow_server.uri)
+    study = qstudy(study_home, ray_head.env, "study", str(space), "--name", "held-out-cluster", *remote, *uri)
+    assert study.returncode == 0, (study.stdout + study.stderr)[-5000:]
+
+    evaluated = qstudy(study_home, ray_head.env, "evaluate", "held-out-cluster", "--select", "best", *remote, *uri)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-5000:]
+    best = read_studies(["held-out-cluster"], mlflow_server.uri).analysis.best
+    for record in read_studies(["held-out-cluster"], mlflow_server.uri).analysis.records:
+        run = MlflowClient(mlflow_server.uri).get_run(record.run_id).data
+        assert (set(schema.TEST_METRICS) <= set(run.metrics)) == (record.trial_id == best.trial_id), record.trial_id
+        if record.trial_id == best.trial_id:  # the preset's own beams and split
+            assert run.tags[schema.TEST_SPLIT_TAG] == "test" and run.tags[schema.TEST_BEAMS_TAG] == "1"
+            assert run.metrics[schema.TEST_CLIPS] == TEST_CLIPS

@@ -1,4 +1,4 @@
-"""The paper table: the trials ``qstudy evaluate`` scored on held-out data, beside their validation scores, in Markdown and LaTeX.
+"""The paper table: trials ``qstudy evaluate`` scored on held-out data beside their val scores, in Markdown and LaTeX.
 
 One row per trial as the captioning papers (Q-Adapter, VL-Adapter, ADEM-VL) print them: the
 method, its trainable parameters (count and share of the base model), then BLEU@4, METEOR,
@@ -49,7 +49,8 @@ def _rows(selection: StudySelection) -> list[list[str]]:
 
 def _held_out_note(held_out: tuple[HeldOutScores, ...]) -> str:
     settings = sorted({(scored.split, scored.beams) for scored in held_out}, key=str)
-    described = "; ".join(f"split {split!r}, {beams if beams is not None else '?'} beam(s)" for split, beams in settings)
+    described = "; ".join(f"split {split!r}, {beams if beams is not None else '?'} beam(s)"
+                          for split, beams in settings)
     return (f"Test: {described}. Val: the study's validation split, the only scores trials were selected on. "
             "Scores x100.")
 

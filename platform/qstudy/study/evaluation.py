@@ -1,4 +1,4 @@
-"""``qstudy evaluate``: the selected trials' trained adapters scored on a held-out split on Ray, logged beside their val metrics.
+"""``qstudy evaluate``: chosen trials' adapters scored on a held-out split on Ray, logged beside their val metrics.
 
 A separate, explicit step after the study: trials are chosen (``--select``, as ``qstudy
 export`` chooses them) from their validation results alone, and what this step measures is

@@ -45,7 +45,8 @@ def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
     shapes = dict(captioner.named_parameters())
     wrong = [name for name, tensor in weights.items() if tensor.shape != shapes[name].shape]
     if wrong:
-        raise WeightsMismatch(f"{weights_path} does not fit its config.yaml: {wrong[0]} is "
-                              f"{tuple(weights[wrong[0]].shape)} in the file, {tuple(shapes[wrong[0]].shape)} in the model")
+        name = wrong[0]
+        raise WeightsMismatch(f"{weights_path} does not fit its config.yaml: {name} is {tuple(weights[name].shape)} "
+                              f"in the file, {tuple(shapes[name].shape)} in the model")
     captioner.load_state_dict(weights, strict=False)
     return captioner.to(select_device()).eval()
