@@ -25,7 +25,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_BAD_INPUT:<4} bad input, before anything ran: a config, data or annotation problem (all of them,
        one line each, naming the field or file), an unknown study name (the known ones are listed)
   {EXIT_TRIALS_FAILED:<4} the study ran but trials failed: the summary names how many, the first one's
-       reason and the file with its full log
+       reason and the file with its full log; evaluate: some chosen trials could not be scored (the
+       others' scores are logged)
   {EXIT_NOTHING_TRAINED:<4} the study trained nothing: every config of the space is over parameter_budget
        (said before Ray starts), or no trial finished
   {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); a study says how to resume it"""
@@ -186,6 +187,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from qstudy.analysis.paper import markdown_table, write_paper_tables
     from qstudy.analysis.report import format_published, format_report, publish_dashboards, read_studies
     from qstudy.analysis.views import default_views_dir, load_views
 
@@ -194,16 +196,41 @@ def cmd_report(args) -> None:
     print(format_report(selection))
     out_dir = args.report_dir or qstudy_home() / "reports" / selection.name
     print("\n" + format_published(selection, out_dir, publish_dashboards(selection, views, out_dir, not args.no_png)))
+    tables = write_paper_tables(selection, out_dir)
+    if tables:
+        print(f"\npaper table: the trials scored by `qstudy evaluate`\n{markdown_table(selection)}")
+        print("  written to " + ", ".join(str(path) for path in tables))
 
 
 def cmd_export(args) -> None:
     from qstudy.analysis.report import read_studies
-    from qstudy.export import Selection, export_trials
+    from qstudy.analysis.selection import Selection
+    from qstudy.export import export_trials
 
     choice = Selection.parse(args.select)
     index = export_trials(_announced(read_studies(args.studies, args.mlflow_uri)), choice, args.export_dir)
     print(index.read_text())
     print(f"index: {index}")
+
+
+def cmd_evaluate(args) -> None:
+    from qstudy.analysis.report import read_studies
+    from qstudy.analysis.selection import Selection
+    from qstudy.study.evaluation import evaluate_selection
+
+    choice = Selection.parse(args.select)
+    selection = _announced(read_studies(args.studies, args.mlflow_uri))
+
+    def printed(result) -> None:
+        scores = "  ".join(f"{name} {100 * result.scores[name]:.1f}" for name in result.scores)
+        print(f"trial {result.record.trial_id} ({result.record.label}): {result.split!r}, {result.beams} beam(s), "
+              f"{result.clips} clips: {scores}", flush=True)
+
+    results = evaluate_selection(selection, choice, args.split, args.beams, args.address, _study_verbosity(args),
+                                 on_result=printed)
+    uri = "" if args.mlflow_uri is None else f" --mlflow-uri {args.mlflow_uri}"
+    print(f"{len(results)} trials scored (x100), logged as test_* metrics on their MLflow runs "
+          f"({selection.tracking_uri}); the paper table: qstudy report {' '.join(args.studies)}{uri}")
 
 
 def _announced(selection):
@@ -233,6 +260,16 @@ def _study_name(text: str) -> str:
         return check_path_component(text, "study name")
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser, trials: int | None = None) -> None:
@@ -315,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", dest="export_dir", type=Path, required=True)
     export.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
     export.set_defaults(handler=cmd_export)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score selected trials' adapters on a held-out split (BLEU@4, METEOR, ROUGE-L, CIDEr)",
+        description="Score the selected trials' trained adapters on a held-out split, one Ray task per trial, and "
+                    "log the scores as test_* metrics on their MLflow runs; `qstudy report` then prints the paper "
+                    "table. Trials are selected on validation CIDEr only: test scores never select or rank them.")
+    evaluate.add_argument("studies", nargs="+", metavar="STUDY",
+                          help="study name, parent run id, or MLflow experiment (its latest study); several combine")
+    evaluate.add_argument("--select", default="front", help="front | knee | best | budget=1.5%% (default: front)")
+    evaluate.add_argument("--split", help="the held-out split (default: each trial's data.test_split)")
+    evaluate.add_argument("--beams", type=_positive, help="beam width (default: each trial's eval.num_beams)")
+    evaluate.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
+    evaluate.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     caption = commands.add_parser("caption", help="caption videos with an exported adapter")
     caption.add_argument("--adapter", type=Path, required=True, help="a directory written by `qstudy export`")

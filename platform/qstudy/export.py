@@ -10,8 +10,8 @@ parameter budget) and writes one directory per trial:
 - ``metrics.json``: the trial's final metrics and per-epoch val CIDEr from MLflow;
 
 plus ``index.yaml`` saying what was exported, from where, and why. :func:`load_adapter`
-rebuilds the trial's model from such a directory: the base via ``Captioner.from_pretrained``,
-the method via ``apply_adapter``, then the weights, so it captions exactly as the trial did.
+rebuilds the trial's model from such a directory with :func:`qstudy.train.reload.load_trained`,
+so it captions exactly as the trial did.
 Torch is imported only when loading a model back.
 """
 
@@ -30,14 +30,15 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from qstudy.analysis.pareto import best_under_budget
-from qstudy.analysis.report import StudySelection, parameter_count
+from qstudy.analysis.report import StudySelection
+from qstudy.analysis.selection import Selection, select_trials
 from qstudy.core.dims import numel, safetensors_shapes
-from qstudy.core.errors import ConfigError, QstudyError
+from qstudy.core.errors import QstudyError
 from qstudy.config import RunConfig
 from qstudy.records import TrialRecord
 from qstudy.tracking.reader import client_for, download_artifact, final_metrics
 from qstudy.tracking.schema import CONFIG_ARTIFACT, METRICS_ARTIFACT, WEIGHTS_ARTIFACT
+from qstudy.train.reload import load_trained
 
 if TYPE_CHECKING:
     from qstudy.model.captioner import Captioner
@@ -47,56 +48,10 @@ CONFIG_FILE = CONFIG_ARTIFACT
 WEIGHTS_FILE = WEIGHTS_ARTIFACT
 METRICS_FILE = METRICS_ARTIFACT
 INDEX_FILE = "index.yaml"
-SELECTIONS = ("front", "knee", "best", "budget=<count or %>")
 
 
 class ExportError(QstudyError):
-    """The selection is empty, a trial's artifacts are missing or do not match its record, or weights do not load."""
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What ``--select`` asked for: ``front``, ``knee``, ``best`` or ``budget`` with its text."""
-
-    kind: str
-    budget_text: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Selection":
-        kind, equals, budget = text.partition("=")
-        if kind in ("front", "knee", "best") and not equals:
-            return cls(kind)
-        if kind == "budget" and budget.strip():
-            return cls(kind, budget.strip())
-        raise ConfigError(f"--select {text!r}: expected one of {', '.join(SELECTIONS)}")
-
-
-def select_trials(selection: StudySelection, choice: Selection) -> list[tuple[TrialRecord, str]]:
-    """The chosen trials, each with the reason it was chosen."""
-    analysis = selection.analysis
-    if choice.kind == "front":
-        count = len(analysis.front)
-        if not count:
-            raise ExportError("--select front: no finished trial, so the Pareto front is empty")
-        return [
-            (record, f"on the Pareto front ({rank} of {count}, cheapest first)"
-             + (", its knee" if record == analysis.knee else ""))
-            for rank, record in enumerate(analysis.front, start=1)
-        ]
-    if choice.kind == "knee":
-        chosen, reason = analysis.knee, "the knee of the Pareto front: most parameters saved for the least CIDEr"
-    elif choice.kind == "best":
-        chosen, reason = analysis.best, "the highest val CIDEr of the study"
-    else:
-        try:
-            budget = parameter_count(choice.budget_text, selection.studies)
-        except ValueError as error:
-            raise ConfigError(f"--select budget={choice.budget_text}: {error}") from None
-        chosen = best_under_budget(analysis.records, budget)
-        reason = f"the highest val CIDEr within the budget {choice.budget_text} ({budget:,} trainable params)"
-    if chosen is None:
-        raise ExportError(f"--select {choice.kind}: no finished trial qualifies ({reason})")
-    return [(chosen, reason)]
+    """A trial's artifacts are missing or do not match its record, or ``--out`` cannot take the export."""
 
 
 def _directory_name(position: int, record: TrialRecord) -> str:
@@ -192,7 +147,7 @@ def _write_export(client, selection: StudySelection, choice: Selection, chosen: 
             "trainable_params": record.trainable_params, "total_params": record.total_params, "why": reason,
         })
     index = {
-        "selection": choice.kind if choice.budget_text is None else f"budget={choice.budget_text}",
+        "selection": str(choice),
         "studies": [study.name for study in selection.studies],
         "tracking_uri": selection.tracking_uri,
         "parent_runs": {study.name: study.parent_run_id for study in selection.studies},
@@ -211,37 +166,6 @@ def load_adapter(directory: str | Path) -> tuple["Captioner", RunConfig]:
     directory = Path(directory)
     config = RunConfig.from_yaml(directory / CONFIG_FILE)
     return load_trained(config, directory / WEIGHTS_FILE), config
-
-
-def load_trained(config: RunConfig, weights_path: Path) -> "Captioner":
-    """The base of ``config`` with its adapter and the trained weights in ``weights_path``, in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from qstudy.methods.inject import apply_adapter
-    from qstudy.model.captioner import Captioner
-    from qstudy.train.device import precision_dtype, select_device
-
-    captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
-    apply_adapter(captioner, config.adapter)
-    # The trial trained (and so captioned) in its precision; bf16 weights in an fp32 model would not match.
-    captioner.to(precision_dtype(config.train.precision))
-    try:
-        weights = load_file(weights_path)
-    except (OSError, SafetensorError) as error:
-        raise ExportError(f"{weights_path}: not a readable safetensors file ({error})") from None
-    trainable = {name for name, parameter in captioner.named_parameters() if parameter.requires_grad}
-    if set(weights) != trainable:
-        missing, unexpected = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
-        raise ExportError(f"{weights_path} does not fit {config.adapter.method}: "
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    shapes = dict(captioner.named_parameters())
-    wrong = [name for name, tensor in weights.items() if tensor.shape != shapes[name].shape]
-    if wrong:
-        raise ExportError(f"{weights_path} does not fit its config.yaml: {wrong[0]} is "
-                          f"{tuple(weights[wrong[0]].shape)} in the file, {tuple(shapes[wrong[0]].shape)} in the model")
-    captioner.load_state_dict(weights, strict=False)
-    return captioner.to(select_device()).eval()
 
 
 def caption_videos(captioner: "Captioner", config: RunConfig, videos: list[Path]) -> Iterator[tuple[Path, str | None]]:

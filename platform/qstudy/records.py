@@ -2,8 +2,9 @@
 
 The study's summary, its parent run's counts, ``qstudy report``, the dashboards and the export
 all take their trials from :func:`from_mlflow`, so they name a trial's hyperparameters, status
-and totals the same way and count them with :func:`trial_counts`. This module imports no torch
-and no MLflow.
+and totals the same way and count them with :func:`trial_counts`. A trial's held-out scores
+(``qstudy evaluate``) are a :class:`HeldOutScores` beside its record, never part of it: what
+ranks and selects trials cannot read them. This module imports no torch and no MLflow.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from typing import Any
 
 from qstudy.tracking.reader import TrialRun
 from qstudy.tracking.schema import (
+    CAPTION_METRICS,
     CIDER,
     ERROR_TAG,
     FINISHED,
     METHOD_PARAM,
     METHOD_TAG,
     STATUS_TAG,
+    TEST_BEAMS_TAG,
+    TEST_PREFIX,
+    TEST_SPLIT_TAG,
     TOTAL_PARAMS,
     TRAINABLE_PARAMS,
     TRIAL_ID_TAG,
+    VAL_PREFIX,
     searched_params,
 )
 
@@ -123,6 +129,31 @@ def from_mlflow(runs: Sequence[TrialRun]) -> list[TrialRecord]:
         )
         for order, run in enumerate(runs)
     ]
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """A trial's scores on a held-out split beside its final validation scores: a row of the paper table."""
+
+    record: TrialRecord
+    split: str
+    beams: int | None
+    val: dict[str, float]  # by CAPTION_METRICS name: those the trial measured (METEOR may be off)
+    test: dict[str, float]
+
+
+def held_out_scores(runs: Sequence[TrialRun], records: Sequence[TrialRecord]) -> list[HeldOutScores]:
+    """The trials ``qstudy evaluate`` scored, from their runs (``records``: :func:`from_mlflow` of the same runs)."""
+    scored = []
+    for run, record in zip(runs, records, strict=True):
+        test = {name: run.metrics[TEST_PREFIX + name] for name in CAPTION_METRICS if TEST_PREFIX + name in run.metrics}
+        if not test:
+            continue
+        val = {name: run.metrics[VAL_PREFIX + name] for name in CAPTION_METRICS if VAL_PREFIX + name in run.metrics}
+        beams = run.tags.get(TEST_BEAMS_TAG)
+        scored.append(HeldOutScores(record, run.tags.get(TEST_SPLIT_TAG, "?"), int(beams) if beams else None, val,
+                                    test))
+    return scored
 
 
 def trial_counts(records: Iterable[TrialRecord]) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Exported weights that do not fit their config.yaml fail to load with an ``ExportError`` saying how."""
+"""Exported weights that do not fit their config.yaml fail to load with a ``WeightsMismatch`` saying how."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
-from qstudy.export import ExportError, load_trained
+from qstudy.train.reload import WeightsMismatch, load_trained
 from qstudy.methods import adapter_config_from_mapping
 from qstudy.methods.inject import apply_adapter
 from qstudy.model.captioner import Captioner
@@ -63,5 +63,5 @@ def test_matching_weights_load_exactly(exported):
 ], ids=lambda case: getattr(case, "__name__", ""))
 def test_weights_that_do_not_fit_their_config_fail_saying_how(exported, mismatch, message):
     config, path = mismatch(*exported)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(WeightsMismatch, match=message):
         load_trained(config, path)

@@ -26,3 +26,12 @@ def test_a_hyperparameter_named_like_a_run_param_is_refused():
 def test_a_param_decodes_to_its_typed_value_and_encodes_back(text, value):
     assert decode_param(text) == value and type(decode_param(text)) is type(value)
     assert encode_param(value) == text
+
+
+def test_the_caption_metrics_are_the_scorers_names():
+    from qstudy.metrics.coco import METRIC_NAMES
+    from qstudy.tracking.schema import CAPTION_METRICS, TEST_METRICS, TEST_PREFIX, VAL_PREFIX
+
+    # val_<name> per epoch and test_<name> from `qstudy evaluate` both come from the scorer's names.
+    assert CAPTION_METRICS == METRIC_NAMES
+    assert TEST_METRICS == tuple(TEST_PREFIX + name for name in METRIC_NAMES) and TEST_PREFIX != VAL_PREFIX

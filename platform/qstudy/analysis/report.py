@@ -14,7 +14,7 @@ from pathlib import Path
 from qstudy.analysis.pareto import StudyAnalysis, analyse, front_table, parse_budget
 from qstudy.analysis.views import ViewSpec
 from qstudy.core.errors import ConfigError, QstudyError
-from qstudy.records import TrialRecord, format_counts, from_mlflow
+from qstudy.records import HeldOutScores, TrialRecord, format_counts, from_mlflow, held_out_scores
 from qstudy.tracking.reader import (StudyNotFound, StudyRun, client_for, find_study, load_trial_runs,
                                     resolve_tracking_uri)
 from qstudy.tracking.schema import BASE_TOTAL_PARAM, DASHBOARDS_ARTIFACT_DIR, ROLE_TAG, STUDY_ROLE
@@ -30,6 +30,8 @@ class StudySelection:
     analysis: StudyAnalysis
     budget_text: str | None = None
     notes: tuple[str, ...] = ()  # how a name the user gave was read (an experiment's latest study)
+    # The trials `qstudy evaluate` scored on held-out data; the analysis above never reads them.
+    held_out: tuple[HeldOutScores, ...] = ()
 
     @property
     def name(self) -> str:
@@ -78,7 +80,8 @@ def read_studies(
     client = client_for(uri)
     found = [find_named_study(client, name) for name in names]
     studies = tuple(study for study, _ in found)
-    records = from_mlflow(load_trial_runs(client, studies))
+    runs = load_trial_runs(client, studies)
+    records = from_mlflow(runs)
     budget_count = None
     if budget is not None:
         try:
@@ -87,7 +90,7 @@ def read_studies(
             raise ConfigError(f"--budget: {error}") from None
     reference_point = parse_reference(reference, studies) if reference is not None else None
     return StudySelection(uri, studies, analyse(records, reference_point, budget_count), budget,
-                          tuple(note for _, note in found if note))
+                          tuple(note for _, note in found if note), tuple(held_out_scores(runs, records)))
 
 
 def find_named_study(client, name: str) -> tuple[StudyRun, str | None]:

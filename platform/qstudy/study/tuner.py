@@ -165,7 +165,7 @@ def _check_address(address: str) -> None:
                           "(`ray start --head`) or leave out --address for a local instance") from None
 
 
-def _connect_ray(address: str | None, verbose: int) -> None:
+def connect_ray(address: str | None, verbose: int) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance bound to loopback only.
 
     Trials' own output (tokenizer JVMs, library warnings, Ray's per-checkpoint lines) reaches
@@ -291,7 +291,7 @@ def run_study(options: StudyOptions) -> StudySummary:
     writer.check_reachable(uri)
 
     _prepare_output(options.verbose)
-    _connect_ray(options.address, options.verbose)
+    connect_ray(options.address, options.verbose)
     state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer,
@@ -394,7 +394,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     writer.check_reachable(state.tracking_uri)
 
     _prepare_output(verbose)
-    _connect_ray(address, verbose)
+    connect_ray(address, verbose)
     context = _context(state, directory, space)
     check_node_versions()
     _check_resources(context)

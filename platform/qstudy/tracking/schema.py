@@ -26,6 +26,10 @@ ERROR_TAG = "qstudy.error"  # what a FAILED trial raised
 RESTARTED_FROM_TAG = "qstudy.restarted_from"  # the checkpoint directory a restarted trial continued from
 STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a STOPPED trial reached
 ERROR_TAG_LIMIT = 4000  # characters of an error kept in ERROR_TAG
+# On a trial's run once `qstudy evaluate` scored it on held-out data: tags, not params, because a
+# later evaluation (other beams) replaces them, and a param is both immutable and read as a hyperparameter.
+TEST_SPLIT_TAG = "qstudy.test_split"  # the split the TEST_PREFIX metrics were measured on
+TEST_BEAMS_TAG = "qstudy.test_beams"  # the beam width they were decoded with
 
 # -- statuses (STATUS_TAG) -------------------------------------------------------------------------
 FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUNNING"
@@ -67,6 +71,14 @@ EPOCH_SECONDS = "epoch_seconds"
 EPOCH_KEYS = (LOSS, EPOCH_SECONDS)  # with every VAL_PREFIX metric: what a trial logs per epoch
 SKIPPED_VIDEOS = "skipped_videos"
 WALL_SECONDS = "wall_seconds"
+# The caption metrics the papers print (BLEU@4, METEOR, ROUGE-L, CIDEr), as metrics/coco.py names them:
+# logged with VAL_PREFIX per epoch and with TEST_PREFIX by `qstudy evaluate`.
+CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
+# Held-out scores, logged once per evaluation at step 0; nothing that selects or ranks trials reads them.
+TEST_PREFIX = "test_"
+TEST_METRICS = tuple(f"{TEST_PREFIX}{name}" for name in CAPTION_METRICS)
+TEST_CLIPS = f"{TEST_PREFIX}clips"  # the held-out clips that decoded and were scored
+TEST_SKIPPED_VIDEOS = f"{TEST_PREFIX}skipped_videos"
 
 # -- metrics of a study's parent run ---------------------------------------------------------------
 BEST_CIDER = "best_cider"

@@ -143,6 +143,20 @@ def log_run_artifacts(uri: str, run_id: str, paths: list[Path], artifact_dir: st
         client.log_artifact(run_id, str(path), artifact_dir)
 
 
+def log_held_out(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """A trial's held-out scores (``qstudy evaluate``) on its own run, beside its val metrics, at step 0.
+
+    An evaluation repeated (other beams) logs newer values at the same step, which MLflow then
+    shows as the run's latest; ``tags`` say which split and beams the latest values are from.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
 def _params(values: dict[str, Any]):
     from mlflow.entities import Param
 
