@@ -73,9 +73,9 @@ def test_a_combined_report_logs_under_its_own_name_on_every_parent(capsys, mlflo
         ]
 
 
-def test_an_unknown_study_exits_with_the_known_ones(capsys, mlflow_store):
-    with pytest.raises(SystemExit, match="no study 'missing'.*unit-study"):
-        main(["report", "missing", "--mlflow-uri", mlflow_store[0], "--no-png"])
+def test_an_unknown_study_is_bad_input_listing_the_known_ones(capsys, mlflow_store):
+    code, _, err = report(capsys, "missing", "--mlflow-uri", mlflow_store[0], "--no-png")
+    assert code == 2 and re.search("no study 'missing'.*unit-study", err)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +92,8 @@ def test_bad_budget_or_reference_is_a_config_error(capsys, mlflow_store, args, m
 
 
 def test_an_unreachable_server_fails_fast_with_how_to_start_one(capsys):
-    with pytest.raises(SystemExit, match="unreachable.*mlflow server"):
-        main(["report", "unit-study", "--mlflow-uri", "http://127.0.0.1:9", "--no-png"])
+    code, _, err = report(capsys, "unit-study", "--mlflow-uri", "http://127.0.0.1:9", "--no-png")
+    assert code == 2 and re.search("unreachable.*mlflow server", err)
 
 
 def test_a_percentage_budget_is_a_share_of_the_base_model_the_parent_run_logged(capsys, study_logging, tmp_path):
