@@ -127,8 +127,16 @@ def assert_resumed_curves_as_uninterrupted(uri: str, runs: dict, study_dir: Path
     return len(resumed)
 
 
+def _restarted_from(entries: Path) -> str | None:
+    """The checkpoint a trial's outbox last says it restarted from (None: it never restarted)."""
+    tags = [json.loads(line)["values"] for line in entries.read_text().splitlines()
+            if '"op": "tags"' in line] if entries.exists() else []
+    return next((values[schema.RESTARTED_FROM_TAG] for values in reversed(tags) if schema.RESTARTED_FROM_TAG in values),
+                None)
+
+
 def _trial_state(study_dir: Path) -> dict[str, dict]:
-    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes.
+    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes, where it last restarted from.
 
     A trial that has just started may have its outbox before Tune made its directory, or the reverse.
     """
@@ -141,7 +149,8 @@ def _trial_state(study_dir: Path) -> dict[str, dict]:
         trials[trial_id] = {
             "finished": entries.exists() and f'"{schema.STATUS_TAG}": "{schema.FINISHED}"' in entries.read_text(),
             "checkpoints": sorted(int(path.name.removeprefix("checkpoint_")) for path in trial_dir.glob("checkpoint_*")),
-            "outputs": outputs.read_bytes() if outputs.exists() else None}
+            "outputs": outputs.read_bytes() if outputs.exists() else None,
+            "restarted_from": _restarted_from(entries)}
     return trials
 
 
@@ -194,7 +203,8 @@ def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, st
             continue
         after = study_dir / "trials" / trial_id / "metrics.json"
         if state["finished"]:
-            assert after.read_bytes() == state["outputs"] and schema.RESTARTED_FROM_TAG not in run.data.tags, trial_id
+            restarted_since = run.data.tags.get(schema.RESTARTED_FROM_TAG) != state["restarted_from"]
+            assert after.read_bytes() == state["outputs"] and not restarted_since, trial_id
             covered += trial_id in saved
         elif state["checkpoints"] and trial_id in saved and run.data.tags[schema.STATUS_TAG] == "FINISHED":
             tag = run.data.tags.get(schema.RESTARTED_FROM_TAG)
