@@ -247,12 +247,15 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
     wait_until(one_trained_one_checkpointed, 400, "a finished trial beside one with two checkpoints", driver)
     first, first_saved = kill_driver(driver, ray_head, study_dir)
 
-    def trained_on():
-        return any(not trial["finished"] and set(trial["checkpoints"]) - set(first.get(trial_id, {}).get("checkpoints", []))
-                   for trial_id, trial in _trial_state(study_dir).items())
+    def resumable_and_trained_on():
+        """A trial Tune's saved state knows, with a checkpoint the first driver's trials had not left and an epoch to go."""
+        known = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+        return any(trial_id in known and not trial["finished"] and trial["checkpoints"][-1] < epochs - 1
+                   and set(trial["checkpoints"]) - set(first.get(trial_id, {}).get("checkpoints", []))
+                   for trial_id, trial in _trial_state(study_dir).items() if trial["checkpoints"])
 
     driver = study(ray_head, study_home, "--resume", "killed", env=lagging)
-    wait_until(trained_on, 400, "a checkpoint the first driver's trials had not left", driver)
+    wait_until(resumable_and_trained_on, 400, "a known trial with a new checkpoint and an epoch to go", driver)
     second, second_saved = kill_driver(driver, ray_head, study_dir)
 
     summary = finish(study(ray_head, study_home, "--resume", "killed"))
