@@ -136,7 +136,8 @@ def _restarted_from(entries: Path) -> str | None:
 
 
 def _trial_state(study_dir: Path) -> dict[str, dict]:
-    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes, where it last restarted from.
+    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes, and where it
+    last restarted from.
 
     A trial that has just started may have its outbox before Tune made its directory, or the reverse.
     """
@@ -248,7 +249,8 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
     first, first_saved = kill_driver(driver, ray_head, study_dir)
 
     def resumable_and_trained_on():
-        """A trial Tune's saved state knows, with a checkpoint the first driver's trials had not left and an epoch to go."""
+        """A trial Tune's saved state knows, with a checkpoint the first driver's trials had not left, and an epoch
+        to go."""
         known = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
         return any(trial_id in known and not trial["finished"] and trial["checkpoints"][-1] < epochs - 1
                    and set(trial["checkpoints"]) - set(first.get(trial_id, {}).get("checkpoints", []))

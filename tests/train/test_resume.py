@@ -1,7 +1,7 @@
-"""A run stopped at an epoch boundary, or killed mid-epoch, and resumed ends with the uninterrupted run's metrics, bit for bit.
+"""A run stopped at an epoch boundary, or killed mid-epoch, then resumed, ends with the uninterrupted run's metrics.
 
-On one CPU thread: the thread count splits CPU reductions differently, so only runs with the
-same count can match to the bit (README's reproducibility notes).
+Bit for bit, on one CPU thread: the thread count splits CPU reductions differently, so only
+runs with the same count can match to the bit.
 """
 
 from __future__ import annotations
