@@ -2,6 +2,9 @@
 
 The drivers run as `qstudy study --address` processes of their own, so a test can kill one
 the way a crash would (SIGKILL), and kill a trial's process on the worker node the same way.
+A trial resumed after a kill must end where it would have without one: its logged curve is
+compared, bit for bit, with its config trained in one go (trials train on one thread, as the
+references do here).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from servers import BIN, finish, metric_steps, mlflow_runs, study, tiny_space, trial_process, wait_until
+from servers import BIN, finish, metric_steps, mlflow_runs, ray_api, study, tiny_space, trial_process, wait_until
+from qstudy.config import RunConfig
 from qstudy.tracking import schema
+from qstudy.train import recipe
+from qstudy.train.engine import cpu_threads
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,8 +90,55 @@ def test_raising_trial_fails_everywhere_and_killed_trial_resumes_from_its_checkp
     assert set(metric_steps(mlflow_server.uri, resumed.info.run_id, "val_cider")) == set(range(epochs))
 
 
+def curve(epochs: list[dict]) -> dict[str, dict[int, float]]:
+    """Per-epoch metrics as a trial logs them, by MLflow key and step, from a run's ``metrics.json`` epochs."""
+    logged: dict[str, dict[int, float]] = {schema.LOSS: {}}
+    for epoch in epochs:
+        logged[schema.LOSS][epoch["epoch"]] = epoch["train_loss"]
+        for name, value in epoch["val"].items():
+            logged.setdefault(f"{schema.VAL_PREFIX}{name}", {})[epoch["epoch"]] = value
+    return logged
+
+
+def logged_curve(uri: str, run_id: str, keys) -> dict[str, dict[int, float]]:
+    client = MlflowClient(uri)
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
+
+
+def trained_config(study_dir: Path, trial_id: str) -> dict:
+    """The run config a trial trained, as its ``metrics.json`` keeps it."""
+    return json.loads((study_dir / "trials" / trial_id / "metrics.json").read_text())["config"]
+
+
+def uninterrupted_curve(config: dict, output_dir: Path) -> dict[str, dict[int, float]]:
+    """The curve of ``config`` trained in one go in this process, on one thread as the trials train."""
+    with cpu_threads(1):
+        result = recipe.run(RunConfig.from_dict({**config, "output_dir": str(output_dir)}), progress=False)
+    return curve(result.to_dict()["epochs"])
+
+
+def assert_resumed_curves_as_uninterrupted(uri: str, runs: dict, study_dir: Path, tmp_path: Path) -> int:
+    """Every finished trial that restarted from a checkpoint logged, epoch by epoch, the very metrics its
+    config gives trained without a break. Returns how many trials that covered."""
+    resumed = [trial_id for trial_id, run in runs.items()
+               if schema.RESTARTED_FROM_TAG in run.data.tags and run.data.tags[schema.STATUS_TAG] == "FINISHED"]
+    for trial_id in resumed:
+        expected = uninterrupted_curve(trained_config(study_dir, trial_id), tmp_path / f"uninterrupted-{trial_id}")
+        assert logged_curve(uri, runs[trial_id].info.run_id, expected) == expected, trial_id
+    return len(resumed)
+
+
+def _restarted_from(entries: Path) -> str | None:
+    """The checkpoint a trial's outbox last says it restarted from (None: it never restarted)."""
+    tags = [json.loads(line)["values"] for line in entries.read_text().splitlines()
+            if '"op": "tags"' in line] if entries.exists() else []
+    return next((values[schema.RESTARTED_FROM_TAG] for values in reversed(tags) if schema.RESTARTED_FROM_TAG in values),
+                None)
+
+
 def _trial_state(study_dir: Path) -> dict[str, dict]:
-    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes.
+    """Per trial on disk: whether it closed its run FINISHED, its checkpoints, its outputs' bytes, and where it
+    last restarted from.
 
     A trial that has just started may have its outbox before Tune made its directory, or the reverse.
     """
@@ -98,7 +151,8 @@ def _trial_state(study_dir: Path) -> dict[str, dict]:
         trials[trial_id] = {
             "finished": entries.exists() and f'"{schema.STATUS_TAG}": "{schema.FINISHED}"' in entries.read_text(),
             "checkpoints": sorted(int(path.name.removeprefix("checkpoint_")) for path in trial_dir.glob("checkpoint_*")),
-            "outputs": outputs.read_bytes() if outputs.exists() else None}
+            "outputs": outputs.read_bytes() if outputs.exists() else None,
+            "restarted_from": _restarted_from(entries)}
     return trials
 
 
@@ -151,7 +205,8 @@ def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, st
             continue
         after = study_dir / "trials" / trial_id / "metrics.json"
         if state["finished"]:
-            assert after.read_bytes() == state["outputs"] and schema.RESTARTED_FROM_TAG not in run.data.tags, trial_id
+            restarted_since = run.data.tags.get(schema.RESTARTED_FROM_TAG) != state["restarted_from"]
+            assert after.read_bytes() == state["outputs"] and not restarted_since, trial_id
             covered += trial_id in saved
         elif state["checkpoints"] and trial_id in saved and run.data.tags[schema.STATUS_TAG] == "FINISHED":
             tag = run.data.tags.get(schema.RESTARTED_FROM_TAG)
@@ -166,14 +221,24 @@ def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, st
     return covered
 
 
+def kill_driver(driver: subprocess.Popen, ray_head, study_dir: Path) -> tuple[dict, set[str]]:
+    """SIGKILL the driver; once its trials have stopped, what is on disk and which trials Tune's saved state knew."""
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    wait_until(lambda: all(trial_process(ray_head.worker_session, trial_id) is None
+                           for trial_id in _trial_state(study_dir)), 60, "the dead driver's trials to stop")
+    return _trial_state(study_dir), {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+
+
 def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing(
         ray_head, mlflow_server, study_home, tmp_path):
-    """SIGKILL the driver once one trial has finished and another has two checkpoints; Tune saves
-    its experiment state every 10 s here, as Ray does by default, so it lags the trials."""
+    """SIGKILL the driver once one trial has finished and another has two checkpoints, and the resumed
+    driver once it has checkpointed an epoch more; Tune saves its experiment state every 10 s here, as
+    Ray does by default, so it lags the trials."""
     epochs, trials = 8, 3
     space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=trials, concurrency=2, sampler="random", seed=4)
-    driver = study(ray_head, study_home, str(space), "--name", "killed", "--mlflow-uri", mlflow_server.uri,
-                   env={"TUNE_GLOBAL_CHECKPOINT_S": "10"})
+    lagging = {"TUNE_GLOBAL_CHECKPOINT_S": "10"}
+    driver = study(ray_head, study_home, str(space), "--name", "killed", "--mlflow-uri", mlflow_server.uri, env=lagging)
     study_dir = study_home / "studies" / "killed"
 
     def one_trained_one_checkpointed():
@@ -182,24 +247,33 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
                 and any(len(trial["checkpoints"]) >= 2 and not trial["finished"] for trial in state.values()))
 
     wait_until(one_trained_one_checkpointed, 400, "a finished trial beside one with two checkpoints", driver)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    wait_until(lambda: all(trial_process(ray_head.worker_session, trial_id) is None
-                           for trial_id in _trial_state(study_dir)), 60, "the dead driver's trials to stop")
-    before = _trial_state(study_dir)
-    saved = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+    first, first_saved = kill_driver(driver, ray_head, study_dir)
+
+    def resumable_and_trained_on():
+        """A trial Tune's saved state knows, with a checkpoint the first driver's trials had not left, and an epoch
+        to go."""
+        known = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
+        return any(trial_id in known and not trial["finished"] and trial["checkpoints"][-1] < epochs - 1
+                   and set(trial["checkpoints"]) - set(first.get(trial_id, {}).get("checkpoints", []))
+                   for trial_id, trial in _trial_state(study_dir).items() if trial["checkpoints"])
+
+    driver = study(ray_head, study_home, "--resume", "killed", env=lagging)
+    wait_until(resumable_and_trained_on, 400, "a known trial with a new checkpoint and an epoch to go", driver)
+    second, second_saved = kill_driver(driver, ray_head, study_dir)
 
     summary = finish(study(ray_head, study_home, "--resume", "killed"))
     runs = assert_one_story(ray_head, study_home, "killed", mlflow_server.uri, summary, tmp_path)
-    assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
+    for before, saved in [(first, first_saved), (second, second_saved)]:
+        assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
+    assert assert_resumed_curves_as_uninterrupted(mlflow_server.uri, runs, study_dir, tmp_path) >= 1
     states = optuna_states(study_dir, "killed")
     assert [state for state, _ in states].count("COMPLETE") == trials and "RUNNING" not in dict(states)
-    # Trials the dead driver had started but Tune's saved state never knew are not resumed: Tune
+    # Trials a dead driver had started but Tune's saved state never knew are not resumed: Tune
     # trains others in their place. Those that had trained stay FINISHED, the others close as LOST.
     ran = {trial.trial_id for trial in ExperimentAnalysis(str(study_dir / "tune")).trials}
     assert len(ran) == trials and ran <= set(runs)
     for trial_id in set(runs) - ran:
-        expected = ("FINISHED", "FINISHED") if before[trial_id]["finished"] else ("LOST", "KILLED")
+        expected = ("FINISHED", "FINISHED") if second[trial_id]["finished"] else ("LOST", "KILLED")
         assert (runs[trial_id].data.tags[schema.STATUS_TAG], runs[trial_id].info.status) == expected, trial_id
 
 
@@ -232,4 +306,56 @@ def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
     summary = finish(study(ray_head, study_home, "--resume", "interrupted"))
     runs = assert_one_story(ray_head, study_home, "interrupted", mlflow_server.uri, summary, tmp_path)
     assert assert_resumed_without_repeats(before, saved, runs, study_dir, epochs, mlflow_server.uri) >= 1
+    assert assert_resumed_curves_as_uninterrupted(mlflow_server.uri, runs, study_dir, tmp_path) >= 1
     assert sorted(run.data.tags[schema.STATUS_TAG] for run in runs.values()) == ["FINISHED"] * trials
+
+
+# A Train run's actors: the driver's death takes the first two down; the third, detached, then
+# removes the run's placement group (whose CPUs the resumed run needs) and exits.
+TRAIN_RUN_ACTORS = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+
+
+def train_run_actors(ray_head) -> list[str]:
+    path = "/api/v0/actors?filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
+    actors = ray_api(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"], path)["data"]["result"]["result"]
+    return [actor["class_name"] for actor in actors if actor["class_name"] in TRAIN_RUN_ACTORS]
+
+
+def test_killed_driver_resumes_a_two_worker_deepspeed_trial_to_its_uninterrupted_curve(
+        ray_head, mlflow_server, study_home, tmp_path, test_env):
+    """Ray Train's path: a TorchTrainer of two DeepSpeed ZeRO-2 ranks, whose driver is SIGKILLed once the
+    trial has persisted an epoch before its last. The reference is the same config on two torchrun ranks."""
+    epochs = 3
+    space = tiny_space(tmp_path, trials=1, concurrency=1, workers_per_trial=2,
+                       cpus_per_worker=0.99,  # 2 x 0.99 + the driver's 0.01
+                       arms={"qadapter": {"adapter.rank": 8}},
+                       overrides={"train.epochs": epochs, "train.deepspeed": True, "train.zero_stage": 2})
+    driver = study(ray_head, study_home, str(space), "--name", "zero2-killed", "--mlflow-uri", mlflow_server.uri)
+    study_dir = study_home / "studies" / "zero2-killed"
+
+    def registered_before_the_last_epoch():
+        # Ray Train's record of the checkpoints it registered, which a restarted run resumes from; a
+        # checkpoint whose files are in storage but not yet in it would be trained again.
+        records = [json.loads(path.read_text())["latest_checkpoint_result"]
+                   for path in study_dir.glob("train/*/checkpoint_manager_snapshot.json")]
+        return any(record and record["metrics"][schema.EPOCH] < epochs - 1 for record in records)
+
+    wait_until(registered_before_the_last_epoch, 400, "a registered checkpoint before the last epoch", driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    wait_until(lambda: not train_run_actors(ray_head), 60, "the dead driver's Train run to stop")
+
+    summary = finish(study(ray_head, study_home, "--resume", "zero2-killed"))
+    runs = assert_one_story(ray_head, study_home, "zero2-killed", mlflow_server.uri, summary, tmp_path)
+    ((trial_id, run),) = runs.items()
+    second_life = json.loads((study_dir / "trials" / trial_id / "metrics.json").read_text())
+    assert 0 < second_life["epochs"][0]["epoch"] and second_life["epochs"][-1]["epoch"] == epochs - 1
+
+    config = {**trained_config(study_dir, trial_id), "output_dir": str(tmp_path / "uninterrupted")}
+    (tmp_path / "uninterrupted.yaml").write_text(json.dumps(config))
+    ranks = subprocess.run([str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "qstudy.cli", "train", str(tmp_path / "uninterrupted.yaml")],
+                           env=test_env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    expected = curve(json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["epochs"])
+    assert logged_curve(mlflow_server.uri, run.info.run_id, expected) == expected

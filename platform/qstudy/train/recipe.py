@@ -31,8 +31,8 @@ from qstudy.train.device import autocast, peak_memory_mb, select_device
 from qstudy.train.engine import Engine, join_process_group, make_engine, rank, world_size
 from qstudy.train.prefix_cache import prefix_states, reuse_depth
 
-# Epoch e of a run with seed s shuffles with seed s * SEEDS_PER_RUN + e: runs of neighbouring
-# seeds never share an epoch's order while they train fewer epochs than this.
+# Epoch e of a run with seed s draws from seed s * SEEDS_PER_RUN + e: runs of neighbouring
+# seeds never share an epoch's order or dropout while they train fewer epochs than this.
 SEEDS_PER_RUN = 1000
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,24 @@ def steps_per_epoch(split: SplitData, data: DataConfig, train: TrainConfig, worl
     return min(steps, train.max_steps_per_epoch or steps)
 
 
+def seed_epoch(seed: int, epoch: int) -> random.Random:
+    """Seed every generator an epoch may draw from by (seed, epoch) alone; returns the one that orders its examples.
+
+    Dropout draws from torch's generators (every CUDA device's too); numpy's and Python's global
+    ones are seeded for any library that draws from them. Nothing random carries over from one
+    epoch to the next, so a checkpoint needs no generator state: a run resumed after epoch k
+    draws in epoch k+1 what the uninterrupted run drew, whatever the process did before.
+    """
+    epoch_seed = seed * SEEDS_PER_RUN + epoch
+    torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)  # numpy takes 32 bits only
+    random.seed(epoch_seed)
+    return random.Random(epoch_seed)
+
+
 def train_epoch(engine: Engine, captioner: Captioner, split: SplitData, config: RunConfig, epoch: int) -> float:
     captioner.train()
-    rng = random.Random(config.train.seed * SEEDS_PER_RUN + epoch)
+    rng = seed_epoch(config.train.seed, epoch)
     micro_batches = steps_per_epoch(split, config.data, config.train) * config.train.gradient_accumulation_steps
     losses = []
     batches = caption_batches(split, config.data, config.train.batch_size, rng, micro_batches)
