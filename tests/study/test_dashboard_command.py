@@ -28,4 +28,4 @@ def test_an_unknown_study_names_the_known_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QSTUDY_HOME", str(tmp_path))
     assert main(["dashboard", "other"]) == 2
     err = capsys.readouterr().err
-    assert "no study 'other'" in err and "(known: mine)" in err
+    assert "no study 'other'" in err and "(studies there: mine)" in err

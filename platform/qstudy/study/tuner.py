@@ -352,12 +352,17 @@ def resolve_study(home: Path, name: str) -> tuple[str, str | None]:
     latest study run from that space; the note says which one that is. An unknown name fails listing the studies."""
     if (study_dir(home, name) / STATE_FILE).exists():
         return name, None
-    family = [known for known in _known(home)
-              if load_yaml(study_dir(home, known) / SPACE_SNAPSHOT).get("study") == name]
+    family = [known for known in _known(home) if _space_study(study_dir(home, known)) == name]
     if not family:
         load_state(home, name)  # raises, listing the studies there
     note = f"{name!r} is the study family of {len(family)} studies here; using the latest, {family[-1]}"
     return family[-1], note
+
+
+def _space_study(directory: Path) -> str | None:
+    """The ``study`` of the space a study directory was started from; None where its snapshot is gone."""
+    snapshot = directory / SPACE_SNAPSHOT
+    return load_yaml(snapshot).get("study") if snapshot.is_file() else None
 
 
 def make_searcher(space: SearchSpace, name: str, storage, target: TrialTarget | None):
