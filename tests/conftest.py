@@ -22,6 +22,7 @@ SLOW_TESTS = (
     "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
     "tests/train/test_recipe.py::test_two_deepspeed_ranks",  # two torchrun ranks
     "tests/study/test_evaluate.py::test_evaluate_",  # a local Ray study, then `qstudy evaluate` on a local Ray instance
+    "tests/test_readme_commands.py::test_every_readme_command_runs",  # the README's studies on local Ray instances
 )
 
 
