@@ -21,6 +21,8 @@ SLOW_TESTS = (
     "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study
     "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
     "tests/train/test_recipe.py::test_two_deepspeed_ranks",  # two torchrun ranks
+    "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
+    "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
 )
 
 

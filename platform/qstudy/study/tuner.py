@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_RAY_AUTH_MODE = "RAY_AUTH_MODE"
 SCHEDULER_STATE = "scheduler.json"
 # How long the driver keeps retrying a remote server for outboxes it could not deliver: a restarting
 # tracking server is back within a minute or two; longer, and the outboxes wait for `--resume`.
@@ -92,6 +93,7 @@ class StudySummary:
     wall_seconds: float
     records: list[TrialRecord] = field(default_factory=list)
     front: list[TrialRecord] = field(default_factory=list)
+    knee: TrialRecord | None = None  # the front's knee, as `qstudy report` picks it
     best: TrialRecord | None = None
     interrupted: bool = False  # Ctrl-C: `qstudy study --resume NAME` continues
     commands_need_uri: bool = False  # the tracking URI is not the home's default: commands must name it
@@ -179,6 +181,9 @@ def _connect_ray(address: str | None, verbose: int) -> None:
         # (its macOS/Windows mode), so this keeps every port it opens on 127.0.0.1. Its child
         # processes read the variable; this process reads the constant, set when Ray was imported.
         os.environ[_RAY_SINGLE_MACHINE] = "0"
+        # Token authentication, as Ray turns on for a local instance anyway; said explicitly, it is not
+        # announced with a warning on every start.
+        os.environ.setdefault(_RAY_AUTH_MODE, "token")
     import ray
     from ray._private import ray_constants
 
@@ -223,21 +228,19 @@ def _check_resources(context: StudyContext) -> None:
                           f"the cluster has {gpus:g}")
 
 
-def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
+def _tuner_run_config(context: StudyContext, directory: Path):
     from ray import tune
 
-    from qstudy.study.progress import FailureLines, LiveTable
+    from qstudy.study.progress import StudyProgress
 
-    reporter = LiveTable(
-        str(directory), show_errors=verbose > 1,
-        metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
-        parameter_columns={"method": "method"}, max_report_frequency=15, sort_by_metric=False)
+    progress = StudyProgress(context.tracking.study, str(directory), context.tracking.outbox_root,
+                             context.space.settings.trials)
     # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
     restarts = context.space.settings.max_failures if context.in_actor else 0
-    return tune.RunConfig(name="tune", storage_path=str(directory), progress_reporter=reporter, verbose=verbose,
-                          failure_config=tune.FailureConfig(max_failures=restarts),
-                          callbacks=[FailureLines(context.tracking.outbox_root)])
+    # verbose=0: Tune's status tables and per-trial lines give way to StudyProgress, whatever -v says.
+    return tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=restarts), callbacks=[progress])
 
 
 def _trial_dirname(trial) -> str:
@@ -257,9 +260,9 @@ def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
 
 
 def _prepare_output(verbose: int) -> None:
-    """The live table, a line per failed trial and the summary; the libraries' INFO lines (study created,
-    tables migrated), Tune's tracebacks and error tables only with -v."""
-    # The classic reporter prints one compact live table; the new output engine prints every config key.
+    """The live table (or event lines) and the summary; the libraries' INFO lines (study created, tables
+    migrated, token saved) and Tune's tracebacks only with -v."""
+    # Tune's new output engine would print its own tables beside study/progress.py's.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -271,6 +274,8 @@ def _prepare_output(verbose: int) -> None:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         writer.quiet_logs()
+        # "Generated new authentication token and saved to ~/.ray/auth_token", on a machine's first study.
+        logging.getLogger("ray._private.authentication").setLevel(logging.WARNING)
 
 
 def run_study(options: StudyOptions) -> StudySummary:
@@ -328,7 +333,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                                     scheduler=make_scheduler(space, directory / SCHEDULER_STATE),
                                     num_samples=settings.trials, reuse_actors=True,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=_tuner_run_config(context, directory, options.verbose))
+        run_config=_tuner_run_config(context, directory))
     tuner.fit()
     return _finish(state, directory, space, started)
 
@@ -456,7 +461,7 @@ def read_summary(state: StudyState, directory: Path, experiment: str, wall_secon
     home = directory.parent.parent
     return StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri, experiment=experiment,
                         parent_run_id=state.parent_run_id, wall_seconds=wall_seconds, records=list(analysis.records),
-                        front=list(analysis.front), best=analysis.best, interrupted=interrupted,
+                        front=list(analysis.front), knee=analysis.knee, best=analysis.best, interrupted=interrupted,
                         commands_need_uri=state.tracking_uri != writer.default_tracking_uri(home))
 
 
@@ -529,7 +534,7 @@ def format_summary(summary: StudySummary) -> str:
     best = summary.best
     lines = [f"study {summary.name}: {format_counts(summary.records)} in {summary.wall_seconds:.0f} s",
              "Pareto front (CIDEr max, trainable parameters min):",
-             front_table(summary.front),
+             front_table(summary.front, summary.knee),
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
              *_outcome_lines(summary),
              f"study directory: {summary.study_dir}",
