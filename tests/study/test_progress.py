@@ -40,6 +40,7 @@ def test_the_front_marks_running_and_finished_trials_and_its_knee():
     rows = [_row("cheap", 1.0, 1_000), _row("knee", 2.9, 2_000, epoch=1, state="running"),
             _row("big", 3.0, 100_000), _row("dominated", 0.5, 5_000),
             _row("failed", 9.0, 10, state="failed"), _row("infeasible", 0.0, 1, state="infeasible"),
+            _row("stopped early", 5.0, 10, epoch=1, state="stopped"),
             _row("no result yet", None, 1, epoch=None, state="running")]
     assert front_marks(rows) == {"cheap": "*", "knee": "knee", "big": "*"}
 
@@ -145,3 +146,20 @@ def test_piped_output_is_one_line_per_trial_event(study_home, tmp_path, test_env
     assert done.stdout.splitlines()[0] == f"Study directory: {study_home / 'studies' / 'piped'}"
     for noise in NOISE:
         assert noise not in output, noise
+
+
+def test_the_summary_marks_the_knee_of_its_front(tmp_path):
+    from qstudy.analysis.pareto import analyse
+    from qstudy.records import TrialRecord
+    from qstudy.study.tuner import StudySummary, format_summary
+
+    records = [TrialRecord(trial_id=trial_id, study="s", method="qadapter", params={}, cider=cider,
+                           trainable_params=params, total_params=None, status="FINISHED", order=order)
+               for order, (trial_id, cider, params) in enumerate([("cheap", 1.0, 1_000), ("knee", 2.9, 2_000),
+                                                                  ("big", 3.0, 100_000)])]
+    analysis = analyse(records)
+    summary = StudySummary(name="s", study_dir=tmp_path, tracking_uri="sqlite:///x.db", experiment="e",
+                           parent_run_id="p", wall_seconds=1.0, records=records, front=list(analysis.front),
+                           knee=analysis.knee, best=analysis.best)
+    marked = [line.split()[0] for line in format_summary(summary).splitlines() if line.rstrip().endswith("*")]
+    assert marked == ["knee"]

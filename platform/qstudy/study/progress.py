@@ -47,7 +47,8 @@ EVENT_LINE = re.compile(r"^trial (?P<trial>\S+) \((?P<arm>\S+)\) "
 
 PENDING, RUNNING, RESTARTING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, FAILED_STATE = (
     "pending", "running", "restarting", "finished", "stopped", "infeasible", "failed")
-_OFF_FRONT = (FAILED_STATE, INFEASIBLE_STATE)  # their CIDEr (if any) is no trade-off point
+# No trade-off point: a stopped trial's CIDEr is a low-fidelity one (the summary leaves it off the front too).
+_OFF_FRONT = (STOPPED_STATE, FAILED_STATE, INFEASIBLE_STATE)
 _TABLE_CHROME = 8  # lines the live view needs besides its rows: title, header, borders, caption, a spare
 
 
@@ -197,6 +198,7 @@ class StudyProgress(Callback):
     # Tune's hooks, in the driver
 
     def setup(self, **info) -> None:
+        self._started = time.monotonic()
         print(f"Study directory: {self._study_dir}", flush=True)
         console = _terminal()
         if console is not None:
