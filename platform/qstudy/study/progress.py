@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from qstudy.analysis.pareto import knee_point, pareto_front
 from qstudy.core.errors import REASON_LIMIT, one_line
@@ -185,6 +186,7 @@ class StudyProgress(Callback):
     def _reset(self) -> None:
         self._rows: dict[str, TrialRow] = {}
         self._live = None
+        self._restored = False
         self._started = time.monotonic()
 
     def __getstate__(self) -> dict:
@@ -207,6 +209,14 @@ class StudyProgress(Callback):
             # Output printed while it shows (a failed trial's line) goes above the table.
             self._live = Live(console=console, auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start()
+            self._refresh()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not self._restored:  # a resumed study starts with the trials that ended before: show them
+            self._restored = True
+            for trial in trials:
+                if trial.status in (Trial.TERMINATED, Trial.ERROR):
+                    self._row(trial)
             self._refresh()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -237,9 +247,6 @@ class StudyProgress(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._live is not None:
-            for trial in trials:  # a resumed study's trials that ended before it
-                self._row(trial)
-            self._refresh()
             self._live.stop()
             self._live = None
 
@@ -250,9 +257,9 @@ class StudyProgress(Callback):
             row = TrialRow.of(trial, len(self._rows))
             row.take(trial.last_result or {})
             # A trial restored by --resume that Tune already ended announces nothing: read its state.
-            if trial.status == "TERMINATED":
+            if trial.status == Trial.TERMINATED:
                 row.state = row.ended()
-            elif trial.status == "ERROR":
+            elif trial.status == Trial.ERROR:
                 row.state = FAILED_STATE
             self._rows[trial.trial_id] = row
         return self._rows[trial.trial_id]
