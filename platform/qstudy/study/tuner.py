@@ -267,15 +267,18 @@ def _prepare_output(verbose: int) -> None:
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
-    # Tune logs each failed trial's whole traceback; progress.FailureLines prints one line instead.
+    # Tune logs each failed trial's whole traceback; study/progress.py prints one line instead.
     os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if verbose > 1 else "0"
     if verbose <= 1:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         writer.quiet_logs()
-        # "Generated new authentication token and saved to ~/.ray/auth_token", on a machine's first study.
-        logging.getLogger("ray._private.authentication").setLevel(logging.WARNING)
+        import ray  # noqa: F401 - importing ray sets its logger to INFO: the level below must come after
+
+        # Ray's INFO lines: a local instance started, a token saved to ~/.ray on a machine's first
+        # study, Tune's experiment state written.
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def run_study(options: StudyOptions) -> StudySummary:
