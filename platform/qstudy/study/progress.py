@@ -27,6 +27,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -186,6 +187,7 @@ class StudyProgress(Callback):
     def _reset(self) -> None:
         self._rows: dict[str, TrialRow] = {}
         self._live = None
+        self._moved: list[tuple[logging.StreamHandler, object]] = []
         self._restored = False
         self._started = time.monotonic()
 
@@ -206,9 +208,10 @@ class StudyProgress(Callback):
         if console is not None:
             from rich.live import Live
 
-            # Output printed while it shows (a failed trial's line) goes above the table.
+            # Output printed while it shows (a failed trial's line, a warning) goes above the table.
             self._live = Live(console=console, auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start()
+            self._moved = _point_log_handlers(sys.stdout, sys.stderr)
             self._refresh()
 
     def on_step_begin(self, iteration, trials, **info) -> None:
@@ -247,6 +250,8 @@ class StudyProgress(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._live is not None:
+            for handler, stream in self._moved:
+                handler.setStream(stream)
             self._live.stop()
             self._live = None
 
@@ -308,6 +313,21 @@ def _fit(rows: list[TrialRow], marks: dict[str, str], room: int) -> list[TrialRo
 
 def _hidden(count: int) -> str | None:
     return f"{count} more trials not shown (ended, off the front first)" if count else None
+
+
+def _point_log_handlers(stdout, stderr) -> list[tuple[logging.StreamHandler, object]]:
+    """Point the log handlers that write to the process's own stdout or stderr at ``stdout`` and ``stderr``.
+
+    Ray's and Optuna's handlers keep the stream they were made with, so a warning would bypass
+    the live display and tear the table; this returns each moved handler with its old stream.
+    """
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    handlers = {id(handler): handler for logger in loggers for handler in logger.handlers
+                if type(handler) is logging.StreamHandler}
+    targets = {id(sys.__stdout__): stdout, id(sys.__stderr__): stderr}
+    return [(handler, handler.setStream(targets[id(handler.stream)])) for handler in handlers.values()
+            if id(handler.stream) in targets]
 
 
 def _terminal():
