@@ -85,7 +85,7 @@ def run_study_in_tmux(home: Path, work: Path, train: bool) -> str:
                    check=True)
     try:
         def finished() -> str | None:
-            screen = subprocess.run([*tmux, "capture-pane", "-p", "-e", "-S", "-"], capture_output=True,
+            screen = subprocess.run([*tmux, "capture-pane", "-p", "-e", "-J", "-S", "-"], capture_output=True,
                                     text=True, check=True).stdout
             return screen if DONE in screen else None
 

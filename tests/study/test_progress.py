@@ -90,11 +90,11 @@ def test_on_a_terminal_one_table_is_redrawn_in_place_and_the_summary_ends_with_t
     try:
         deadline = time.monotonic() + 540
         while time.monotonic() < deadline:
-            screens.append(_tmux(socket, "capture-pane", "-p"))
+            screens.append(_tmux(socket, "capture-pane", "-p", "-J"))
             if "qstudy-exit=" in screens[-1]:
                 break
             time.sleep(0.3)
-        history = _tmux(socket, "capture-pane", "-p", "-S", "-")  # the scrollback too: all it printed
+        history = _tmux(socket, "capture-pane", "-p", "-J", "-S", "-")  # with the scrollback: all it printed
     finally:
         subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
     print(history)  # shown when an assertion below fails
