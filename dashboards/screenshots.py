@@ -78,7 +78,7 @@ def run_study_in_tmux(home: Path, work: Path, train: bool) -> str:
     command = [str(BIN / "qstudy"), "study", str(SPACE), "--name", NAME, *([] if train else ["--replay", str(REPLAY)])]
     script = work / "study.sh"
     script.write_text("".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items() if key.isidentifier())
-                      + f"clear; {shlex.join(command)}; echo {DONE}$?; sleep 3600\n")
+                      + f"{shlex.join(command)}; echo {DONE}$?; sleep 3600\n")
     server = f"qstudy-screenshots-{os.getpid()}"
     tmux = ["tmux", "-L", server]
     subprocess.run([*tmux, "new-session", "-d", "-x", str(TERMINAL[0]), "-y", str(TERMINAL[1]), f"bash {script}"],
