@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_RAY_AUTH_MODE = "RAY_AUTH_MODE"
 SCHEDULER_STATE = "scheduler.json"
 # How long the driver keeps retrying a remote server for outboxes it could not deliver: a restarting
 # tracking server is back within a minute or two; longer, and the outboxes wait for `--resume`.
@@ -181,14 +180,18 @@ def _connect_ray(address: str | None, verbose: int) -> None:
         # (its macOS/Windows mode), so this keeps every port it opens on 127.0.0.1. Its child
         # processes read the variable; this process reads the constant, set when Ray was imported.
         os.environ[_RAY_SINGLE_MACHINE] = "0"
-        # Token authentication, as Ray turns on for a local instance anyway; said explicitly, it is not
-        # announced with a warning on every start.
-        os.environ.setdefault(_RAY_AUTH_MODE, "token")
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         return
+    if verbose <= 1:  # after `import ray`, which sets its logger to INFO
+        # Ray's INFO lines: a local instance started, Tune's experiment state written.
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        if address is None:
+            # Ray turns token authentication on for a local instance and warns that it did at every
+            # start (and saves a token to ~/.ray on a machine's first): the plan, not news.
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if address is None:
         ray_constants.ENABLE_RAY_CLUSTER = False
         # The dashboard would only cost memory and seconds (and listen on more ports).
@@ -260,8 +263,8 @@ def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
 
 
 def _prepare_output(verbose: int) -> None:
-    """The live table (or event lines) and the summary; the libraries' INFO lines (study created, tables
-    migrated, token saved) and Tune's tracebacks only with -v."""
+    """The live table (or event lines) and the summary; Optuna's and MLflow's INFO lines (study created, tables
+    migrated; Ray's: :func:`_connect_ray`) and Tune's tracebacks only with -v."""
     # Tune's new output engine would print its own tables beside study/progress.py's.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
@@ -274,11 +277,6 @@ def _prepare_output(verbose: int) -> None:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         writer.quiet_logs()
-        import ray  # noqa: F401 - importing ray sets its logger to INFO: the level below must come after
-
-        # Ray's INFO lines: a local instance started, a token saved to ~/.ray on a machine's first
-        # study, Tune's experiment state written.
-        logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def run_study(options: StudyOptions) -> StudySummary:
