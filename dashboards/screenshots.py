@@ -66,8 +66,9 @@ def prepare_home(work: Path) -> Path:
     prepare_tiny_workspace(workspace)
     home = work / "home"
     home.mkdir()
-    for name in ("data", "base"):
-        (home / name).symlink_to(workspace / name)
+    for name in ("data", "base", "cache"):  # the frame cache too, when the workspace has one
+        if (workspace / name).exists():
+            (home / name).symlink_to(workspace / name)
     return home
 
 
