@@ -134,8 +134,9 @@ def test_piped_output_is_one_line_per_trial_event(study_home, tmp_path, test_env
     output = done.stdout + done.stderr
     print(output)
     assert done.returncode == 0
-    events = [EVENT_LINE.match(line) for line in done.stdout.splitlines() if line.startswith("trial ")]
-    assert all(events), [line for line in done.stdout.splitlines() if line.startswith("trial ")]
+    running = done.stdout[:re.search(r"^study piped: .* in \d+ s$", done.stdout, re.M).start()]  # the summary follows
+    events = [EVENT_LINE.match(line) for line in running.splitlines() if line.startswith("trial ")]
+    assert all(events), [line for line in running.splitlines() if line.startswith("trial ")]
     by_trial: dict[str, list[str]] = {}
     for event in events:
         by_trial.setdefault(event["trial"], []).append(event["event"])

@@ -28,6 +28,7 @@ Imports no torch.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -209,6 +210,7 @@ class StudyProgress(Callback):
             from rich.live import Live
 
             # Output printed while it shows (a failed trial's line, a warning) goes above the table.
+            self._terminal_fd = sys.stdout.fileno()
             self._live = Live(console=console, auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start()
             self._moved = _point_log_handlers(sys.stdout, sys.stderr)
@@ -277,7 +279,12 @@ class StudyProgress(Callback):
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._live.update(self._table(self._live.console.height), refresh=True)
+            console = self._live.console
+            try:  # rich asks stdin first, and a study's stdin need not be the terminal it draws on
+                console.size = os.get_terminal_size(self._terminal_fd)
+            except OSError:
+                pass
+            self._live.update(self._table(console.height), refresh=True)
 
     def _table(self, height: int):
         from rich import box
