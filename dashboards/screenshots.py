@@ -148,7 +148,7 @@ def shoot_views(driver, report_dir: Path) -> list[str]:
         _size(driver, view.png.width, view.png.height)
         driver.get((report_dir / f"{view.name}.html").as_uri())
         WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-            "const p = document.querySelector('.js-plotly-plot'); return p && p._fullLayout;"))
+            "const p = document.querySelector('.js-plotly-plot'); return Boolean(p && p._fullLayout);"))
         time.sleep(1)  # transitions
         driver.save_screenshot(str(OUT / f"{view.name}.png"))
         names.append(f"{view.name}.png")
@@ -184,6 +184,13 @@ def shoot_mlflow_ui(driver, home: Path, work: Path) -> None:
         _size(driver, *MLFLOW_UI)
         driver.get(f"{url}/#/experiments/{experiment}/runs/{state.parent_run_id}/artifacts/dashboards/pareto.html")
         time.sleep(15)  # the single-page app, then the artifact's iframe and its plot
+        # MLflow's assistant opens beside the run on a first visit: close it, it hides the plot.
+        driver.execute_script("""
+            for (const button of document.querySelectorAll('button[aria-label]')) {
+                if (/close/i.test(button.getAttribute('aria-label'))
+                    && button.getBoundingClientRect().left > arguments[0]) button.click();
+            }""", MLFLOW_UI[0] * 0.7)
+        time.sleep(3)
         driver.save_screenshot(str(OUT / "mlflow_ui.png"))
     finally:
         server.terminate()
