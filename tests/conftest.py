@@ -23,6 +23,8 @@ SLOW_TESTS = (
     "tests/train/test_recipe.py::test_two_deepspeed_ranks",  # two torchrun ranks
     "tests/study/test_evaluate.py::test_evaluate_",  # a local Ray study, then `qstudy evaluate` on a local Ray instance
     "tests/test_readme_commands.py::test_every_readme_command_runs",  # the README's studies on local Ray instances
+    "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
+    "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
 )
 
 

@@ -92,6 +92,7 @@ class StudySummary:
     wall_seconds: float
     records: list[TrialRecord] = field(default_factory=list)
     front: list[TrialRecord] = field(default_factory=list)
+    knee: TrialRecord | None = None  # the front's knee, as `qstudy report` picks it
     best: TrialRecord | None = None
     interrupted: bool = False  # Ctrl-C: `qstudy study --resume NAME` continues
     commands_need_uri: bool = False  # the tracking URI is not the home's default: commands must name it
@@ -184,6 +185,13 @@ def connect_ray(address: str | None, verbose: int) -> None:
 
     if ray.is_initialized():
         return
+    if verbose <= 1:  # after `import ray`, which sets its logger to INFO
+        # Ray's INFO lines: a local instance started, Tune's experiment state written.
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        if address is None:
+            # Ray turns token authentication on for a local instance and warns that it did at every
+            # start (and saves a token to ~/.ray on a machine's first): the plan, not news.
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if address is None:
         ray_constants.ENABLE_RAY_CLUSTER = False
         # The dashboard would only cost memory and seconds (and listen on more ports).
@@ -223,21 +231,19 @@ def _check_resources(context: StudyContext) -> None:
                           f"the cluster has {gpus:g}")
 
 
-def _tuner_run_config(context: StudyContext, directory: Path, verbose: int):
+def _tuner_run_config(context: StudyContext, directory: Path):
     from ray import tune
 
-    from qstudy.study.progress import FailureLines, LiveTable
+    from qstudy.study.progress import StudyProgress
 
-    reporter = LiveTable(
-        str(directory), show_errors=verbose > 1,
-        metric_columns={"epoch": "epoch", "cider": "CIDEr", "trainable_params": "params", "loss": "loss"},
-        parameter_columns={"method": "method"}, max_report_frequency=15, sort_by_metric=False)
+    progress = StudyProgress(context.tracking.study, str(directory), context.tracking.outbox_root,
+                             context.space.settings.trials)
     # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
     restarts = context.space.settings.max_failures if context.in_actor else 0
-    return tune.RunConfig(name="tune", storage_path=str(directory), progress_reporter=reporter, verbose=verbose,
-                          failure_config=tune.FailureConfig(max_failures=restarts),
-                          callbacks=[FailureLines(context.tracking.outbox_root)])
+    # verbose=0: Tune's status tables and per-trial lines give way to StudyProgress, whatever -v says.
+    return tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=restarts), callbacks=[progress])
 
 
 def _trial_dirname(trial) -> str:
@@ -257,14 +263,14 @@ def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
 
 
 def _prepare_output(verbose: int) -> None:
-    """The live table, a line per failed trial and the summary; the libraries' INFO lines (study created,
-    tables migrated), Tune's tracebacks and error tables only with -v."""
-    # The classic reporter prints one compact live table; the new output engine prints every config key.
+    """The live table (or event lines) and the summary; Optuna's and MLflow's INFO lines (study created, tables
+    migrated; Ray's: :func:`_connect_ray`) and Tune's tracebacks only with -v."""
+    # Tune's new output engine would print its own tables beside study/progress.py's.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Save Tune's experiment state often: a killed driver loses at most this many seconds of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
-    # Tune logs each failed trial's whole traceback; progress.FailureLines prints one line instead.
+    # Tune logs each failed trial's whole traceback; study/progress.py prints one line instead.
     os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if verbose > 1 else "0"
     if verbose <= 1:
         import optuna
@@ -328,7 +334,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                                     scheduler=make_scheduler(space, directory / SCHEDULER_STATE),
                                     num_samples=settings.trials, reuse_actors=True,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=_tuner_run_config(context, directory, options.verbose))
+        run_config=_tuner_run_config(context, directory))
     tuner.fit()
     return _finish(state, directory, space, started)
 
@@ -461,7 +467,7 @@ def read_summary(state: StudyState, directory: Path, experiment: str, wall_secon
     home = directory.parent.parent
     return StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri, experiment=experiment,
                         parent_run_id=state.parent_run_id, wall_seconds=wall_seconds, records=list(analysis.records),
-                        front=list(analysis.front), best=analysis.best, interrupted=interrupted,
+                        front=list(analysis.front), knee=analysis.knee, best=analysis.best, interrupted=interrupted,
                         commands_need_uri=state.tracking_uri != writer.default_tracking_uri(home))
 
 
@@ -534,7 +540,7 @@ def format_summary(summary: StudySummary) -> str:
     best = summary.best
     lines = [f"study {summary.name}: {format_counts(summary.records)} in {summary.wall_seconds:.0f} s",
              "Pareto front (CIDEr max, trainable parameters min):",
-             front_table(summary.front),
+             front_table(summary.front, summary.knee),
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
              *_outcome_lines(summary),
              f"study directory: {summary.study_dir}",

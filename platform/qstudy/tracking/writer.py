@@ -60,8 +60,13 @@ def fail_fast_on_outage() -> None:
 
 
 def quiet_logs() -> None:
-    """MLflow's INFO lines (creating and migrating a sqlite store) stay out of a study's terminal."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    """MLflow's INFO lines (creating and migrating a sqlite store) stay out of a study's terminal.
+
+    The variable reaches the processes started afterwards (Ray's trial workers); mlflow reads it
+    when first imported, and the level is set here too in case it already was.
+    """
+    level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(level.upper())
 
 
 def default_tracking_uri(home: Path) -> str:
