@@ -33,6 +33,7 @@ import qstudy.study.space  # noqa: E402
 ASSETS = {
     "assets/pareto.png": "dashboards/screenshots/pareto.png",
     "assets/mlflow_ui.png": "dashboards/screenshots/mlflow_ui.png",
+    "assets/terminal.png": "dashboards/screenshots/terminal.png",
     "assets/search_efficiency.png": "bench/data/search_efficiency.png",
 }
 

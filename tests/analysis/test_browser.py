@@ -1,9 +1,8 @@
 """The dashboards `qstudy report` logged to MLflow, opened in headless Chromium: points drawn, no console errors.
 
 Drives Debian's chromium through chromedriver with selenium (no browser download: both
-binaries come from apt, `apt-get install -y chromium chromium-driver`). The Pareto view's
-screenshot is what the README shows; `QSTUDY_UPDATE_SCREENSHOTS=1` rewrites
-dashboards/screenshots/pareto.png.
+binaries come from apt, `apt-get install -y chromium chromium-driver`). The pictures the docs
+show come from `python dashboards/screenshots.py`, not from this test.
 """
 
 import os
@@ -99,11 +98,7 @@ def test_logged_dashboards_render_in_headless_chromium(browser, mlflow_store, tm
     for name, view in VIEWS.items():
         assert _png_size(downloaded / f"{name}.png") == (view.png.width, view.png.height)
 
-    screenshot = (
-        REPO_ROOT / "dashboards" / "screenshots" / "pareto.png"
-        if os.environ.get("QSTUDY_UPDATE_SCREENSHOTS") == "1"
-        else tmp_path / "pareto-screenshot.png"
-    )
+    screenshot = tmp_path / "pareto-screenshot.png"
     for name, (what, expected) in EXPECTED.items():
         view = VIEWS[name]
         browser.execute_cdp_cmd(
