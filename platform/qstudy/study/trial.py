@@ -109,10 +109,20 @@ def run_trial(config: dict, context: StudyContext) -> None:
         else:
             _train_with_torch_trainer(task, context)
     except Exception as error:
+        if lost_to_ray(error):  # no failure of the code: a resume or Tune's restart continues the trial
+            raise
         mark_failed(task, error)
         tracker.set_tags({schema.ERROR_TAG: f"{type(error).__name__}: {error}"[:schema.ERROR_TAG_LIMIT]})
         tracker.finish(FAILED)
         raise
+
+
+def lost_to_ray(error: BaseException) -> bool:
+    """Ray lost a process, an actor or a node under the trial (a killed driver takes its trials' Train
+    controllers with it): restarting is what helps, unlike an error the training code raised."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+
+    return isinstance(error, (RayActorError, WorkerCrashedError, NodeDiedError))
 
 
 def _train_in_actor(task: WorkerTask, checkpoint) -> None:
