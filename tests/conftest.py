@@ -35,16 +35,22 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def tiny_workspace(tmp_path_factory) -> Path:
-    """QSTUDY_HOME with target-domain clips and the cached tiny base, built once per session.
+def tiny_workspace(tmp_path_factory, worker_id) -> Path:
+    """QSTUDY_HOME with target-domain clips and the cached tiny base, built once per test run.
 
-    Reuses ``$QSTUDY_TEST_CACHE`` across sessions when set (local runs); CI builds it fresh.
+    Reuses ``$QSTUDY_TEST_CACHE`` across sessions when set (local runs); CI builds it fresh. The
+    run's pytest-xdist workers share one: the first builds it, the others wait for it.
     """
+    from filelock import FileLock
+
     from qstudy.cli import prepare_tiny_workspace
 
-    home = Path(os.environ.get("QSTUDY_TEST_CACHE") or tmp_path_factory.mktemp("qstudy_home"))
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    home = Path(os.environ.get("QSTUDY_TEST_CACHE") or shared / "qstudy_home")
+    home.mkdir(parents=True, exist_ok=True)
     os.environ["QSTUDY_HOME"] = str(home)  # before the build: the base's frames go to this home's frame cache
-    prepare_tiny_workspace(home)
+    with FileLock(str(home) + ".lock"):
+        prepare_tiny_workspace(home)
     return home
 
 
