@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
-# The fast tier (`pytest -m "not slow"`) leaves out what costs minutes or starts servers: any test on
+# The fast tier (`pytest -m "not slow" -n 2`) leaves out what costs minutes or starts servers: any test on
 # the session's Ray cluster and MLflow server, and these, each measured at 10 s or more.
 SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server"}
 SLOW_TESTS = (

@@ -343,7 +343,7 @@ def test_killed_driver_resumes_a_two_worker_deepspeed_trial_to_its_uninterrupted
     wait_until(registered_before_the_last_epoch, 400, "a registered checkpoint before the last epoch", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    wait_until(lambda: not train_run_actors(ray_head), 60, "the dead driver's Train run to stop")
+    wait_until(lambda: not train_run_actors(ray_head), 180, "the dead driver's Train run to stop")
 
     summary = finish(study(ray_head, study_home, "--resume", "zero2-killed"))
     runs = assert_one_story(ray_head, study_home, "zero2-killed", mlflow_server.uri, summary, tmp_path)
