@@ -28,10 +28,25 @@ SLOW_TESTS = (
 )
 
 
+# The suite runs on two pytest-xdist workers (`--dist loadgroup`, pyproject). The slow tests form one
+# group, so they run one after another on one worker: side by side, their studies and 2-thread trainings
+# slowed each other several-fold. The other worker takes the rest, which mostly waits on subprocesses
+# and small models, so the two overlap.
+SLOW_GROUP = "slow"
+
+
+def _needs_workspace(item) -> bool:
+    return "tiny_workspace" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group(SLOW_GROUP))
+    # The slow worker builds the tiny workspace first thing; meanwhile the other runs what needs none.
+    items.sort(key=_needs_workspace)
 
 
 @pytest.fixture(scope="session")
