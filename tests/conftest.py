@@ -31,8 +31,9 @@ SLOW_TESTS = (
 # The suite runs on two pytest-xdist workers (`--dist loadgroup`, pyproject). The slow tests form one
 # group, so they run one after another on one worker: side by side, their studies and 2-thread trainings
 # slowed each other several-fold. The other worker takes the rest, which mostly waits on subprocesses
-# and small models, so the two overlap.
-SLOW_GROUP = "slow"
+# and small models, so the two overlap. A slow test that names a group of its own (a single-threaded
+# training without Ray) runs beside the serial group instead.
+SERIAL_GROUP = "serial"
 
 
 def _needs_workspace(item) -> bool:
@@ -44,7 +45,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group(SLOW_GROUP))
+            if item.get_closest_marker("xdist_group") is None:
+                item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
     # The slow worker builds the tiny workspace first thing; meanwhile the other runs what needs none.
     items.sort(key=_needs_workspace)
 
