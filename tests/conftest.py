@@ -12,11 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
-# The fast tier (`pytest -m "not slow" -n 2`) leaves out what costs minutes or starts servers: any test on
-# the session's Ray cluster and MLflow server, and these, each measured at 10 s or more.
+# The fast tier (`pytest -m "not slow"`) leaves out what costs minutes or starts servers. Any test on the
+# session's Ray cluster and MLflow server is slow; so are these, each measured at 10 s or more.
 SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server"}
 SLOW_TESTS = (
-    "tests/train/test_floors.py",  # the floors grid: trains every floor under 1 and 2 threads (~3 min)
     "tests/analysis/test_browser.py",  # headless Chromium
     "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study
     "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
@@ -26,29 +25,55 @@ SLOW_TESTS = (
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
     "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
 )
+FLOORS = "tests/train/test_floors.py"  # the floors grid: three 10-epoch trainings under 1 and 2 threads (~3 min)
+
+# The whole suite runs on two pytest-xdist workers (pyproject: `--dist loadgroup`, in the order below).
+# - serial: the tests on the session's cluster, one after another on one worker; beside each other
+#   their studies slowed each other several-fold. The 2-thread floors come last, when the other
+#   worker is done: a 2-thread OpenMP team spins whenever another process takes one of its cores.
+# - the other worker meanwhile runs what needs no tiny workspace (while the serial worker builds
+#   it), then the slow tests off the cluster (local Ray instances, each trial on one thread), the
+#   1-thread floors, then the rest.
+SERIAL_GROUP, LOCAL_GROUP = "serial", "local"
 
 
-# The suite runs on two pytest-xdist workers (`--dist loadgroup`, pyproject). The slow tests form one
-# group, so they run one after another on one worker: side by side, their studies and 2-thread trainings
-# slowed each other several-fold. The other worker takes the rest, which mostly waits on subprocesses
-# and small models, so the two overlap. A slow test that names a group of its own (a single-threaded
-# training without Ray) runs beside the serial group instead.
-SERIAL_GROUP = "serial"
+def _group(item) -> str | None:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return SERIAL_GROUP
+    if item.nodeid.startswith(FLOORS):
+        return SERIAL_GROUP if "[2-threads]" in item.nodeid else "floors-1-thread"
+    return LOCAL_GROUP if item.nodeid.startswith(SLOW_TESTS) else None
 
 
-def _needs_workspace(item) -> bool:
-    return "tiny_workspace" in getattr(item, "fixturenames", ())
+def _turn(item) -> int:
+    group = _group(item)
+    if group == SERIAL_GROUP:
+        return 5 if item.nodeid.startswith(FLOORS) else 0
+    if group is None:
+        return 4 if "tiny_workspace" in getattr(item, "fixturenames", ()) else 1
+    return 2 if group == LOCAL_GROUP else 3
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(SLOW_TESTS):
+        group = _group(item)
+        if group is not None:
             item.add_marker(pytest.mark.slow)
-            if item.get_closest_marker("xdist_group") is None:
-                item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
-    # The slow worker builds the tiny workspace first thing; meanwhile the other runs what needs none.
-    items.sort(key=_needs_workspace)
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=_turn)
+
+
+def _shared_home(tmp_path_factory, worker_id) -> Path:
+    """The run's QSTUDY_HOME, one for all pytest-xdist workers: ``$QSTUDY_TEST_CACHE`` when set."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    return Path(os.environ.get("QSTUDY_TEST_CACHE") or shared / "qstudy_home")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions(tmp_path_factory, worker_id) -> None:
+    """One build of DeepSpeed's CPU ops (~1 min) for the whole run: every process and worker finds it here."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(_shared_home(tmp_path_factory, worker_id) / "torch_extensions")
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +87,7 @@ def tiny_workspace(tmp_path_factory, worker_id) -> Path:
 
     from qstudy.cli import prepare_tiny_workspace
 
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    home = Path(os.environ.get("QSTUDY_TEST_CACHE") or shared / "qstudy_home")
+    home = _shared_home(tmp_path_factory, worker_id)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["QSTUDY_HOME"] = str(home)  # before the build: the base's frames go to this home's frame cache
     with FileLock(str(home) + ".lock"):

@@ -21,10 +21,7 @@ MARGIN_FROZEN_OVER_BLIND = 0.5  # smallest gap 1.00
 MARGIN_QADAPTER_OVER_BLIND = 0.35  # smallest gap 0.69
 
 
-# One thread and no Ray: the 1-thread arms train on the second pytest-xdist worker, beside the serial
-# group (tests/conftest.py), as one group so the three arms train once.
-@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.xdist_group("floors-1-thread")), 2],
-                ids=lambda threads: f"{threads}-threads")
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda threads: f"{threads}-threads")
 def scores(request, tiny_workspace, tmp_path_factory) -> dict[str, float]:
     """Val CIDEr of the tiny preset's Q-Adapter run and of its two floors, seed 0, at one thread count."""
     config = RunConfig.from_yaml(DEMO_CONFIG)
