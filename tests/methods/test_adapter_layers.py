@@ -7,7 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from qstudy.methods import adapter_config_from_mapping
-from qstudy.methods.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
+from qstudy.methods.ademvl.modules import MultiscaleFusion
+from qstudy.methods.bottleneck.modules import BottleneckAdapters
+from qstudy.methods.compacter.modules import LowRankPHM
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import is_norm_module
 from shapes import tiny_dims

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qstudy.methods import ADAPTERS, adapter_config_from_mapping
-from qstudy.methods.inject import apply_adapter, count_parameters
+from qstudy.methods.inject import INJECTS, apply_adapter, count_parameters
 from qstudy.methods.bottleneck.config import ResidualAdapterConfig
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
@@ -147,6 +147,14 @@ def base_weight_trains(config, name: str, towers: set[str]) -> bool:
     if isinstance(config, ResidualAdapterConfig) and config.unfreeze_layer_norms:
         return name.partition(".")[0] in towers and is_norm_module(name.rpartition(".")[0])
     return False
+
+
+def test_each_method_is_one_folder_named_once_with_its_config_and_its_inject():
+    assert list(INJECTS) == list(ADAPTERS)
+    for name, config in ADAPTERS.items():
+        assert config.method == name
+        assert (config.__module__, INJECTS[name].__module__) == (f"qstudy.methods.{name}.config",
+                                                                 f"qstudy.methods.{name}.modules")
 
 
 def test_every_registered_method_has_a_row():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.base import AdapterConfig
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
@@ -45,7 +45,6 @@ def resolve_layers(spec: str | list[int], num_layers: int, where: str = "adapter
     return sorted(set(layers))
 
 
-@register
 @dataclass
 class QAdapterConfig(AdapterConfig):
     """Q-Adapter hyperparameters: the study's main search space."""
