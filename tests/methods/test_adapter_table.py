@@ -10,6 +10,7 @@ rotary positions, grouped KV heads, tied embeddings), built once per session fro
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from qstudy.methods import ADAPTERS, adapter_config_from_mapping
 from qstudy.methods.inject import INJECTS, apply_adapter, count_parameters
 from qstudy.methods.bottleneck.config import ResidualAdapterConfig
+from qstudy.methods.qadapter.config import QAdapterConfig
+from qstudy.core.errors import ConfigError
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
 from qstudy.data.annotations import read_clips
@@ -42,6 +45,11 @@ TABLE = {
     # A layer list that every pair's tower has (the tiny SigLIP has 2 layers, CLIP 4).
     "qadapter-sigmoid": {"method": "qadapter", "gating": "sigmoid", "insertion_layers": [1]},
     "qadapter-queries_to_lm": {"method": "qadapter", "gating": "tanh", "queries_to_lm": True, "num_query_tokens": 2},
+    "qadapter-side-token": {"method": "qadapter", "gating": "token", "insertion_layers": [1], "rank": 4},
+    "qadapter-gated_attention-per_head": {"method": "qadapter", "placement": "gated_attention", "gating": "per_head",
+                                          "num_query_tokens": 4},
+    "qadapter-gated_attention-token": {"method": "qadapter", "placement": "gated_attention", "gating": "token",
+                                       "insertion_layers": "all", "num_query_tokens": 2},
     "bottleneck-lm": {"method": "bottleneck"},
     "bottleneck-both-single": {"method": "bottleneck", "target": "both", "sharing": "single", "reduction_factor": 8},
     "bottleneck-vision-half-norms-frozen": {"method": "bottleneck", "target": "vision", "sharing": "half",
@@ -66,6 +74,9 @@ FROZEN_LAYERS = {
     "qadapter-tanh": lambda n: 1,  # every:2 -> layers 1, 3, ...
     "qadapter-sigmoid": lambda n: 1,
     "qadapter-queries_to_lm": lambda n: n - 2,
+    "qadapter-side-token": lambda n: 1,
+    "qadapter-gated_attention-per_head": lambda n: n - 2,
+    "qadapter-gated_attention-token": lambda n: 0,  # all: the first layer's attention is hooked
     "bottleneck-lm": lambda n: n,
     "bottleneck-both-single": lambda n: 0,
     "bottleneck-vision-half-norms-frozen": lambda n: 0,
@@ -206,6 +217,30 @@ def test_adapter(row, bench, tmp_path):
     reloaded_loss, reloaded_logits = bench.loss_and_logits(fresh)
     assert torch.equal(reloaded_loss, trained_loss) and torch.equal(reloaded_logits, trained_logits)
     assert fresh.generate(bench.frames, max_new_tokens=NEW_TOKENS) == captioner.generate(bench.frames, max_new_tokens=NEW_TOKENS)
+
+
+QADAPTER_READINGS = [(placement, gating) for placement in typing.get_args(typing.get_type_hints(QAdapterConfig)["placement"])
+                     for gating in typing.get_args(typing.get_type_hints(QAdapterConfig)["gating"])]
+
+
+def test_every_qadapter_reading_counts_in_closed_form_and_starts_where_its_docstring_says(bench):
+    """Each placement x gating: the closed-form count is the modules', and it starts at the base exactly when it says so."""
+    refused = set()
+    for placement, gating in QADAPTER_READINGS:
+        config = adapter_config_from_mapping({"method": "qadapter", "placement": placement, "gating": gating,
+                                              "num_query_tokens": 2, "rank": 4})
+        torch.manual_seed(0)
+        captioner = bench.build()
+        try:
+            apply_adapter(captioner, config)
+        except ConfigError:
+            refused.add((placement, gating))
+            continue
+        assert count_parameters(captioner)[0] == config.count_trainable(captioner.dims), (placement, gating)
+        loss, logits = bench.loss_and_logits(captioner)
+        assert (torch.equal(loss, bench.base_loss) and torch.equal(logits, bench.base_logits)) == config.starts_at_base, \
+            (placement, gating)
+    assert refused == {("side", "per_head")}
 
 
 def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):

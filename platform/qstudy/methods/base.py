@@ -29,11 +29,18 @@ class AdapterConfig:
     """Base of every method's config. Subclasses add their hyperparameters as fields."""
 
     method: ClassVar[str]
+    # Fields another field's value may leave unused (see ``uses``); a search samples them after
+    # the others, and only where used, so the sampler sees them as conditional.
+    conditional_fields: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def starts_at_base(self) -> bool:
         """Whether the adapted model's output equals the base's before any step (zero-initialised updates)."""
         return False
+
+    def uses(self, name: str) -> bool:
+        """Whether field ``name`` changes what this config builds, given its other fields."""
+        return True
 
     def to_mapping(self) -> dict[str, Any]:
         """The mapping ``registry.adapter_config_from_mapping`` reads back: ``method`` first, then the fields."""

@@ -11,23 +11,39 @@ from torch import nn
 
 
 class Gate(nn.Module):
-    """Scales an adapter's update: none (1), tanh of a zero-init scalar, or per-channel sigmoid."""
+    """Scales an update: none (1), tanh of a zero-init scalar, per-channel sigmoid, per-head factor, or per-token sigmoid.
 
-    def __init__(self, kind: str, hidden: int):
+    ``per_head`` multiplies each head's slice of the last dimension (heads x head width, as
+    attention concatenates them) by a zero-init factor; ``token`` multiplies each token's update
+    by ``sigmoid(w . x + b)`` of that token's input ``x`` (w, b zero-init).
+    """
+
+    def __init__(self, kind: str, hidden: int, heads: int | None = None):
         super().__init__()
         self.kind = kind
         if kind == "tanh":
             self.value = nn.Parameter(torch.zeros(1))
         elif kind == "sigmoid":
             self.value = nn.Parameter(torch.zeros(hidden))
+        elif kind == "per_head":
+            self.value = nn.Parameter(torch.zeros(heads, 1))
+        elif kind == "token":
+            self.value = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value.weight)
+            nn.init.zeros_(self.value.bias)
         elif kind != "none":
             raise ValueError(f"unknown gating {kind!r}")
 
-    def forward(self, update: torch.Tensor) -> torch.Tensor:
+    def forward(self, update: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``update`` (..., D) scaled; ``inputs`` (..., D) are the tokens it was computed from (read by ``token``)."""
         if self.kind == "tanh":
             return torch.tanh(self.value) * update
         if self.kind == "sigmoid":
             return torch.sigmoid(self.value) * update
+        if self.kind == "per_head":
+            return (update.unflatten(-1, (self.value.shape[0], -1)) * self.value).flatten(-2)
+        if self.kind == "token":
+            return torch.sigmoid(self.value(inputs)) * update
         return update
 
 

@@ -1,20 +1,45 @@
 """Q-Adapter (Chen et al., ACM MM Asia 2025, arXiv 2510.10022): query tokens + gating in the vision encoder.
 
-The paper's method section is not available to us; this is the documented reading it is
-implemented from. At each insertion layer l the layer's output tokens are down-projected
-to rank r; K learnable query tokens attend to them (query-attention) and form a K-slot
-summary; the tokens then attend to that summary (read-back); the result is up-projected
-and added to the residual stream through a gate (none | tanh of a zero-init scalar |
-per-channel sigmoid). With the tanh gate (or the zero-init up-projection the other gates
-use) the adapted model starts exactly at the base model. Optionally the last insertion
-layer's query summary, up-projected, is passed to the LM as K extra tokens per frame.
-Only the blocks and the projector train.
+The paper's method section is not available to us; ``placement`` picks the documented reading
+implemented, each applied at every insertion layer l of the vision encoder:
+
+- ``side`` (the default; our reading, no paper to follow): the layer's output tokens are
+  down-projected to rank r; K learnable query tokens attend to them (query-attention) and form
+  a K-slot summary; the tokens then attend to that summary (read-back); the result is
+  up-projected and added to the residual stream through the gate. The up-projection starts at
+  zero under every gate but tanh (whose zero gate does the same), so it starts exactly at the
+  base. With ``queries_to_lm`` the last insertion layer's query summary, up-projected, is
+  passed to the LM as K extra tokens per frame.
+- ``gated_attention`` (LLaMA-Adapter, Zhang et al. ICLR 2024, as peft's ``adaption_prompt``
+  and lit-llama's port implement it): K learnable prompt tokens in the encoder's width become
+  keys and values through layer l's own frozen k/v projections; the layer's tokens, through
+  its frozen q projection, attend to them in a softmax of their own (apart from the tokens'
+  attention to each other), per head; the result is gated and added to the attention's
+  output before its frozen output projection. Our choices: the prompts enter the vision
+  encoder (the paper adapts an LM's top layers, with ``insertion_layers`` for which), drawn
+  from N(0, 1) as the reference's embedding is; the output projection is applied without its
+  bias, so the sum is the layer's own projection of (attention + gated prompt attention).
+  ``rank`` does not apply (nothing is projected down) and ``queries_to_lm`` is refused: the
+  prompts are keys and values only, nothing reads them out.
+
+Gates (``gating``): ``none``; ``tanh`` of one zero-init scalar; ``sigmoid``, per channel of a
+zero-init vector (0.5 at the start); ``per_head``, one zero-init factor per attention head
+applied as it is (lit-llama's LLaMA-Adapter; peft uses one scalar), ``gated_attention`` only;
+``token``, ``sigmoid(w . x + b)`` per token of the layer's input x, w and b zero-init (0.5 at
+the start; our choice: an input-dependent gate has no paper here).
+
+Where it starts: ``side`` starts exactly at the base under every gate (zero up-projection or
+zero gate), unless ``queries_to_lm`` gives the LM K more tokens. ``gated_attention`` starts
+at the base under ``tanh`` and ``per_head`` (zero gates, LLaMA-Adapter's point); under
+``none``, ``sigmoid`` and ``token`` the prompts' attention adds from the first step, as nothing
+behind those gates starts at zero (the prompts pass through the frozen projections).
+Only the Q-Adapter modules and the projector train.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from qstudy.methods.base import AdapterConfig
 from qstudy.core.errors import ConfigError
@@ -51,18 +76,31 @@ class QAdapterConfig(AdapterConfig):
 
     method = "qadapter"
 
+    # side: a query-token block beside each insertion layer; gated_attention: LLaMA-Adapter's prompts in its attention
+    placement: Literal["side", "gated_attention"] = "side"
+    # K: the side block's query tokens, or gated_attention's prompt tokens
     num_query_tokens: int = 8
     insertion_layers: str | list[int] = "last:2"
-    gating: Literal["none", "tanh", "sigmoid"] = "tanh"
+    # per_head: gated_attention only
+    gating: Literal["none", "tanh", "sigmoid", "per_head", "token"] = "tanh"
+    # the side block's width; gated_attention has none
     rank: int = 16
+    # side only: the last block's K query summaries join the LM's input per frame
     queries_to_lm: bool = False
     # layers() memo: (insertion_layers, encoder depth) -> 0-based layers. It travels with the
     # pickled config, so the sampler's resolution serves the trial's worker too.
     _layers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    conditional_fields: ClassVar[frozenset[str]] = frozenset({"rank"})
+
     @property
-    def starts_at_base(self) -> bool:  # extra LM tokens change the LM's input from the start
-        return not self.queries_to_lm
+    def starts_at_base(self) -> bool:  # the module docstring says why each combination does or does not
+        if self.queries_to_lm:
+            return False  # extra LM tokens change the LM's input from the start
+        return self.placement == "side" or self.gating in ("tanh", "per_head")
+
+    def uses(self, name: str) -> bool:
+        return name != "rank" or self.placement == "side"
 
     def layers(self, dims: ModelDims) -> list[int]:
         """The 0-based encoder layers ``insertion_layers`` selects, resolved once per spec and depth."""
@@ -74,16 +112,32 @@ class QAdapterConfig(AdapterConfig):
 
     def validate(self, dims: ModelDims) -> None:
         self.layers(dims)
-        if not 1 <= self.rank <= dims.vision_hidden:
+        if self.uses("rank") and not 1 <= self.rank <= dims.vision_hidden:
             raise ConfigError(f"adapter.rank: {self.rank} must be in 1..{dims.vision_hidden} (the encoder's hidden size)")
         if self.num_query_tokens < 1:
             raise ConfigError(f"adapter.num_query_tokens: {self.num_query_tokens} must be >= 1")
+        if self.gating == "per_head":
+            if self.placement != "gated_attention":
+                raise ConfigError(f"adapter.gating: per_head gates attention heads; placement {self.placement} has "
+                                  "none (per_head needs placement gated_attention)")
+            if not dims.vision_heads:
+                raise ConfigError("adapter.gating: per_head needs the vision encoder's num_attention_heads, "
+                                  "which its config does not give")
+        if self.queries_to_lm and self.placement != "side":
+            raise ConfigError(f"adapter.queries_to_lm: placement {self.placement}'s prompts are keys and values "
+                              "only; only placement side has query tokens to pass to the LM")
 
     def frozen_vision_layers(self, dims: ModelDims) -> int:
         return self.layers(dims)[0]
 
+    def gate_params(self, dims: ModelDims) -> int:
+        hidden = dims.vision_hidden
+        return {"none": 0, "tanh": 1, "sigmoid": hidden, "per_head": dims.vision_heads, "token": hidden + 1}[self.gating]
+
     def extra_trainable(self, dims: ModelDims) -> int:
-        hidden, rank = dims.vision_hidden, self.rank
-        gate = {"none": 0, "tanh": 1, "sigmoid": hidden}[self.gating]
-        per_layer = (hidden * rank + rank) + self.num_query_tokens * rank + (rank * hidden + hidden) + gate
-        return per_layer * len(self.layers(dims))
+        hidden, rank, k = dims.vision_hidden, self.rank, self.num_query_tokens
+        if self.placement == "side":
+            per_layer = (hidden * rank + rank) + k * rank + (rank * hidden + hidden)
+        else:  # gated_attention: the prompts; the projections are the layer's own, frozen
+            per_layer = k * hidden
+        return (per_layer + self.gate_params(dims)) * len(self.layers(dims))

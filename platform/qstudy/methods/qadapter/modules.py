@@ -1,4 +1,4 @@
-"""Q-Adapter's modules: a query-token block with its gate after each insertion layer of the vision encoder."""
+"""Q-Adapter's modules: at each insertion layer of the vision encoder, a query-token side block or gated prompt attention."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qstudy.methods.layers import Gate, after_layer
+from qstudy.methods.layers import ATTENTION_NAMES, Gate, after_layer, sublayer
 from qstudy.methods.qadapter.config import QAdapterConfig
 from qstudy.model.extension import Extension, Slot
 
@@ -35,14 +35,43 @@ class QueryAdapter(nn.Module):
         queries = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         summary = F.scaled_dot_product_attention(queries, tokens, tokens)
         readback = F.scaled_dot_product_attention(tokens, summary, summary)
-        return hidden_states + self.gate(self.up(readback)), summary
+        return hidden_states + self.gate(self.up(readback), hidden_states), summary
 
     def query_tokens(self, summary: torch.Tensor) -> torch.Tensor:
         """A forward's query summary in the encoder's width: extra visual tokens (B, K, D)."""
         return self.up(summary)
 
 
+class PromptAttention(nn.Module):
+    """LLaMA-Adapter's zero-init attention on a frozen vision layer: its tokens attend to K learnable prompts.
+
+    The prompts become keys and values through the layer's own (frozen) k/v projections, the
+    tokens queries through its q projection; per head, a softmax over the prompts alone, then
+    the gate, then the layer's output projection without its bias: an update to the attention's
+    output. The attention module is passed in, not kept, so its weights stay the base's alone.
+    """
+
+    def __init__(self, hidden: int, heads: int, num_prompts: int, gating: str):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(num_prompts, hidden))
+        self.gate = Gate(gating, hidden, heads)
+
+    def forward(self, hidden_states: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+        """The attention's input (B, N, D) -> the update to its output (B, N, D)."""
+        heads = attention.num_heads
+        prompts = self.prompts.to(hidden_states.dtype)
+        queries = attention.q_proj(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, d)
+        keys, values = (projection(prompts).unflatten(-1, (heads, -1)).transpose(0, 1).expand(len(queries), -1, -1, -1)
+                        for projection in (attention.k_proj, attention.v_proj))  # (B, H, K, d)
+        attended = F.scaled_dot_product_attention(queries, keys, values, scale=attention.scale)
+        return F.linear(self.gate(attended.transpose(1, 2).flatten(2), hidden_states), attention.out_proj.weight)
+
+
 def inject(config: QAdapterConfig, captioner) -> Extension:
+    return {"side": _inject_side, "gated_attention": _inject_gated_attention}[config.placement](config, captioner)
+
+
+def _inject_side(config: QAdapterConfig, captioner) -> Extension:
     extension = Extension()
     layers = config.layers(captioner.dims)
     # The last block's query tokens leave the tower's forward, which returns only hidden states, through here.
@@ -64,3 +93,22 @@ def _adapt(hidden: torch.Tensor, block: QueryAdapter, queries: Slot | None) -> t
     if queries is not None:
         queries.put(block.query_tokens(summary))
     return updated
+
+
+def _inject_gated_attention(config: QAdapterConfig, captioner) -> Extension:
+    extension = Extension()
+    for layer in config.layers(captioner.dims):
+        attention = sublayer(captioner.encoder_layers[layer], ATTENTION_NAMES)
+        missing = [name for name in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scale")
+                   if not hasattr(attention, name)]
+        if missing:
+            raise ValueError(f"placement gated_attention: {type(attention).__name__} has no {', '.join(missing)}")
+        block = PromptAttention(captioner.dims.vision_hidden, attention.num_heads, config.num_query_tokens, config.gating)
+        extension.modules[f"qadapter_{layer}"] = block
+
+        def hook(module, args, kwargs, output, block=block):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return (output[0] + block(hidden, module),) + tuple(output[1:])
+
+        extension.handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+    return extension
