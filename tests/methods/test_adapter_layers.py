@@ -11,7 +11,7 @@ from qstudy.methods.ademvl.modules import MultiscaleFusion
 from qstudy.methods.bottleneck.modules import BottleneckAdapters
 from qstudy.methods.compacter.modules import LowRankPHM
 from qstudy.methods.layers import Gate
-from qstudy.methods.qadapter.modules import PromptAttention
+from qstudy.methods.qadapter.modules import PromptAttention, ReadOutQueries
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import is_norm_module
 from shapes import tiny_dims
@@ -95,6 +95,7 @@ def test_fusion_refuses_features_of_other_rows():
     ({"method": "qadapter", "gating": "per_head"}, "adapter.gating"),  # placement side has no heads
     ({"method": "qadapter", "placement": "gated_attention", "queries_to_lm": True}, "adapter.queries_to_lm"),
     ({"method": "qadapter", "placement": "sideways"}, "adapter.placement"),
+    ({"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt"}, "adapter.queries_to_lm"),
 ])
 def test_bad_hyperparameters_fail_naming_the_field(mapping, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -146,3 +147,21 @@ def test_the_token_gate_reads_each_tokens_input():
     with torch.no_grad():
         gate.value.weight[0, 0] = 3.0
     torch.testing.assert_close(gate(update, inputs)[0, :, 0], torch.sigmoid(torch.tensor([3.0, -3.0])))
+
+
+def test_vqt_queries_are_the_layers_outputs_for_them_with_keys_and_values_from_the_original_tokens_alone():
+    """VQT written as a mask: the layer's own forward on [tokens; queries], no row attending to a query."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4)
+    config._attn_implementation = "eager"
+    layer = CLIPEncoderLayer(config).eval()
+    queries = ReadOutQueries(16, num_queries=3)
+    tokens = torch.randn(2, 5, 16)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 5:] = float("-inf")
+    joint = layer(torch.cat([tokens, queries.queries.expand(2, -1, -1)], dim=1), mask)
+    joint = joint[0] if isinstance(joint, tuple) else joint
+    torch.testing.assert_close(queries(tokens, layer), joint[:, 5:])

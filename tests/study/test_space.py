@@ -128,14 +128,15 @@ def test_budget_marks_configs_infeasible_before_training():
     assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
 
 
-def test_rank_is_sampled_only_where_the_placement_uses_it():
-    """Q-Adapter's rank is an Optuna parameter of side-placement trials alone: gated attention has no rank."""
+def test_rank_and_gating_are_sampled_only_where_the_placement_uses_them():
+    """Q-Adapter's rank is an Optuna parameter of side-placement trials alone, its gating of those with a gate."""
     space = parse(mutated(lambda d: d["arms"]["qadapter"].update({
-        "adapter.placement": {"choices": ["gated_attention", "side"]}, "adapter.gating": {"choices": ["tanh", "token"]}})))
+        "adapter.placement": {"choices": ["gated_attention", "side", "sequence"]},
+        "adapter.gating": {"choices": ["tanh", "token"]}})))
     sampler = SpaceSampler(space)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     placements = set()
-    for _ in range(16):
+    for _ in range(24):
         trial = study.ask()
         sampled = SampledConfig.from_tune_config(sampler(trial))
         study.tell(trial, [0.0, sampled.trainable_params])
@@ -143,10 +144,9 @@ def test_rank_is_sampled_only_where_the_placement_uses_it():
             continue
         placement = sampled.run_config.adapter.placement
         placements.add(placement)
-        searched = placement == "side"
-        assert ("qadapter.adapter.rank" in study.trials[-1].params) == searched == ("adapter.rank" in sampled.values)
-        assert "qadapter.adapter.gating" in study.trials[-1].params
-    assert placements == {"side", "gated_attention"}
+        for key, used in (("adapter.rank", placement == "side"), ("adapter.gating", placement != "sequence")):
+            assert (f"qadapter.{key}" in study.trials[-1].params) == used == (key in sampled.values), (placement, key)
+    assert placements == {"side", "gated_attention", "sequence"}
 
 
 def test_a_trial_config_is_built_and_its_layers_resolved_once_from_sampler_to_worker(monkeypatch, tmp_path):

@@ -37,7 +37,10 @@ CAPTIONS = ["a red circle moves left", "a blue square moves up"]
 # Every method's defaults, and each of Q-Adapter's other placements (their modules make tensors of their own).
 ADAPTER_CONFIGS = {**{method: {"method": method} for method in sorted(ADAPTERS)},
                    "qadapter-gated_attention": {"method": "qadapter", "placement": "gated_attention",
-                                                "gating": "per_head"}}
+                                                "gating": "per_head"},
+                   "qadapter-sequence-vpt": {"method": "qadapter", "placement": "sequence"},
+                   "qadapter-sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt",
+                                             "queries_to_lm": True}}
 
 
 def meta_captioner(base, adapter: dict) -> tuple[Captioner, list[torch.nn.Parameter]]:
