@@ -52,11 +52,11 @@ def tiny_dims() -> ModelDims:
     return ModelDims(vision_hidden=64, vision_layers=4, lm_hidden=128, lm_layers=2,
                      num_frames=4, vision_shapes=clip_vision_shapes(64, 128, 4, 32, 8),
                      lm_shapes=gpt2_shapes(vocab, 256, 128, 2), vision_image_size=32, vision_patch_size=8,
-                     frame_grid=2, temporal_merger_rank=16)
+                     vision_heads=4, frame_grid=2, temporal_merger_rank=16)
 
 
 def paper_dims() -> ModelDims:
     """CLIP ViT-B/16 + GPT-2 (124M), 8 frames."""
     return ModelDims(vision_hidden=768, vision_layers=12, lm_hidden=768, lm_layers=12,
                      num_frames=8, vision_shapes=clip_vision_shapes(768, 3072, 12, 224, 16),
-                     lm_shapes=gpt2_shapes(50257, 1024, 768, 12), vision_image_size=224, vision_patch_size=16)
+                     lm_shapes=gpt2_shapes(50257, 1024, 768, 12), vision_image_size=224, vision_patch_size=16, vision_heads=12)

@@ -95,6 +95,7 @@ VIOLATIONS = [
     ("methods/lora/config.py", "import torch", "Method configs and their registry are torch-free"),
     ("methods/qadapter/config.py", "from qstudy.methods.layers import Gate", "Method configs and their registry"),
     ("methods/layers.py", "from qstudy.train import engine", "Method modules sit below training"),
+    ("methods/layers.py", "from qstudy.methods import inject", "Layers"),
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 from qstudy.core.errors import ConfigError, Problems
 from qstudy.core.paths import check_path_component, expand_path, qstudy_home
 from qstudy.core.validate import check_at_least, from_mapping, load_yaml, to_mapping
-from qstudy.methods import AdapterConfig
+from qstudy.methods import Adapter
 
 
 @dataclass
@@ -149,7 +149,7 @@ class RunConfig:
 
     data: DataConfig
     model: ModelConfig
-    adapter: AdapterConfig  # the registered subclass its ``method`` key names
+    adapter: Adapter  # the registered config its ``method`` key names
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"

@@ -7,7 +7,11 @@ import torch
 from torch.nn import functional as F
 
 from qstudy.methods import adapter_config_from_mapping
-from qstudy.methods.layers import BottleneckAdapters, LowRankPHM, MultiscaleFusion
+from qstudy.methods.ademvl.modules import MultiscaleFusion
+from qstudy.methods.bottleneck.modules import BottleneckAdapters
+from qstudy.methods.compacter.modules import LowRankPHM
+from qstudy.methods.layers import Gate
+from qstudy.methods.qadapter.modules import PromptAttention, ReadOutQueries
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import is_norm_module
 from shapes import tiny_dims
@@ -88,6 +92,10 @@ def test_fusion_refuses_features_of_other_rows():
     ({"method": "ademvl", "pool_strides": [3]}, "adapter.pool_strides"),
     ({"method": "ademvl", "drop_ratio": 1.0}, "adapter.drop_ratio"),
     ({"method": "ademvl", "vision_adapter_dim": -1}, "adapter.vision_adapter_dim"),
+    ({"method": "qadapter", "gating": "per_head"}, "adapter.gating"),  # placement side has no heads
+    ({"method": "qadapter", "placement": "gated_attention", "queries_to_lm": True}, "adapter.queries_to_lm"),
+    ({"method": "qadapter", "placement": "sideways"}, "adapter.placement"),
+    ({"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt"}, "adapter.queries_to_lm"),
 ])
 def test_bad_hyperparameters_fail_naming_the_field(mapping, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -108,3 +116,52 @@ def test_ademvl_closed_form_counts_the_per_frame_visual_embeddings():
 ])
 def test_norm_modules_are_found_by_name_across_families(name, is_norm):
     assert is_norm_module(name) == is_norm
+
+
+def test_gated_attention_adds_each_heads_attention_over_the_prompts_through_the_frozen_projections():
+    """LLaMA-Adapter's zero-init attention, written out per head: softmax(q_h k_h^T / sqrt(d)) v_h over the prompts alone."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    torch.manual_seed(0)
+    attention = CLIPAttention(CLIPVisionConfig(hidden_size=16, num_attention_heads=4))
+    block = PromptAttention(16, 4, num_prompts=3, gating="per_head")
+    tokens = torch.randn(2, 5, 16)
+    assert torch.equal(block(tokens, attention), torch.zeros(2, 5, 16))  # zero-init gates: the base's attention
+    with torch.no_grad():
+        block.gate.value.copy_(torch.tensor([[1.0], [0.0], [-2.0], [0.5]]))
+    expected = torch.zeros(2, 5, 16)
+    for head, gate in enumerate([1.0, 0.0, -2.0, 0.5]):
+        rows = slice(4 * head, 4 * head + 4)
+        q = F.linear(tokens, attention.q_proj.weight[rows], attention.q_proj.bias[rows])
+        k = F.linear(block.prompts, attention.k_proj.weight[rows], attention.k_proj.bias[rows])
+        v = F.linear(block.prompts, attention.v_proj.weight[rows], attention.v_proj.bias[rows])
+        expected += gate * torch.softmax(q @ k.T / 2.0, dim=-1) @ v @ attention.out_proj.weight[:, rows].T
+    torch.testing.assert_close(block(tokens, attention), expected)
+
+
+def test_the_token_gate_reads_each_tokens_input():
+    gate = Gate("token", 4)
+    update, inputs = torch.ones(1, 2, 4), torch.tensor([[[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]])
+    assert torch.equal(gate(update, inputs), torch.full((1, 2, 4), 0.5))  # zero-init: one half everywhere
+    with torch.no_grad():
+        gate.value.weight[0, 0] = 3.0
+    torch.testing.assert_close(gate(update, inputs)[0, :, 0], torch.sigmoid(torch.tensor([3.0, -3.0])))
+
+
+def test_vqt_queries_are_the_layers_outputs_for_them_with_keys_and_values_from_the_original_tokens_alone():
+    """VQT written as a mask: the layer's own forward on [tokens; queries], no row attending to a query."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4)
+    config._attn_implementation = "eager"
+    layer = CLIPEncoderLayer(config).eval()
+    queries = ReadOutQueries(16, num_queries=3)
+    tokens = torch.randn(2, 5, 16)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 5:] = float("-inf")
+    joint = layer(torch.cat([tokens, queries.queries.expand(2, -1, -1)], dim=1), mask)
+    joint = joint[0] if isinstance(joint, tuple) else joint
+    torch.testing.assert_close(queries(tokens, layer), joint[:, 5:])

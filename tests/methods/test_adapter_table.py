@@ -10,6 +10,8 @@ rotary positions, grouped KV heads, tied embeddings), built once per session fro
 from __future__ import annotations
 
 import copy
+import itertools
+import typing
 from dataclasses import replace
 
 import pytest
@@ -17,8 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qstudy.methods import ADAPTERS, adapter_config_from_mapping
-from qstudy.methods.inject import apply_adapter, count_parameters
+from qstudy.methods.inject import INJECTS, apply_adapter, count_parameters
 from qstudy.methods.bottleneck.config import ResidualAdapterConfig
+from qstudy.methods.qadapter.config import QAdapterConfig
+from qstudy.core.errors import ConfigError
 from qstudy.cli import DEMO_CONFIG
 from qstudy.config import RunConfig
 from qstudy.data.annotations import read_clips
@@ -42,6 +46,14 @@ TABLE = {
     # A layer list that every pair's tower has (the tiny SigLIP has 2 layers, CLIP 4).
     "qadapter-sigmoid": {"method": "qadapter", "gating": "sigmoid", "insertion_layers": [1]},
     "qadapter-queries_to_lm": {"method": "qadapter", "gating": "tanh", "queries_to_lm": True, "num_query_tokens": 2},
+    "qadapter-side-token": {"method": "qadapter", "gating": "token", "insertion_layers": [1], "rank": 4},
+    "qadapter-gated_attention-per_head": {"method": "qadapter", "placement": "gated_attention", "gating": "per_head",
+                                          "num_query_tokens": 4},
+    "qadapter-gated_attention-token": {"method": "qadapter", "placement": "gated_attention", "gating": "token",
+                                       "insertion_layers": "all", "num_query_tokens": 2},
+    "qadapter-sequence-vpt": {"method": "qadapter", "placement": "sequence", "num_query_tokens": 2},
+    "qadapter-sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt",
+                              "queries_to_lm": True, "insertion_layers": [0, 1], "num_query_tokens": 2},
     "bottleneck-lm": {"method": "bottleneck"},
     "bottleneck-both-single": {"method": "bottleneck", "target": "both", "sharing": "single", "reduction_factor": 8},
     "bottleneck-vision-half-norms-frozen": {"method": "bottleneck", "target": "vision", "sharing": "half",
@@ -66,6 +78,11 @@ FROZEN_LAYERS = {
     "qadapter-tanh": lambda n: 1,  # every:2 -> layers 1, 3, ...
     "qadapter-sigmoid": lambda n: 1,
     "qadapter-queries_to_lm": lambda n: n - 2,
+    "qadapter-side-token": lambda n: 1,
+    "qadapter-gated_attention-per_head": lambda n: n - 2,
+    "qadapter-gated_attention-token": lambda n: 0,  # all: the first layer's attention is hooked
+    "qadapter-sequence-vpt": lambda n: n - 2,
+    "qadapter-sequence-vqt": lambda n: 0,
     "bottleneck-lm": lambda n: n,
     "bottleneck-both-single": lambda n: 0,
     "bottleneck-vision-half-norms-frozen": lambda n: 0,
@@ -149,6 +166,14 @@ def base_weight_trains(config, name: str, towers: set[str]) -> bool:
     return False
 
 
+def test_each_method_is_one_folder_named_once_with_its_config_and_its_inject():
+    assert list(INJECTS) == list(ADAPTERS)
+    for name, config in ADAPTERS.items():
+        assert config.method == name
+        assert (config.__module__, INJECTS[name].__module__) == (f"qstudy.methods.{name}.config",
+                                                                 f"qstudy.methods.{name}.modules")
+
+
 def test_every_registered_method_has_a_row():
     assert {row["method"] for row in TABLE.values()} == set(ADAPTERS)
     assert set(FROZEN_LAYERS) == set(TABLE)
@@ -198,6 +223,52 @@ def test_adapter(row, bench, tmp_path):
     reloaded_loss, reloaded_logits = bench.loss_and_logits(fresh)
     assert torch.equal(reloaded_loss, trained_loss) and torch.equal(reloaded_logits, trained_logits)
     assert fresh.generate(bench.frames, max_new_tokens=NEW_TOKENS) == captioner.generate(bench.frames, max_new_tokens=NEW_TOKENS)
+
+
+def qadapter_readings() -> list[dict]:
+    """Every placement x gating x sequence_mode, each field set only where the placement uses it (vqt reads out to the LM)."""
+    hints = typing.get_type_hints(QAdapterConfig)
+    readings = []
+    for placement, gating, mode in itertools.product(*(typing.get_args(hints[name])
+                                                       for name in ("placement", "gating", "sequence_mode"))):
+        config = QAdapterConfig(placement=placement, gating=gating, sequence_mode=mode, queries_to_lm=mode == "vqt")
+        if all(config.uses(name) or getattr(config, name) == getattr(QAdapterConfig(), name)
+               for name in ("gating", "sequence_mode")):
+            readings.append({**config.to_mapping(), "num_query_tokens": 2, "rank": 4,
+                             "queries_to_lm": config.uses("sequence_mode") and mode == "vqt"})
+    return readings
+
+
+def test_every_qadapter_reading_counts_in_closed_form_and_starts_where_its_docstring_says(bench):
+    """Each reading: the closed-form count is the modules', and it starts at the base exactly when it says so."""
+    refused = []
+    readings = qadapter_readings()
+    for reading in readings:
+        config = adapter_config_from_mapping(reading)
+        torch.manual_seed(0)
+        captioner = bench.build()
+        try:
+            apply_adapter(captioner, config)
+        except ConfigError:
+            refused.append((config.placement, config.gating))
+            continue
+        assert count_parameters(captioner)[0] == config.count_trainable(captioner.dims), reading
+        loss, logits = bench.loss_and_logits(captioner)
+        assert (torch.equal(loss, bench.base_loss) and torch.equal(logits, bench.base_logits)) == config.starts_at_base, \
+            reading
+    assert refused == [("side", "per_head")]
+    assert len(readings) == 5 + 5 + 2  # side and gated_attention by gate, sequence by mode
+
+
+def test_vqt_leaves_the_towers_tokens_as_the_base_computes_them_and_feeds_the_lm_each_layers_queries(bench):
+    base, captioner = bench.build(), bench.build()
+    apply_adapter(captioner, adapter_config_from_mapping({"method": "qadapter", "placement": "sequence",
+                                                          "sequence_mode": "vqt", "queries_to_lm": True,
+                                                          "insertion_layers": [0, 1], "num_query_tokens": 3}))
+    with torch.no_grad():
+        base_tokens, tokens = base.visual_tokens(bench.frames), captioner.visual_tokens(bench.frames)
+    assert tokens.shape[2] == base_tokens.shape[2] + 2 * 3  # K per insertion layer per frame
+    assert torch.equal(tokens[:, :, :base_tokens.shape[2]], base_tokens)
 
 
 def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):

@@ -128,6 +128,27 @@ def test_budget_marks_configs_infeasible_before_training():
     assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
 
 
+def test_rank_and_gating_are_sampled_only_where_the_placement_uses_them():
+    """Q-Adapter's rank is an Optuna parameter of side-placement trials alone, its gating of those with a gate."""
+    space = parse(mutated(lambda d: d["arms"]["qadapter"].update({
+        "adapter.placement": {"choices": ["gated_attention", "side", "sequence"]},
+        "adapter.gating": {"choices": ["tanh", "token"]}})))
+    sampler = SpaceSampler(space)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    placements = set()
+    for _ in range(24):
+        trial = study.ask()
+        sampled = SampledConfig.from_tune_config(sampler(trial))
+        study.tell(trial, [0.0, sampled.trainable_params])
+        if sampled.method != "qadapter":
+            continue
+        placement = sampled.run_config.adapter.placement
+        placements.add(placement)
+        for key, used in (("adapter.rank", placement == "side"), ("adapter.gating", placement != "sequence")):
+            assert (f"qadapter.{key}" in study.trials[-1].params) == used == (key in sampled.values), (placement, key)
+    assert placements == {"side", "gated_attention", "sequence"}
+
+
 def test_a_trial_config_is_built_and_its_layers_resolved_once_from_sampler_to_worker(monkeypatch, tmp_path):
     """The sampler's validated RunConfig is what the worker trains, carried through Ray's pickling, never rebuilt."""
     space = parse(TINY_SPACE)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qstudy.methods import ADAPTERS
+from qstudy.methods import ADAPTERS, adapter_config_from_mapping
 from qstudy.methods.inject import apply_adapter
 from qstudy.config import DataConfig, TrainConfig
 from qstudy.data.annotations import Clip
@@ -34,10 +34,19 @@ NUM_FRAMES = 2
 CAPTIONS = ["a red circle moves left", "a blue square moves up"]
 
 
-def meta_captioner(base, method: str) -> tuple[Captioner, list[torch.nn.Parameter]]:
+# Every method's defaults, and each of Q-Adapter's other placements (their modules make tensors of their own).
+ADAPTER_CONFIGS = {**{method: {"method": method} for method in sorted(ADAPTERS)},
+                   "qadapter-gated_attention": {"method": "qadapter", "placement": "gated_attention",
+                                                "gating": "per_head"},
+                   "qadapter-sequence-vpt": {"method": "qadapter", "placement": "sequence"},
+                   "qadapter-sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt",
+                                             "queries_to_lm": True}}
+
+
+def meta_captioner(base, adapter: dict) -> tuple[Captioner, list[torch.nn.Parameter]]:
     torch.manual_seed(0)
     captioner = Captioner.from_pretrained(base, NUM_FRAMES)
-    apply_adapter(captioner, ADAPTERS[method]())
+    apply_adapter(captioner, adapter_config_from_mapping(adapter))
     captioner.to("meta")  # new Parameter objects: a CPU tensor cannot take meta data in place
     return captioner, [p for p in captioner.parameters() if p.requires_grad]
 
@@ -47,9 +56,9 @@ def cpu_frames(captioner: Captioner, batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, NUM_FRAMES, size, size, 3), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("method", sorted(ADAPTERS))
-def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base, method, monkeypatch):
-    captioner, trainable = meta_captioner(tiny_random_base, method)
+@pytest.mark.parametrize("adapter", list(ADAPTER_CONFIGS.values()), ids=list(ADAPTER_CONFIGS))
+def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base, adapter, monkeypatch):
+    captioner, trainable = meta_captioner(tiny_random_base, adapter)
     loss = captioner(cpu_frames(captioner, 2), *captioner.tokenize(CAPTIONS))
     assert loss.device.type == "meta"
     loss.backward()
@@ -68,7 +77,7 @@ def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base
 
 
 def test_the_recipes_batches_reach_the_models_device(tiny_random_base, monkeypatch):
-    captioner, trainable = meta_captioner(tiny_random_base, "qadapter")
+    captioner, trainable = meta_captioner(tiny_random_base, {"method": "qadapter"})
     config = TrainConfig(batch_size=2, epochs=1)
     engine = Engine(captioner, trainable, config, total_steps=3)
     clips = [Clip(f"clip{i}", Path(f"clip{i}.mp4"), tuple(CAPTIONS)) for i in range(3)]

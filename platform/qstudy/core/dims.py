@@ -231,6 +231,8 @@ class ModelDims:
     # The patch grid (ADEM-VL's multiscale features are sized by it); None where a tower lacks them.
     vision_image_size: int | None = None
     vision_patch_size: int | None = None
+    # Attention heads per vision layer (Q-Adapter's per-head gates); None where the config gives none.
+    vision_heads: int | None = None
     # The projector's shape (see ModelConfig): per-frame grid side and the clip-token merger's rank.
     frame_grid: int = 2
     temporal_merger_rank: int = 0
@@ -266,6 +268,7 @@ class ModelDims:
             lm_shapes=lm_shapes,
             vision_image_size=vision.get("image_size"),
             vision_patch_size=vision.get("patch_size"),
+            vision_heads=vision.get("num_attention_heads"),
             frame_grid=frame_grid,
             temporal_merger_rank=temporal_merger_rank,
         )

@@ -7,7 +7,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -29,10 +29,17 @@ def _type_name(annotation: Any) -> str:
 
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a type annotation, converting nested mappings to dataclasses."""
+    """Check ``value`` against a type annotation, converting nested mappings to dataclasses.
+
+    ``Annotated[T, read]`` is read by ``read(value, where)``: a type that stands for several
+    (a method's config, chosen by its ``method`` key) names its own reader.
+    """
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return value
+    if origin is Annotated:
+        _, read = typing.get_args(annotation)[:2]
+        return read(value, where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -66,9 +73,7 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(annotation):
-        # A base class that stands for several (a method's config, chosen by its `method` key) reads itself.
-        read = getattr(annotation, "from_mapping", None)
-        return read(value, where) if read else from_mapping(annotation, value, where)
+        return from_mapping(annotation, value, where)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -97,7 +102,7 @@ def from_mapping(cls: type, data: Any, where: str = "") -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     problems = Problems()
     for name in sorted(set(data) - set(fields)):

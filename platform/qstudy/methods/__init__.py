@@ -1,16 +1,10 @@
-"""PEFT methods as study arms: each subpackage ``methods/<name>/`` is one method.
+"""PEFT methods as study arms: each subpackage ``methods/<name>/`` is one method, named in ``registry.py``.
 
-Importing this package registers every method's config (``<name>/config.py``) and imports no
-torch; a method's modules (``<name>/modules.py``) load only when it is injected.
+Importing this package imports every method's config and no torch; a method's modules
+(``<name>/modules.py``) load with ``methods/inject.py``, which names each method's ``inject``.
 """
 
-import importlib
-import pkgutil
+from qstudy.methods.base import AdapterConfig
+from qstudy.methods.registry import ADAPTERS, Adapter, adapter_config_from_mapping
 
-from qstudy.methods.registry import ADAPTERS, AdapterConfig, adapter_config_from_mapping, register
-
-for _method in pkgutil.iter_modules(__path__):
-    if _method.ispkg:
-        importlib.import_module(f"{__name__}.{_method.name}.config")
-
-__all__ = ["ADAPTERS", "AdapterConfig", "adapter_config_from_mapping", "register"]
+__all__ = ["ADAPTERS", "Adapter", "AdapterConfig", "adapter_config_from_mapping"]

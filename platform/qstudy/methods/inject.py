@@ -1,12 +1,40 @@
-"""Putting a method on a captioner: freeze the base, run the method's ``modules.inject``, keep what it added, say what trains."""
+"""Putting a method on a captioner: freeze the base, run the method's ``inject``, keep what it added, say what trains."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from qstudy.methods.registry import AdapterConfig
+from qstudy.methods.ademvl import modules as ademvl
+from qstudy.methods.bottleneck import modules as bottleneck
+from qstudy.methods.compacter import modules as compacter
+from qstudy.methods.frozen import modules as frozen
+from qstudy.methods.full import modules as full
+from qstudy.methods.hyperformer import modules as hyperformer
+from qstudy.methods.lora import modules as lora
+from qstudy.methods.prompt_tuning import modules as prompt_tuning
+from qstudy.methods.qadapter import modules as qadapter
+from qstudy.methods.base import AdapterConfig
+from qstudy.model.extension import Extension
+
+# (config, captioner) -> what the method added to the captioner
+Inject = Callable[[Any, Any], Extension]
+
+# Every method's inject by name, one line a method, as peft maps its method names to their
+# tuners; ``methods/registry.py`` maps the same names to their configs.
+INJECTS: dict[str, Inject] = {
+    "qadapter": qadapter.inject,
+    "full": full.inject,
+    "frozen": frozen.inject,
+    "lora": lora.inject,
+    "bottleneck": bottleneck.inject,
+    "compacter": compacter.inject,
+    "hyperformer": hyperformer.inject,
+    "prompt_tuning": prompt_tuning.inject,
+    "ademvl": ademvl.inject,
+}
 
 
 def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
@@ -23,9 +51,7 @@ def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
         # the vision tower): it stays frozen with the tower, and adapting what it reads is the
         # methods' job.
         captioner.projector.temporal_merger.requires_grad_(False)
-    # The modules sit beside the config, in methods/<name>/modules.py; they load only here.
-    package = type(config).__module__.rpartition(".")[0]
-    captioner.add_adapter(config.method, importlib.import_module(f"{package}.modules").inject(config, captioner))
+    captioner.add_adapter(config.method, INJECTS[config.method](config, captioner))
     return [parameter for parameter in captioner.parameters() if parameter.requires_grad]
 
 

@@ -416,8 +416,18 @@ class SpaceSampler:
         """Tune's config for the trial: ``method`` (the live table's column) and the :class:`SampledConfig`."""
         methods = [arm.method for arm in self.space.arms]
         method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
-        # Names carry the arm: two arms may search the same key over different choices.
-        values = {param.key: param.suggest(trial, f"{method}.{param.key}") for param in self.space.arm(method).params}
+        # Names carry the arm: two arms may search the same key over different choices. A key the
+        # other values may leave unused (Q-Adapter's rank beside a rank-free placement) is sampled
+        # after them and only where used: Optuna sees a conditional parameter, not noise.
+        from qstudy.methods import ADAPTERS, adapter_config_from_mapping
+
+        conditional = {f"adapter.{name}" for name in ADAPTERS[method].conditional_fields}
+        params = self.space.arm(method).params
+        values = {p.key: p.suggest(trial, f"{method}.{p.key}") for p in params if p.key not in conditional}
+        adapter = adapter_config_from_mapping({"method": method, **{
+            key.removeprefix("adapter."): value for key, value in values.items() if key.startswith("adapter.")}})
+        values |= {p.key: p.suggest(trial, f"{method}.{p.key}") for p in params
+                   if p.key in conditional and adapter.uses(p.key.removeprefix("adapter."))}
         config = self.space.run_config(method, values)
         trainable = config.adapter.count_trainable(self.space.dims)
         trial.set_user_attr("method", method)

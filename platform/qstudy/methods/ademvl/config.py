@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.base import AdapterConfig
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
 
-@register
 @dataclass
 class AdemVLConfig(AdapterConfig):
     """ADEM-VL's fusion scales, adaptive drop, feature scales and the visual projection widths."""
@@ -84,11 +83,3 @@ class AdemVLConfig(AdapterConfig):
         projection = d_vision * hidden + hidden + hidden * d_lm + d_lm
         embeddings = 2 * dims.num_frames * self.tokens_per_frame(dims.vision_grid) * d_lm
         return vision_adapters + projection + embeddings
-
-def clip_cls_token(prefix, num_frames: int):
-    """(batch, frames * tokens, d) prefix -> (batch, 1, d): the frames' projected pooled (CLS) tokens, averaged.
-
-    Each frame's tokens start with its pooled token; the rest (pooled patch grid, adapter
-    tokens) reach the LM through the fusion instead.
-    """
-    return prefix.unflatten(1, (num_frames, -1))[:, :, 0].mean(dim=1, keepdim=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qstudy.methods.registry import AdapterConfig, TowerTarget, register, targeted_towers
+from qstudy.methods.base import AdapterConfig, TowerTarget, targeted_towers
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
@@ -62,7 +62,6 @@ class ResidualAdapterConfig(AdapterConfig):
                 total += dims.norm_params(tower)
         return total
 
-@register
 @dataclass
 class BottleneckConfig(ResidualAdapterConfig):
     """Houlsby bottleneck d -> d / reduction_factor -> d, per position or shared across layers."""

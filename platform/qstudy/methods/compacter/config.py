@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.methods.registry import register
 from qstudy.methods.bottleneck.config import ResidualAdapterConfig
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
 
-@register
 @dataclass
 class CompacterConfig(ResidualAdapterConfig):
     """Compacter: Kronecker components and the rank of their B factors."""

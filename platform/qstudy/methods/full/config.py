@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.base import AdapterConfig
 from qstudy.core.dims import ModelDims
 
 
-@register
 @dataclass
 class FullFineTuningConfig(AdapterConfig):
     """No hyperparameters: the whole captioner trains."""

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.methods.registry import register
 from qstudy.methods.bottleneck.config import ResidualAdapterConfig
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
 
-@register
 @dataclass
 class HyperformerConfig(ResidualAdapterConfig):
     """Hypernetwork sizes: the embeddings' width and the task projector's hidden width."""

@@ -7,7 +7,7 @@ so one default list serves CLIP/SigLIP (q_proj, v_proj), GPT-2 (c_attn) and Llam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from qstudy.methods.registry import AdapterConfig, TowerTarget, register, targeted_towers
+from qstudy.methods.base import AdapterConfig, TowerTarget, targeted_towers
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
@@ -22,7 +22,6 @@ def _matching_shapes(shapes: dict[str, tuple[int, ...]], modules: list[str]) -> 
     return matched
 
 
-@register
 @dataclass
 class LoraConfig(AdapterConfig):
     """LoRA rank/alpha/dropout and where it goes."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import peft
+from typing import TYPE_CHECKING
 
 from qstudy.methods.lora.config import LoraConfig
 from qstudy.model.extension import Extension
+
+if TYPE_CHECKING:
+    import peft
 
 
 class LoraLayers:
@@ -19,6 +22,9 @@ class LoraLayers:
 
 
 def inject(config: LoraConfig, captioner) -> Extension:
+    # peft takes ~2 s to import: only runs of this method pay for it, not every process that trains.
+    import peft
+
     extension = Extension()
     for tower, _, modules in config.targets(captioner.dims):
         model = getattr(captioner, tower)

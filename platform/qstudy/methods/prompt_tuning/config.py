@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstudy.methods.registry import AdapterConfig, register
+from qstudy.methods.base import AdapterConfig
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import ModelDims
 
 
-@register
 @dataclass
 class PromptTuningConfig(AdapterConfig):
     """Number of prompt vectors and the optional reparametrisation width."""
