@@ -49,8 +49,8 @@ from qstudy.study.worker import FAILED_MARKER, ApplicationFailure, out_of_memory
 from qstudy.tracking.schema import FINISHED
 
 EVENT_LINE = re.compile(r"^trial (?P<trial>\S+) \((?P<arm>\S+)\) "
-                        r"(?P<event>started|epoch (?P<epoch>\d+)/(?P<epochs>\d+)|finished|stopped|infeasible|out of memory|failed): "
-                        r"(?P<detail>.*)$")
+                        r"(?P<event>started|epoch (?P<epoch>\d+)/(?P<epochs>\d+)|finished|stopped|infeasible"
+                        r"|out of memory|failed): (?P<detail>.*)$")
 
 (PENDING, RUNNING, RESTARTING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, OUT_OF_MEMORY_STATE,
  FAILED_STATE) = ("pending", "running", "restarting", "finished", "stopped", "infeasible", "out of memory", "failed")
