@@ -19,8 +19,9 @@ DEMO_CONFIG = Path(__file__).parent / "presets" / "tiny_qadapter.yaml"
 # A checkout's search space (editable install); `qstudy demo` run from a checkout finds it in cwd too.
 DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "qadapter_tiny.yaml"
 EXIT_CODES = f"""exit codes:
-  {EXIT_OK:<4} done; for study, demo and study --resume: at least one trial finished and every trial
-       ended as planned (finished, stopped early by the scheduler, or infeasible by the budget)
+  {EXIT_OK:<4} done; for study, demo and study --resume: at least one trial finished and none failed;
+       the others were stopped early by the scheduler, infeasible by the budget, or ran out of
+       memory (never a failure: the summary counts them and names the first one's allocation)
   {EXIT_FAILED:<4} an unexpected error (a traceback; please report it); caption: a video could not be decoded
   {EXIT_BAD_INPUT:<4} bad input, before anything ran: a config, data or annotation problem (all of them,
        one line each, naming the field or file), an unknown study name (the known ones are listed)
@@ -28,7 +29,7 @@ EXIT_CODES = f"""exit codes:
        reason and the file with its full log; evaluate: some chosen trials could not be scored (the
        others' scores are logged)
   {EXIT_NOTHING_TRAINED:<4} the study trained nothing: every config of the space is over parameter_budget
-       (said before Ray starts), or no trial finished
+       (said before Ray starts), or no trial finished (e.g. every one ran out of memory)
   {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); a study says how to resume it"""
 
 

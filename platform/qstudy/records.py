@@ -66,11 +66,11 @@ class TrialRecord:
     cider: float | None  # None when the trial failed or logged no metric
     trainable_params: int | None
     total_params: int | None  # measured on the trial's model: the base plus what its method adds
-    status: str  # "FINISHED", "FAILED", "INFEASIBLE", ...
+    status: str  # "FINISHED", "FAILED", "INFEASIBLE", "OUT_OF_MEMORY", ...
     epoch_cider: tuple[float, ...] = ()
     run_id: str | None = None
     order: int = 0  # completion order, the x axis of the hypervolume history
-    error: str | None = None  # what a FAILED trial raised, as it logged it
+    error: str | None = None  # what a FAILED trial raised, or the allocation an OUT_OF_MEMORY one could not make
 
     @property
     def is_valid(self) -> bool:
@@ -163,5 +163,6 @@ def trial_counts(records: Iterable[TrialRecord]) -> dict[str, int]:
 
 
 def format_counts(records: Iterable[TrialRecord]) -> str:
-    """``2 finished, 1 lost``: the counts line of the report and of the study's summary."""
-    return ", ".join(f"{count} {status.lower()}" for status, count in trial_counts(records).items()) or "no trials"
+    """``2 finished, 1 out of memory``: the counts line of the report and of the study's summary."""
+    return ", ".join(f"{count} {status.lower().replace('_', ' ')}" for status, count in trial_counts(records).items()
+                     ) or "no trials"

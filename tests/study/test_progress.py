@@ -20,6 +20,7 @@ import pytest
 from servers import BIN, REPO, SPACES, tiny_space
 
 from qstudy.study.progress import EVENT_LINE, TrialRow, event_line, front_marks
+from qstudy.study.trial import INFEASIBLE_KEY, OUT_OF_MEMORY_KEY
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,6 +41,7 @@ def test_the_front_marks_running_and_finished_trials_and_its_knee():
     rows = [_row("cheap", 1.0, 1_000), _row("knee", 2.9, 2_000, epoch=1, state="running"),
             _row("big", 3.0, 100_000), _row("dominated", 0.5, 5_000),
             _row("failed", 9.0, 10, state="failed"), _row("infeasible", 0.0, 1, state="infeasible"),
+            _row("out of memory", 9.0, 1, epoch=1, state="out of memory"),
             _row("stopped early", 5.0, 10, epoch=1, state="stopped"),
             _row("no result yet", None, 1, epoch=None, state="running")]
     assert front_marks(rows) == {"cheap": "*", "knee": "knee", "big": "*"}
@@ -51,10 +53,22 @@ def test_the_front_marks_running_and_finished_trials_and_its_knee():
     ("finished", "trial t1 (qadapter) finished: CIDEr 1.2346, params 12,345, 2/2 epochs"),
     ("stopped", "trial t1 (qadapter) stopped: CIDEr 1.2346, params 12,345, 2/2 epochs"),
     ("infeasible", "trial t1 (qadapter) infeasible: params 12,345 over the parameter budget"),
+    ("out of memory", "trial t1 (qadapter) out of memory: RuntimeError: DefaultCPUAllocator: can't allocate memory; "
+                      "params 12,345, 2/2 epochs"),
 ])
 def test_event_lines_have_the_documented_format(event, expected):
-    line = event_line(_row("t1", 1.23456, 12_345), event)
+    row = _row("t1", 1.23456, 12_345)
+    row.reason = "RuntimeError: DefaultCPUAllocator: can't allocate memory"
+    line = event_line(row, event)
     assert line == expected and EVENT_LINE.match(line)
+
+
+@pytest.mark.parametrize("key, state", [(INFEASIBLE_KEY, "infeasible"), (OUT_OF_MEMORY_KEY, "out of memory")])
+def test_a_trial_that_ends_untrained_keeps_its_state_past_its_epochs(key, state):
+    row = _row("t1", None, 10, epoch=None, state="running")
+    row.take({"epoch": 0, "cider": 0.5, "trainable_params": 10})  # out of memory in its second epoch
+    row.take({"cider": 0.0, "trainable_params": 10, key: True})  # trial.py's untrained_report
+    assert (row.state, row.ended(), row.epoch_text) == (state, state, "1/2")
 
 
 def test_epochs_count_from_one_and_a_trial_that_ends_early_is_stopped():

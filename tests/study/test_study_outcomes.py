@@ -1,9 +1,11 @@
-"""What a study's exit code, output and summary say happened: failures, nothing to train, bad data, names a user types.
+"""What a study's exit code, output and summary say happened: failures, memory run out, nothing to train, bad data,
+names a user types.
 
 A study whose trials all fail is a real one on the test cluster (its trials raise when they
-start: a batch larger than the training split); a space that cannot train (every config over
-the budget) and data that cannot be read are refused before Ray starts and before any MLflow
-store or run exists, so those run in this process and check that nothing was started.
+start: a batch larger than the training split), and so is one whose trial runs out of memory
+(an allocation no machine can give); a space that cannot train (every config over the budget)
+and data that cannot be read are refused before Ray starts and before any MLflow store or run
+exists, so those run in this process and check that nothing was started.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from ray.tune import ExperimentAnalysis
 from servers import BIN, SPACES, finish, mlflow_runs, study, tiny_space
 
 from qstudy.cli import main
-from qstudy.core.errors import EXIT_BAD_INPUT, EXIT_NOTHING_TRAINED, EXIT_TRIALS_FAILED
+from qstudy.core.errors import EXIT_BAD_INPUT, EXIT_NOTHING_TRAINED, EXIT_OK, EXIT_TRIALS_FAILED
 from qstudy.methods import adapter_config_from_mapping
+from qstudy.records import TrialRecord
+from qstudy.study.progress import EVENT_LINE
+from qstudy.study.search import OUT_OF_MEMORY_CONSTRAINT
+from qstudy.study.tuner import StudySummary, format_summary
 from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,6 +87,86 @@ def test_a_study_whose_trials_all_fail_exits_3_one_line_per_trial(ray_head, mlfl
     assert resolve_study(study_home, "all-fail") == ("all-fail", None)
     assert resolve_study(study_home, "qadapter-tiny") == (
         "all-fail", "'qadapter-tiny' is the study family of 1 studies here; using the latest, all-fail")
+
+
+# A Q-Adapter with 2**46 query tokens of rank 16: one 4 PiB parameter, beyond any machine's address space, so torch's
+# allocator refuses it at once (nothing is touched, nothing swaps) on any CI machine, as it would a config too large.
+HUGE_QUERIES = 2**46
+ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def test_a_trial_out_of_memory_is_its_own_state_avoided_by_the_sampler_and_not_a_failure(
+        ray_head, mlflow_server, study_home, tmp_path):
+    arms = {"frozen": {}, "qadapter": {"adapter.num_query_tokens": HUGE_QUERIES}}
+    space = tiny_space(tmp_path, {"train.epochs": 1}, trials=2, concurrency=2, sampler="random", seed=0, arms=arms)
+    output = finish(study(ray_head, study_home, str(space), "--name", "oom", "--mlflow-uri", mlflow_server.uri),
+                    code=EXIT_OK)  # a trial finished; the other ran out of memory, which is no failure
+
+    _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
+    runs = {run.data.params["method"]: run for run in children if run.data.tags[schema.STUDY_TAG] == "oom"}
+    assert set(runs) == {"frozen", "qadapter"}  # each arm once: the study enqueues every arm first
+    oom, trained = runs["qadapter"], runs["frozen"]
+    oom_id = oom.data.tags[schema.TRIAL_ID_TAG]
+    assert oom.data.tags[schema.STATUS_TAG] == schema.OUT_OF_MEMORY and oom.info.status == "KILLED"
+    reason = oom.data.tags[schema.ERROR_TAG]
+    assert reason.startswith("RuntimeError: ") and ALLOCATOR_FAILURE in reason and "\n" not in reason
+    assert "cider" not in oom.data.metrics
+    assert trained.data.tags[schema.STATUS_TAG] == schema.FINISHED and "cider" in trained.data.metrics
+
+    # The event line and the summary name it; nothing calls it failed.
+    (line,) = [EVENT_LINE.match(line) for line in output.splitlines() if line.startswith(f"trial {oom_id} ")
+               and not line.startswith(f"trial {oom_id} (qadapter) started: ")]
+    assert line and line["event"] == "out of memory" and line["detail"].startswith(f"{reason}; params ")
+    assert not any(FAILED_LINE.match(line) for line in output.splitlines()) and "trials failed" not in output
+    summary = output[output.index("study oom: "):]
+    assert "1 finished, 1 out of memory in " in summary.splitlines()[0]
+    assert (f"1 of 2 trials ran out of memory (told to the sampler as infeasible, not failed); the first, "
+            f"trial {oom_id} (qadapter): {reason}") in summary
+    traceback_file = Path(re.search(r"^  traceback: (\S+)$", summary, re.M)[1])
+    assert ALLOCATOR_FAILURE in traceback_file.read_text() and "torch.randn" in traceback_file.read_text()
+
+    # Tune ended it without retrying it; Optuna has it complete with its constraint violated, off the front.
+    study_dir = study_home / "studies" / "oom"
+    statuses = {trial.trial_id: (trial.status, trial.num_failures) for trial in ExperimentAnalysis(
+        str(study_dir / "tune")).trials}
+    assert statuses[oom_id] == ("TERMINATED", 0)
+    optuna_study = optuna.load_study(study_name="oom", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    by_method = {trial.user_attrs["method"]: trial for trial in optuna_study.trials}
+    assert by_method["qadapter"].state == optuna.trial.TrialState.COMPLETE
+    assert by_method["qadapter"].constraints == {OUT_OF_MEMORY_CONSTRAINT: 1.0}
+    assert by_method["frozen"].constraints == {}
+    assert [trial.number for trial in optuna_study.best_trials] == [by_method["frozen"].number]
+
+
+def _summary(tmp_path: Path, statuses: list[str]) -> StudySummary:
+    records = [TrialRecord(trial_id=f"t{order}", study="s", method="qadapter", params={},
+                           cider=1.0 if status == schema.FINISHED else None, trainable_params=10, total_params=None,
+                           status=status, order=order, error="RuntimeError: out" if status != schema.FINISHED else None)
+               for order, status in enumerate(statuses)]
+    return StudySummary(name="s", study_dir=tmp_path, tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
+                        wall_seconds=1.0, records=records)
+
+
+@pytest.mark.parametrize("statuses, code, nothing_trained", [
+    ([schema.FINISHED, schema.OUT_OF_MEMORY], EXIT_OK, None),
+    ([schema.FINISHED, schema.INFEASIBLE, schema.STOPPED, schema.OUT_OF_MEMORY], EXIT_OK, None),
+    ([schema.OUT_OF_MEMORY, schema.OUT_OF_MEMORY], EXIT_NOTHING_TRAINED,
+     "nothing trained: no trial finished (a smaller config or a larger machine is what helps one out of memory)"),
+    ([schema.OUT_OF_MEMORY, schema.INFEASIBLE], EXIT_NOTHING_TRAINED,
+     "nothing trained: no trial finished (an infeasible trial is over the space's parameter_budget and is never "
+     "trained; a smaller config or a larger machine is what helps one out of memory)"),
+    ([schema.FINISHED, schema.OUT_OF_MEMORY, schema.FAILED], EXIT_TRIALS_FAILED, None),
+])
+def test_trials_out_of_memory_are_counted_apart_and_never_as_failed(tmp_path, statuses, code, nothing_trained):
+    summary = _summary(tmp_path, statuses)
+    assert summary.exit_code == code
+    lines = format_summary(summary).splitlines()
+    out = statuses.count(schema.OUT_OF_MEMORY)
+    assert f"{out} out of memory" in lines[0]
+    assert any(line.startswith(f"{out} of {len(statuses)} trials ran out of memory") for line in lines)
+    assert any(line.startswith("1 of ") and " failed;" in line for line in lines) == (schema.FAILED in statuses)
+    assert [line for line in lines if line.startswith("nothing trained")] == ([nothing_trained] if nothing_trained
+                                                                             else [])
 
 
 def _write_space(path: Path, **changes) -> Path:

@@ -6,7 +6,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 # Exit codes of the `qstudy` command line (its --help epilog lists them).
-EXIT_OK = 0  # done; a study: at least one trial finished and every trial ended as planned
+# A trial that ran out of memory is no failure (its config is too large for the machine): a study
+# with finished trials beside it exits 0, its summary counting them; with none, 4.
+EXIT_OK = 0  # done; a study: at least one trial finished and none failed
 EXIT_FAILED = 1  # an unexpected error (a Python traceback), or `caption` could not decode a video
 EXIT_BAD_INPUT = 2  # bad input: a config, data or name error, before anything ran
 EXIT_TRIALS_FAILED = 3  # a study ran, but some of its trials failed
@@ -21,6 +23,15 @@ def one_line(text: str, limit: int | None = None) -> str:
     """A message as one line (a library's may span several), cut to ``limit`` characters."""
     text = " ".join(text.split())
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+def last_exception(traceback_text: str) -> str:
+    """The ``Type: message`` a formatted traceback ends with, as one line of at most REASON_LIMIT characters."""
+    lines = traceback_text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    rest = lines[starts[-1] + 1:] if starts else lines
+    message = next((i for i, line in enumerate(rest) if not line.startswith(" ")), 0)
+    return one_line("\n".join(rest[message:]), REASON_LIMIT)
 
 
 class QstudyError(Exception):

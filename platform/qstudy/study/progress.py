@@ -16,10 +16,12 @@ Tune callback that sees every trial event in the driver:
       trial ID (ARM) finished: CIDEr 1.2345, params 12,345, N/N epochs
       trial ID (ARM) stopped: CIDEr 1.2345, params 12,345, E/N epochs
       trial ID (ARM) infeasible: params 12,345 over the parameter budget
+      trial ID (ARM) out of memory: REASON; params 12,345, E/N epochs
       trial ID (ARM) failed: REASON; full log: PATH
 
-  ``stopped``: the study's scheduler ended it early. A failed trial gets its ``failed`` line on
-  a terminal too, above the table: Tune's error table and tracebacks only with -v. Every line
+  ``stopped``: the study's scheduler ended it early. ``out of memory``: the allocation that
+  failed, and the epochs completed before. A failed trial gets its ``failed`` line on a
+  terminal too, above the table: Tune's error table and tracebacks only with -v. Every line
   matches :data:`EVENT_LINE`.
 
 Imports no torch.
@@ -39,19 +41,23 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from qstudy.analysis.pareto import knee_point, pareto_front
-from qstudy.core.errors import REASON_LIMIT, one_line
+from qstudy.core.errors import REASON_LIMIT, last_exception, one_line
 from qstudy.records import TrialRecord
 from qstudy.study.space import SampledConfig
+from qstudy.study.trial import INFEASIBLE_KEY, OUT_OF_MEMORY_KEY
+from qstudy.study.worker import FAILED_MARKER, ApplicationFailure, out_of_memory_reason
 from qstudy.tracking.schema import FINISHED
 
 EVENT_LINE = re.compile(r"^trial (?P<trial>\S+) \((?P<arm>\S+)\) "
-                        r"(?P<event>started|epoch (?P<epoch>\d+)/(?P<epochs>\d+)|finished|stopped|infeasible|failed): "
-                        r"(?P<detail>.*)$")
+                        r"(?P<event>started|epoch (?P<epoch>\d+)/(?P<epochs>\d+)|finished|stopped|infeasible"
+                        r"|out of memory|failed): (?P<detail>.*)$")
 
-PENDING, RUNNING, RESTARTING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, FAILED_STATE = (
-    "pending", "running", "restarting", "finished", "stopped", "infeasible", "failed")
+(PENDING, RUNNING, RESTARTING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, OUT_OF_MEMORY_STATE,
+ FAILED_STATE) = ("pending", "running", "restarting", "finished", "stopped", "infeasible", "out of memory", "failed")
+# The states of a trial's single report that ends it untrained (trial.py's untrained_report).
+_UNTRAINED = {INFEASIBLE_KEY: INFEASIBLE_STATE, OUT_OF_MEMORY_KEY: OUT_OF_MEMORY_STATE}
 # No trade-off point: a stopped trial's CIDEr is a low-fidelity one (the summary leaves it off the front too).
-_OFF_FRONT = (STOPPED_STATE, FAILED_STATE, INFEASIBLE_STATE)
+_OFF_FRONT = (STOPPED_STATE, FAILED_STATE, INFEASIBLE_STATE, OUT_OF_MEMORY_STATE)
 _TABLE_CHROME = 8  # lines the live view needs besides its rows: title, header, borders, caption, a spare
 
 
@@ -68,6 +74,7 @@ class TrialRow:
     params: int | None = None
     state: str = PENDING
     order: int = 0
+    reason: str | None = None  # the allocation an out-of-memory trial could not make
 
     @classmethod
     def of(cls, trial, order: int) -> "TrialRow":
@@ -78,9 +85,10 @@ class TrialRow:
                    epochs=sampled.run_config.train.epochs, params=sampled.trainable_params, order=order)
 
     def take(self, result: dict) -> None:
-        """Read a result Tune received: an epoch's metrics, or an infeasible trial's one report."""
-        if result.get("infeasible"):
-            self.state = INFEASIBLE_STATE
+        """Read a result Tune received: an epoch's metrics, or the one report of a trial that ended untrained."""
+        untrained = [state for key, state in _UNTRAINED.items() if result.get(key)]
+        if untrained:
+            self.state = untrained[0]
             return
         if "epoch" in result:
             self.epoch = int(result["epoch"]) + 1  # the recipe counts epochs from 0
@@ -90,9 +98,9 @@ class TrialRow:
             self.params = int(result["trainable_params"])
 
     def ended(self) -> str:
-        """The state of a trial Tune completed: infeasible, finished all its epochs, or stopped early."""
-        if self.state == INFEASIBLE_STATE:
-            return INFEASIBLE_STATE
+        """The state of a trial Tune completed: infeasible, out of memory, finished all its epochs, or stopped early."""
+        if self.state in _UNTRAINED.values():
+            return self.state
         return FINISHED_STATE if self.epoch is not None and self.epoch >= self.epochs else STOPPED_STATE
 
     @property
@@ -130,6 +138,8 @@ def event_line(row: TrialRow, event: str) -> str:
         detail = f"CIDEr {row.cider_text}, params {row.params_text}"
     elif event == INFEASIBLE_STATE:
         detail = f"params {row.params_text} over the parameter budget"
+    elif event == OUT_OF_MEMORY_STATE:
+        detail = f"{row.reason or 'no error was recorded'}; params {row.params_text}, {row.epoch_text} epochs"
     else:
         detail = f"CIDEr {row.cider_text}, params {row.params_text}, {row.epoch_text} epochs"
     return f"trial {row.trial_id} ({row.arm}) {event}: {detail}"
@@ -143,23 +153,12 @@ def reason(error: BaseException | None) -> str:
     return one_line(f"{type(cause).__name__}: {cause}", REASON_LIMIT)
 
 
-def last_exception(traceback_text: str) -> str:
-    """The ``Type: message`` a formatted traceback ends with, as one line."""
-    lines = traceback_text.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
-    rest = lines[starts[-1] + 1:] if starts else lines
-    message = next((i for i, line in enumerate(rest) if not line.startswith(" ")), 0)
-    return one_line("\n".join(rest[message:]), REASON_LIMIT)
-
-
 def failure_line(trial, outbox_root: Path) -> str:
     """A trial that failed for good (Tune retries first): trial, arm, reason, the file with its full error.
 
     A retried trial that had raised fails again at once saying so (study/worker.py); its line
     gives the reason it raised the first time, from the traceback the worker kept.
     """
-    from qstudy.study.worker import FAILED_MARKER, ApplicationFailure
-
     try:
         error = trial.get_pickled_error()
     except Exception:  # noqa: BLE001 - an error Ray could not pickle still gets its line
@@ -232,13 +231,15 @@ class StudyProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         row = self._row(trial)
         row.take(result)
-        if row.state != INFEASIBLE_STATE:
+        if row.state not in _UNTRAINED.values():
             row.state = RUNNING
             self._event(row, "epoch")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self._row(trial)
         row.state = row.ended()
+        if row.state == OUT_OF_MEMORY_STATE:
+            row.reason = out_of_memory_reason(self._outbox_root, trial.trial_id)
         self._event(row, row.state)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -294,7 +295,7 @@ class StudyProgress(Callback):
         marks = front_marks(rows)
         shown = _fit(rows, marks, max(height - _TABLE_CHROME, 1))
         counts = {state: sum(row.state == state for row in rows) for state in
-                  (RUNNING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, FAILED_STATE)}
+                  (RUNNING, FINISHED_STATE, STOPPED_STATE, INFEASIBLE_STATE, OUT_OF_MEMORY_STATE, FAILED_STATE)}
         counts[PENDING] = max(self._trials - len(rows), 0) + sum(row.state in (PENDING, RESTARTING) for row in rows)
         elapsed = int(time.monotonic() - self._started)
         table = Table(title=f"study {self._study}: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)

@@ -1,4 +1,5 @@
-"""The study's Optuna searcher: Ray's two-objective ``OptunaSearch``, told PRUNED for a trial that ended before its last epoch.
+"""The study's Optuna searcher: Ray's two-objective ``OptunaSearch``, told PRUNED for a trial that ended before its
+last epoch and infeasible for one that ran out of memory.
 
 Ray's ``OptunaSearch`` tells Optuna every trial that ends without an error as COMPLETE with
 its last reported values. A trial the scheduler stopped at a rung would enter the study, and
@@ -6,7 +7,13 @@ its Pareto front, with a low-fidelity CIDEr. Here a trial whose last result clos
 before the run's last is told PRUNED instead (Optuna's samplers and ``best_trials`` skip
 it), with the epochs it completed as the user attribute ``stopped_at_epochs``, and its MLflow
 run is closed as STOPPED at that rung. The test is on the result itself, not on which
-scheduler stopped it, so it holds after ``--resume`` too. Imports no torch.
+scheduler stopped it, so it holds after ``--resume`` too.
+
+A trial that ran out of memory reports it once (``out_of_memory``, with the two objectives):
+its Optuna trial gets the violated constraint ``out_of_memory`` before it is told complete, as
+a config over the parameter budget gets ``parameter_budget`` when sampled, so the samplers
+(TPE, NSGA-II) rank it below every feasible trial and sample away from its region, and
+``best_trials`` leaves it out. Imports no torch.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from qstudy.study.scheduler import EPOCH
+from qstudy.study.trial import OUT_OF_MEMORY_KEY
 from qstudy.tracking.writer import TrialTarget, mark_stopped
 
 log = logging.getLogger(__name__)
 
 STOPPED_AT_ATTR = "stopped_at_epochs"
+OUT_OF_MEMORY_CONSTRAINT = "out_of_memory"  # 1.0 (violated) on a trial that ran out of memory
 
 
 class StudySearch(OptunaSearch):
@@ -33,6 +42,8 @@ class StudySearch(OptunaSearch):
         self.target = target  # None: no MLflow (the replay benchmark)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get(OUT_OF_MEMORY_KEY) and trial_id not in self._completed_trials:
+            self._ot_trials[trial_id].set_constraint(OUT_OF_MEMORY_CONSTRAINT, 1.0)
         completed = int(result[EPOCH]) + 1 if result and EPOCH in result else None
         if error or completed is None or completed >= self.epochs or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)

@@ -5,8 +5,11 @@ run, skip configs over the parameter budget (reported infeasible, never trained)
 train. With several workers (or ``force_trainer``) the driver starts a ``TorchTrainer``, Ray
 Train V2's pattern for Train inside Tune; a single worker trains in this actor instead,
 which saves the controller, worker group and placement group a ``TorchTrainer`` costs per
-trial (bench/study_overhead.py shows both). Any exception marks the trial FAILED in MLflow
-and is re-raised so Tune and Optuna record it too. A trial Tune starts again (its actor died,
+trial (bench/study_overhead.py shows both). A trial that runs out of memory (host or GPU, on
+any rank) is closed OUT_OF_MEMORY and reported like an infeasible one, never as a failure:
+the searcher tells Optuna its region is infeasible, and the trial ends without Tune retrying
+a config that would run out again. Any other exception marks the trial FAILED in MLflow and is
+re-raised so Tune and Optuna record it too. A trial Tune starts again (its actor died,
 or a resumed study's saved state is older than the trial) continues from the newest
 checkpoint it persisted, and one that had already trained reports its result again without
 training. Imports no torch.
@@ -22,11 +25,17 @@ from pathlib import Path
 import yaml
 
 from qstudy.study.space import SampledConfig, SearchSpace
-from qstudy.study.worker import (WorkerTask, final_result, mark_failed, newest_checkpoint, raise_if_failed_before, train,
+from qstudy.study.worker import (WorkerTask, final_result, mark_failed, mark_out_of_memory, newest_checkpoint,
+                                 out_of_memory, out_of_memory_reason, raise_if_failed_before, train,
                                  train_loop_per_worker)
 from qstudy.tracking import schema
-from qstudy.tracking.schema import FAILED, FINISHED, INFEASIBLE
+from qstudy.tracking.schema import FAILED, FINISHED, INFEASIBLE, OUT_OF_MEMORY
 from qstudy.tracking.writer import TrialTarget, TrialTracker
+
+# Keys of a trial's single report when it trained nothing to the end (with the two objectives, so
+# Optuna records it complete; the searcher and the live table read these keys).
+INFEASIBLE_KEY = "infeasible"  # over the parameter budget: never trained
+OUT_OF_MEMORY_KEY = "out_of_memory"  # ran out of memory while training
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,11 @@ def worker_task(sampled: SampledConfig, context: StudyContext, trial_id: str) ->
                       replay_table=context.replay_table)
 
 
+def untrained_report(sampled: SampledConfig, why: str) -> dict:
+    """The one report of a trial that ended untrained, flagged ``why`` (INFEASIBLE_KEY or OUT_OF_MEMORY_KEY)."""
+    return {"cider": 0.0, "trainable_params": sampled.trainable_params, why: True}
+
+
 def run_trial(config: dict, context: StudyContext) -> None:
     """Tune's trainable: one trial from the sampler's ``config`` to a final report."""
     from ray import tune
@@ -73,8 +87,11 @@ def run_trial(config: dict, context: StudyContext) -> None:
     sampled = SampledConfig.from_tune_config(config)
     task = worker_task(sampled, context, trial_id)
     run_config = task.run_config
-    raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
     tracker = TrialTracker(context.tracking, trial_id, task.run_name)
+    if tracker.status() == OUT_OF_MEMORY:  # a resumed study's older state: the same verdict again
+        tune.report(untrained_report(sampled, OUT_OF_MEMORY_KEY))
+        return
+    raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
     if tracker.status() == FINISHED:  # trained before a killed driver's last saved state knew it
         tune.report(final_result(Path(run_config.output_dir)))
         return
@@ -100,7 +117,7 @@ def run_trial(config: dict, context: StudyContext) -> None:
     if sampled.over_budget:
         tracker.finish(INFEASIBLE)
         # Optuna records it as complete with its budget constraint violated (set when sampled).
-        tune.report({"cider": 0.0, "trainable_params": sampled.trainable_params, "infeasible": True})
+        tune.report(untrained_report(sampled, INFEASIBLE_KEY))
         return
 
     try:
@@ -111,6 +128,13 @@ def run_trial(config: dict, context: StudyContext) -> None:
     except Exception as error:
         if lost_to_ray(error):  # no failure of the code: a resume or Tune's restart continues the trial
             raise
+        if out_of_memory(error) is not None:
+            mark_out_of_memory(task, error)
+            tracker.set_tags({schema.ERROR_TAG: out_of_memory_reason(context.tracking.outbox_root, trial_id)})
+            tracker.finish(OUT_OF_MEMORY)
+            # The searcher tells Optuna it is infeasible (study/search.py); returning spares it Tune's retries.
+            tune.report(untrained_report(sampled, OUT_OF_MEMORY_KEY))
+            return
         mark_failed(task, error)
         tracker.set_tags({schema.ERROR_TAG: f"{type(error).__name__}: {error}"[:schema.ERROR_TAG_LIMIT]})
         tracker.finish(FAILED)

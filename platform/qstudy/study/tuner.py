@@ -34,6 +34,7 @@ from qstudy.study.preflight import check_node_versions
 from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
                                 parse_space)
 from qstudy.study.trial import StudyContext, run_name, run_trial
+from qstudy.study.worker import out_of_memory_marker
 from qstudy.tracking import schema, writer
 from qstudy.tracking.writer import TrialTarget
 
@@ -43,6 +44,7 @@ STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SCHEDULER_STATE = "scheduler.json"
+OUTBOX_DIR = "outbox"  # in the study directory: every trial's MLflow outbox and its markers (study/worker.py)
 # How long the driver keeps retrying a remote server for outboxes it could not deliver: a restarting
 # tracking server is back within a minute or two; longer, and the outboxes wait for `--resume`.
 OUTBOX_WAIT_S = 120
@@ -102,7 +104,11 @@ class StudySummary:
 
     @property
     def exit_code(self) -> int:
-        """The command's exit status: 0 only when a trial finished and none failed (``cli`` lists the codes)."""
+        """The command's exit status: 0 only when a trial finished and none failed (``cli`` lists the codes).
+
+        A trial that ran out of memory is no failure: beside finished trials it leaves the exit 0
+        (the summary counts it); a study where every trial that ran ran out trained nothing (4).
+        """
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.count(schema.FAILED):
@@ -429,7 +435,7 @@ def _context(state: StudyState, directory: Path, space: SearchSpace) -> StudyCon
 def _target(state: StudyState, directory: Path) -> TrialTarget:
     return TrialTarget(tracking_uri=state.tracking_uri, experiment_id=state.experiment_id,
                                 parent_run_id=state.parent_run_id, study=state.name,
-                                outbox_root=str(directory / "outbox"))
+                                outbox_root=str(directory / OUTBOX_DIR))
 
 
 def _close_optuna_orphans(state: StudyState) -> None:
@@ -505,19 +511,31 @@ def trial_log(summary: StudySummary, trial_id: str) -> Path:
     return summary.study_dir / "tune" / f"trial_{trial_id}" / "error.txt"
 
 
+def _first_of(records: list[TrialRecord], total: int, what: str) -> str:
+    first = records[0]
+    return (f"{len(records)} of {total} trials {what}; the first, trial {first.trial_id} ({first.method}): "
+            f"{one_line(first.error or 'no error was recorded', REASON_LIMIT)}")
+
+
 def _outcome_lines(summary: StudySummary) -> list[str]:
-    """Why the study did not train as planned: the failures (the first one's reason and log), or why nothing trained."""
+    """What did not train as planned: trials out of memory (the first one's allocation and its traceback), the
+    failures (the first one's reason and log), or why nothing trained."""
+    lines = []
+    total = len(summary.records)
+    out_of_memory = [record for record in summary.records if record.status == schema.OUT_OF_MEMORY]
+    if out_of_memory:
+        lines += [_first_of(out_of_memory, total, "ran out of memory (told to the sampler as infeasible, not failed)"),
+                  f"  traceback: {out_of_memory_marker(summary.study_dir / OUTBOX_DIR, out_of_memory[0].trial_id)}"]
     failed = [record for record in summary.records if record.status == schema.FAILED]
     if failed:
-        first = failed[0]
-        return [f"{len(failed)} of {len(summary.records)} trials failed; the first, trial {first.trial_id} "
-                f"({first.method}): {one_line(first.error or 'no error was recorded', REASON_LIMIT)}",
-                f"  full log: {trial_log(summary, first.trial_id)}"]
+        return lines + [_first_of(failed, total, "failed"), f"  full log: {trial_log(summary, failed[0].trial_id)}"]
     if not summary.interrupted and not summary.count(schema.FINISHED):
-        why = (" (an infeasible trial is over the space's parameter_budget and is never trained)"
-               if summary.count(schema.INFEASIBLE) else "")
-        return [f"nothing trained: no trial finished{why}"]
-    return []
+        why = [reason for status, reason in (
+            (schema.INFEASIBLE, "an infeasible trial is over the space's parameter_budget and is never trained"),
+            (schema.OUT_OF_MEMORY, "a smaller config or a larger machine is what helps one out of memory"))
+            if summary.count(status)]
+        lines.append("nothing trained: no trial finished" + (f" ({'; '.join(why)})" if why else ""))
+    return lines
 
 
 def next_commands(summary: StudySummary) -> list[str]:

@@ -9,18 +9,24 @@ are in MLflow only if a restart can resume after that epoch, so no epoch is trai
 logged) twice. Rank 0 also keeps the trial's own record beside its outputs: the newest
 checkpoint Ray persisted and, once trained, the final result, which a resumed study needs
 when Tune's experiment state (saved every few seconds) is older than the trial's progress.
+
+A rank that runs out of memory says so in a marker file before it raises, like rank 0 for
+an error of the code: Ray Train restarts a failed worker group, and the restarted workers
+give up at once with the same verdict instead of training into the same wall.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from qstudy.config import RunConfig
+from qstudy.core.errors import last_exception
 from qstudy.metrics import ScorerProcessDied
 from qstudy.model.quiet import quiet_weight_loading
 from qstudy.tracking import schema
@@ -28,6 +34,7 @@ from qstudy.tracking.schema import FINISHED, NODE_TAG
 from qstudy.tracking.writer import TrialTarget, TrialTracker
 
 FAILED_MARKER = "failed.txt"
+OUT_OF_MEMORY_MARKER = "out_of_memory.txt"
 EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
 LAST_CHECKPOINT = "last_checkpoint.txt"  # in the trial's output dir: the newest persisted checkpoint
 FINAL_RESULT = "final_result.json"  # in the trial's output dir: the last result, once the trial is trained
@@ -49,13 +56,67 @@ class ApplicationFailure(RuntimeError):
     """The training code itself raised before: restarting would raise again, so the trial fails now."""
 
 
+class RanOutOfMemory(RuntimeError):
+    """The trial ran out of memory before: restarting would run out again. Its message is the allocation that failed."""
+
+
+# torch's CPU allocator raises a plain RuntimeError, and a CUDA call outside torch's caching
+# allocator (cuBLAS, NCCL) the runtime's own error: only their messages say it is memory.
+_ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory")
+
+
+def _is_allocation_failure(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # an exception of torch's is only ever unpickled with torch imported
+    from ray.exceptions import OutOfMemoryError as RayMemoryMonitorKill
+
+    return (isinstance(error, (MemoryError, RanOutOfMemory, RayMemoryMonitorKill))
+            or (torch is not None and isinstance(error, torch.OutOfMemoryError))
+            or (isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)))
+
+
+def out_of_memory(error: BaseException) -> BaseException | None:
+    """The out-of-memory error ``error`` is, wraps or was raised from; None when it is none.
+
+    Looked for by type through Ray's wrappers (a task's ``cause``, a Train worker group's
+    ``worker_failures``, a controller's failure) and through chained exceptions, as DeepSpeed
+    and other libraries re-raise it.
+    """
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop(0)
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if _is_allocation_failure(current):
+            return current
+        pending += [getattr(current, "cause", None), getattr(current, "controller_failure", None),
+                    getattr(current, "_base_exc", None), current.__cause__, current.__context__,
+                    *(getattr(current, "worker_failures", None) or {}).values()]
+    return None
+
+
 def failed_marker(task: WorkerTask) -> Path:
     return Path(task.tracking.outbox_root) / task.trial_id / FAILED_MARKER
 
 
+def out_of_memory_marker(outbox_root: str | Path, trial_id: str) -> Path:
+    return Path(outbox_root) / trial_id / OUT_OF_MEMORY_MARKER
+
+
 def raise_if_failed_before(task: WorkerTask) -> None:
+    """Give up at once when an earlier run of the trial ran out of memory or raised (ranks fail in turn after one
+    runs out, so running out comes first)."""
+    oom = out_of_memory_marker(task.tracking.outbox_root, task.trial_id)
+    if oom.exists():
+        raise RanOutOfMemory(last_exception(oom.read_text()))
     if failed_marker(task).exists():
         raise ApplicationFailure(f"trial {task.trial_id} raised before, not retried; see {failed_marker(task)}")
+
+
+def _write_marker(marker: Path, error: BaseException) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():  # the first error is the one to keep: later ones follow from it
+        marker.write_text("".join(traceback.format_exception(error)))
 
 
 def mark_failed(task: WorkerTask, error: BaseException) -> None:
@@ -64,10 +125,19 @@ def mark_failed(task: WorkerTask, error: BaseException) -> None:
     Ray restarts a trial (Tune) or a worker group (Train) after any failure; only a killed
     process is worth restarting, a config that raised would raise again after a full rebuild.
     """
-    marker = failed_marker(task)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        marker.write_text("".join(traceback.format_exception(error)))
+    _write_marker(failed_marker(task), error)
+
+
+def mark_out_of_memory(task: WorkerTask, error: BaseException) -> None:
+    """Record the allocation that failed (``error`` is or wraps it), so a restart gives up at once, as for
+    :func:`mark_failed`."""
+    _write_marker(out_of_memory_marker(task.tracking.outbox_root, task.trial_id), out_of_memory(error) or error)
+
+
+def out_of_memory_reason(outbox_root: str | Path, trial_id: str) -> str:
+    """The allocation a trial could not make, as one line (its marker's last exception)."""
+    marker = out_of_memory_marker(outbox_root, trial_id)
+    return last_exception(marker.read_text()) if marker.exists() else "no error was recorded"
 
 
 def newest_checkpoint(output_dir: Path, given: str | None) -> str | None:
@@ -137,9 +207,11 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
     try:
         result = run(config, on_epoch=on_epoch, resume_from=checkpoint_dir, progress=False)
     except Exception as error:
-        # A JVM killed with the trial is a kill, which Tune restarts from the checkpoint; only
-        # what the run itself raised stays failed.
-        if rank() == 0 and not isinstance(error, ScorerProcessDied):
+        # Any rank may be the one that ran out of memory. A JVM killed with the trial is a kill,
+        # which Tune restarts from the checkpoint; only what the run itself raised stays failed.
+        if out_of_memory(error) is not None:
+            mark_out_of_memory(task, error)
+        elif rank() == 0 and not isinstance(error, ScorerProcessDied):
             mark_failed(task, error)
         raise
     last = epoch_metrics(result.epochs[-1], task.predicted_trainable) if result.epochs else None

@@ -22,7 +22,7 @@ TRIAL_ID_TAG = "qstudy.trial_id"  # Tune's trial id: how a restarted trial finds
 METHOD_TAG = "qstudy.method"
 STATUS_TAG = "qstudy.status"  # one of STATUSES (RUNNING while open)
 NODE_TAG = "qstudy.node"  # the Ray node id a trial (its rank 0) last trained on
-ERROR_TAG = "qstudy.error"  # what a FAILED trial raised
+ERROR_TAG = "qstudy.error"  # what a FAILED trial raised, or the allocation an OUT_OF_MEMORY trial could not make
 RESTARTED_FROM_TAG = "qstudy.restarted_from"  # the checkpoint directory a restarted trial continued from
 STOPPED_AT_TAG = "qstudy.stopped_at_epochs"  # the rung (completed epochs) a STOPPED trial reached
 ERROR_TAG_LIMIT = 4000  # characters of an error kept in ERROR_TAG
@@ -36,9 +36,12 @@ FINISHED, FAILED, INFEASIBLE, RUNNING = "FINISHED", "FAILED", "INFEASIBLE", "RUN
 LOST = "LOST"  # started by a driver that died before Tune's experiment state recorded the trial
 INTERRUPTED = "INTERRUPTED"  # stopped by Ctrl-C with the study; `qstudy study --resume` continues it
 STOPPED = "STOPPED"  # stopped early by the study's scheduler: its last CIDEr is a low-fidelity one
-# MLflow's own run status for each closing qstudy status (an infeasible trial ran to its end).
+# Its training ran out of memory (host or GPU): a config too large for the machine, not a failure of the code.
+OUT_OF_MEMORY = "OUT_OF_MEMORY"
+# MLflow's own run status for each closing qstudy status: an infeasible trial ran to its end; the
+# machine, not the code, ended an out-of-memory one, so MLflow's FAILED keeps meaning the code raised.
 MLFLOW_STATUS = {FINISHED: "FINISHED", FAILED: "FAILED", INFEASIBLE: "FINISHED", LOST: "KILLED",
-                 INTERRUPTED: "KILLED", STOPPED: "KILLED"}
+                 INTERRUPTED: "KILLED", STOPPED: "KILLED", OUT_OF_MEMORY: "KILLED"}
 
 # -- params of a trial's run -----------------------------------------------------------------------
 METHOD_PARAM = "method"
