@@ -78,14 +78,20 @@ def test_accumulating_two_micro_batches_is_one_step_on_both(deepspeed):
     assert not torch.allclose(whole[1], whole[0]) and not torch.allclose(whole[2], whole[1])
 
 
-def frozen_base_and_trainable_head(head_seed: int) -> nn.Module:
-    """A 256x256 frozen base (the same whatever the seed, as a rebuilt base is) and a small head that trains."""
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("base", nn.Linear(256, 256).requires_grad_(False))
-    torch.manual_seed(head_seed)
-    model.add_module("head", nn.Linear(256, 4))
-    return model
+class FrozenBaseTrainableHead(nn.Module):
+    """A 256x256 frozen base, used twice through a tied alias as GPT-2 ties its LM head, and a small head that trains."""
+
+    def __init__(self, head_seed: int):
+        super().__init__()
+        torch.manual_seed(0)  # the same base whatever the seed, as a rebuilt base is
+        self.base = nn.Linear(256, 256).requires_grad_(False)
+        self.tied = nn.Linear(256, 256, bias=False).requires_grad_(False)
+        self.tied.weight = self.base.weight
+        torch.manual_seed(head_seed)
+        self.head = nn.Linear(256, 4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tied(self.base(inputs)))
 
 
 def keys_and_bytes(checkpoint: Path) -> tuple[set[str], int]:
@@ -121,20 +127,20 @@ def test_a_checkpoint_holds_only_what_trains_and_resumes_it_exactly(deepspeed, z
         for batch in batches:
             engine.step(engine.model(batch).pow(2).mean())
 
-    model = frozen_base_and_trainable_head(head_seed=0)
+    model = FrozenBaseTrainableHead(head_seed=0)
     engine = make_engine(model, [p for p in model.parameters() if p.requires_grad], config, total_steps=4)
     train(engine, inputs[:2])
     engine.save(tmp_path / "checkpoint", {"epoch": 0})
     train(engine, inputs[2:])
 
     keys, size = keys_and_bytes(tmp_path / "checkpoint")
-    frozen = {"base.weight", "base.bias"}
+    frozen = {"base.weight", "base.bias", "tied.weight"}
     assert not keys & frozen, sorted(keys & frozen)
     frozen_bytes = 257 * 256 * 4
     assert size < frozen_bytes, f"{size} bytes in the checkpoint, {frozen_bytes} in the frozen base"
 
     # Resumed on a rebuilt model: the same base, a head initialised afresh, which the checkpoint overwrites.
-    resumed_model = frozen_base_and_trainable_head(head_seed=1)
+    resumed_model = FrozenBaseTrainableHead(head_seed=1)
     resumed = make_engine(resumed_model, [p for p in resumed_model.parameters() if p.requires_grad], config,
                           total_steps=4)
     assert resumed.load(tmp_path / "checkpoint")["epoch"] == 0

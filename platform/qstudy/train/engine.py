@@ -240,7 +240,9 @@ class DeepSpeedEngine(Engine):
         The frozen base is left out: resuming rebuilds it from the run's config, as the first
         start did, so a checkpoint is the size of what trains, not of the model.
         """
-        self.model.save_checkpoint(str(directory), tag="engine", client_state=progress, exclude_frozen_parameters=True)
+        with frozen_left_out_of_state(self.captioner):
+            self.model.save_checkpoint(str(directory), tag="engine", client_state=progress,
+                                       exclude_frozen_parameters=True)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """ZeRO-3 keeps only a shard of each weight per rank: gather them before reading."""
@@ -254,6 +256,28 @@ class DeepSpeedEngine(Engine):
         """
         _, progress = self.model.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
         return progress
+
+
+@contextmanager
+def frozen_left_out_of_state(module: nn.Module) -> Iterator[None]:
+    """In the block, ``module.state_dict()`` leaves out every frozen parameter, under each of its names.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops a frozen parameter under its first name
+    only: a tied alias (GPT-2's ``lm_head.weight``, the input embedding again) stayed in the
+    checkpoint, the largest frozen matrix of the LM.
+    """
+    frozen = {name for name, parameter in module.named_parameters(remove_duplicate=False)
+              if not parameter.requires_grad}
+
+    def drop_frozen(_module, state, prefix, _metadata) -> None:
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    handle = module.register_state_dict_post_hook(drop_frozen)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def make_engine(captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int) -> Engine:
