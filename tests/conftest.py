@@ -19,7 +19,7 @@ SLOW_TESTS = (
     "tests/analysis/test_browser.py",  # headless Chromium
     "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study
     "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
-    "tests/train/test_recipe.py::test_two_deepspeed_ranks",  # two torchrun ranks
+    "tests/train/test_recipe.py::test_two_zero3_ranks",  # two torchrun ranks
     "tests/study/test_evaluate.py::test_evaluate_",  # a local Ray study, then `qstudy evaluate` on a local Ray instance
     "tests/test_readme_commands.py::test_every_readme_command_runs",  # the README's studies on local Ray instances
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux

@@ -1,9 +1,12 @@
-"""The engine's learning-rate schedule: warm-up, decay over the run, and its state across a checkpoint."""
+"""The engine's learning-rate schedule, its checkpoints (what trains, nothing frozen) and resuming from them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from qstudy.config import TrainConfig
@@ -73,3 +76,76 @@ def test_accumulating_two_micro_batches_is_one_step_on_both(deepspeed):
     torch.testing.assert_close(accumulated[1], accumulated[0], rtol=0, atol=0)  # half a step: nothing moves yet
     torch.testing.assert_close(accumulated[2::2], whole[1:])
     assert not torch.allclose(whole[1], whole[0]) and not torch.allclose(whole[2], whole[1])
+
+
+class FrozenBaseTrainableHead(nn.Module):
+    """A 256x256 frozen base, used twice through a tied alias as GPT-2 ties its LM head, and a small head that trains."""
+
+    def __init__(self, head_seed: int):
+        super().__init__()
+        torch.manual_seed(0)  # the same base whatever the seed, as a rebuilt base is
+        self.base = nn.Linear(256, 256).requires_grad_(False)
+        self.tied = nn.Linear(256, 256, bias=False).requires_grad_(False)
+        self.tied.weight = self.base.weight
+        torch.manual_seed(head_seed)
+        self.head = nn.Linear(256, 4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tied(self.base(inputs)))
+
+
+def keys_and_bytes(checkpoint: Path) -> tuple[set[str], int]:
+    """Every string key at any depth of the checkpoint's files (tensor names among them), and the bytes of all its files."""
+    keys: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            keys.update(key for key in value if isinstance(key, str))
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    files = [path for path in checkpoint.rglob("*") if path.is_file()]
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as weights:
+                keys.update(weights.keys())
+        elif path.suffix == ".pt":
+            walk(torch.load(path, map_location="cpu", weights_only=False))  # DeepSpeed pickles its own objects
+    return keys, sum(path.stat().st_size for path in files)
+
+
+@pytest.mark.parametrize(("deepspeed", "zero_stage"), [(False, 0), (True, 2), (True, 3)],
+                         ids=["plain", "zero2", "zero3"])
+def test_a_checkpoint_holds_only_what_trains_and_resumes_it_exactly(deepspeed, zero_stage, tmp_path):
+    config = TrainConfig(batch_size=8, learning_rate=0.01, deepspeed=deepspeed, zero_stage=zero_stage)
+    inputs = torch.randn(4, 8, 256, generator=torch.Generator().manual_seed(1))
+
+    def train(engine, batches) -> None:
+        for batch in batches:
+            engine.step(engine.model(batch).pow(2).mean())
+
+    model = FrozenBaseTrainableHead(head_seed=0)
+    engine = make_engine(model, [p for p in model.parameters() if p.requires_grad], config, total_steps=4)
+    train(engine, inputs[:2])
+    engine.save(tmp_path / "checkpoint", {"epoch": 0})
+    train(engine, inputs[2:])
+
+    keys, size = keys_and_bytes(tmp_path / "checkpoint")
+    frozen = {"base.weight", "base.bias", "tied.weight"}
+    assert not keys & frozen, sorted(keys & frozen)
+    frozen_bytes = 257 * 256 * 4
+    assert size < frozen_bytes, f"{size} bytes in the checkpoint, {frozen_bytes} in the frozen base"
+
+    # Resumed on a rebuilt model: the same base, a head initialised afresh, which the checkpoint overwrites.
+    resumed_model = FrozenBaseTrainableHead(head_seed=1)
+    resumed = make_engine(resumed_model, [p for p in resumed_model.parameters() if p.requires_grad], config,
+                          total_steps=4)
+    assert resumed.load(tmp_path / "checkpoint")["epoch"] == 0
+    train(resumed, inputs[2:])
+    expected, got = engine.trainable_state(), resumed.trainable_state()
+    assert set(got) == {"head.weight", "head.bias"}
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)

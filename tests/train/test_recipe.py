@@ -175,16 +175,21 @@ def test_captions_drawn_per_clip_change_from_epoch_to_epoch():
     assert all(len(captions) == 4 for captions in drawn) and len(set(drawn)) > 1
 
 
-def test_two_deepspeed_ranks_finish_an_epoch_whose_clips_do_not_split_evenly(tiny_workspace, tmp_path):
-    """torchrun, 2 ranks over gloo, ZeRO-2: 63 clips in batches of 31 would give the ranks 2 and 1 steps.
+def test_two_zero3_ranks_build_partitioned_and_finish_an_epoch_whose_clips_do_not_split_evenly(tiny_workspace,
+                                                                                                 tmp_path):
+    """torchrun, 2 ranks over gloo, ZeRO-3: each rank builds and holds half the model; 63 clips in batches of 31.
 
-    A rank that steps once more than the other waits forever in an all-reduce; the timeout
-    turns that hang into a failure.
+    Uneven shares would give the ranks 2 and 1 steps, and a rank that steps once more than
+    the other waits forever in a collective; the timeout turns that hang into a failure.
+    What a rank holds is measured when the engine takes the model, before it could partition
+    anything (``held_parameters.py``).
     """
     from qstudy.data.synthetic import SyntheticSpec, generate
+    from qstudy.methods.inject import apply_adapter, count_parameters
+    from qstudy.model.captioner import Captioner
 
     annotations = generate(tmp_path / "data", SyntheticSpec(domain="target", num_clips=90, seed=1), progress=False)
-    config = short_run(tiny_workspace, tmp_path, epochs=1, batch_size=31, deepspeed=True, zero_stage=2,
+    config = short_run(tiny_workspace, tmp_path, epochs=1, batch_size=31, deepspeed=True, zero_stage=3,
                        max_steps_per_epoch=None)
     config["data"].update({"annotations": str(annotations), "video_dir": str(tmp_path / "data" / "videos"),
                            "max_val_clips": 4})
@@ -194,8 +199,8 @@ def test_two_deepspeed_ranks_finish_an_epoch_whose_clips_do_not_split_evenly(tin
     assert len(read_clips("msrvtt", annotations, tmp_path / "data" / "videos", "train")) == 63
 
     ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "qstudy.cli", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                              str(Path(__file__).with_name("held_parameters.py")), str(path), str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = ranks.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -205,3 +210,14 @@ def test_two_deepspeed_ranks_finish_an_epoch_whose_clips_do_not_split_evenly(tin
     assert ranks.returncode == 0, stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [(epoch["epoch"], epoch["train_steps"]) for epoch in metrics["epochs"]] == [(0, 1)]
+
+    # The LM's parameters are split in two (each rank's share rounded up); the captioner's too, but
+    # for the projector and adapter, built whole and partitioned by the engine.
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert held["lm"]["held"] < 0.51 * held["lm"]["whole"], (rank, held)
+        assert held["captioner"]["held"] < 0.6 * held["captioner"]["whole"], (rank, held)
+    # Counted whole, though no rank holds the whole.
+    plain = Captioner.from_pretrained(RunConfig.from_dict(config).model, config["data"]["num_frames"])
+    apply_adapter(plain, RunConfig.from_dict(config).adapter)
+    assert (metrics["trainable_params"], metrics["total_params"]) == count_parameters(plain)

@@ -56,10 +56,15 @@ def apply_adapter(captioner, config: AdapterConfig) -> list[torch.nn.Parameter]:
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once.
+
+    A parameter ZeRO-3 has partitioned holds none of its elements here (``numel()`` is 0);
+    DeepSpeed keeps its whole count in ``ds_numel``.
+    """
     trainable = total = 0
     for parameter in module.parameters():  # parameters() already yields each tensor once
-        total += parameter.numel()
+        count = getattr(parameter, "ds_numel", parameter.numel())
+        total += count
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += count
     return trainable, total

@@ -2,7 +2,8 @@
 
 The recipe only calls ``engine.model(...)``, ``engine.step(loss)``, ``save`` and ``load``;
 switching ``train.deepspeed`` changes nothing else. DeepSpeed is imported here and nowhere
-else.
+else: ZeRO-3's partitioned build (``partitioned_build``) and reads of partitioned weights
+(``whole_parameters``, ``parameter_bytes``) go through this module too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,6 +92,78 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_ste
     return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 
 
+def deepspeed_config(config: TrainConfig) -> dict:
+    """The DeepSpeed config of a run: its batch, accumulation, ZeRO stage and precision."""
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def partitions_weights(config: TrainConfig) -> bool:
+    """Whether the run's weights are split across its ranks (ZeRO-3) rather than whole on every rank."""
+    return config.deepspeed and config.zero_stage == 3
+
+
+@contextmanager
+def partitioned_build(config: TrainConfig) -> Iterator[None]:
+    """Under ZeRO-3, every transformers model built in the block is partitioned across the ranks; elsewhere nothing.
+
+    transformers reads DeepSpeed's config through ``HfDeepSpeedConfig`` while it lives:
+    ``from_pretrained`` then builds each module inside ``deepspeed.zero.Init``, which splits
+    its parameters as soon as the module exists, and copies the checkpoint's weights into the
+    shards one parameter at a time, so no rank ever holds a whole LM. ``generate`` keeps the
+    ranks' decoding loops in step meanwhile (``synced_gpus``), so the block should last as
+    long as the model runs. Modules built outside transformers (projector, adapters) stay
+    whole until the engine partitions them.
+    """
+    if not partitions_weights(config):
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    ensure_process_group_env()  # zero.Init joins the process group
+    plan = HfDeepSpeedConfig(deepspeed_config(config))  # noqa: F841 - transformers holds it by a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def is_partitioned(parameter: nn.Parameter) -> bool:
+    return hasattr(parameter, "ds_id")
+
+
+@contextmanager
+def whole_parameters(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    """In the block, ZeRO-3 partitioned ``parameters`` hold their whole tensors (read-only); others are left as they are."""
+    partitioned = [parameter for parameter in parameters if is_partitioned(parameter)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def parameter_bytes(module: nn.Module) -> tuple[int, int]:
+    """(held, whole): the bytes of ``module``'s parameters this process holds (its shards under ZeRO-3), and of all of them."""
+    held = whole = 0
+    for parameter in module.parameters():
+        size = parameter.element_size()
+        if is_partitioned(parameter):
+            held += parameter.ds_tensor.numel() * size
+            whole += parameter.ds_numel * size
+        else:
+            held += parameter.numel() * size
+            whole += parameter.numel() * size
+    return held, whole
+
+
 class Engine:
     """Plain PyTorch AdamW (with the run's LR schedule) over the trainable parameters; DDP across processes.
 
@@ -150,18 +223,11 @@ class DeepSpeedEngine(Engine):
 
         ensure_process_group_env()
         self.captioner = captioner
-        ds_config = {
-            "train_micro_batch_size_per_gpu": config.batch_size,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "zero_optimization": {"stage": config.zero_stage},
-            "bf16": {"enabled": config.precision == "bf16"},
-            "steps_per_print": 10**9,
-        }
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         # DeepSpeed steps the scheduler inside model.step() and keeps it in its checkpoints.
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=captioner, model_parameters=trainable, optimizer=optimizer,
-            lr_scheduler=lr_schedule(optimizer, config, total_steps), config=ds_config,
+            lr_scheduler=lr_schedule(optimizer, config, total_steps), config=deepspeed_config(config),
         )
 
     def step(self, loss: torch.Tensor) -> None:
@@ -169,20 +235,49 @@ class DeepSpeedEngine(Engine):
         self.model.step()
 
     def save(self, directory: Path, progress: dict) -> None:
-        """Every rank writes its ZeRO shard; rank 0 adds the progress file."""
-        self.model.save_checkpoint(str(directory), tag="engine", client_state=progress)
+        """Every rank writes its ZeRO shard of the trainable weights and their optimiser state, with the progress.
+
+        The frozen base is left out: resuming rebuilds it from the run's config, as the first
+        start did, so a checkpoint is the size of what trains, not of the model.
+        """
+        with frozen_left_out_of_state(self.captioner):
+            self.model.save_checkpoint(str(directory), tag="engine", client_state=progress,
+                                       exclude_frozen_parameters=True)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """ZeRO-3 keeps only a shard of each weight per rank: gather them before reading."""
-        import deepspeed
-
-        trainable = [p for p in self.captioner.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(trainable, enabled=self.model.zero_optimization_stage() == 3):
+        with whole_parameters(p for p in self.captioner.parameters() if p.requires_grad):
             return trainable_state(self.captioner)
 
     def load(self, directory: Path) -> dict:
-        _, progress = self.model.load_checkpoint(str(directory), tag="engine")
+        """The trainable weights, their optimiser state and the schedule from ``save``'s checkpoint; returns the progress.
+
+        Not strict: the checkpoint holds no frozen weight, and the model already has the base's.
+        """
+        _, progress = self.model.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
         return progress
+
+
+@contextmanager
+def frozen_left_out_of_state(module: nn.Module) -> Iterator[None]:
+    """In the block, ``module.state_dict()`` leaves out every frozen parameter, under each of its names.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops a frozen parameter under its first name
+    only: a tied alias (GPT-2's ``lm_head.weight``, the input embedding again) stayed in the
+    checkpoint, the largest frozen matrix of the LM.
+    """
+    frozen = {name for name, parameter in module.named_parameters(remove_duplicate=False)
+              if not parameter.requires_grad}
+
+    def drop_frozen(_module, state, prefix, _metadata) -> None:
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    handle = module.register_state_dict_post_hook(drop_frozen)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def make_engine(captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int) -> Engine:

@@ -28,7 +28,8 @@ from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
 from qstudy.train.checks import check_loss, check_steps, prepare_output_dir
 from qstudy.train.device import autocast, peak_memory_mb, select_device
-from qstudy.train.engine import Engine, join_process_group, make_engine, rank, world_size
+from qstudy.train.engine import (Engine, join_process_group, make_engine, parameter_bytes, partitioned_build, rank,
+                                 whole_parameters, world_size)
 from qstudy.train.prefix_cache import prefix_states, reuse_depth
 
 # Epoch e of a run with seed s draws from seed s * SEEDS_PER_RUN + e: runs of neighbouring
@@ -127,9 +128,12 @@ def reuse_frozen_prefix(captioner: Captioner, splits: list[SplitData], config: R
     log.info("frozen-prefix reuse: %s", why)
     if not depth:
         return
-    for split in splits:
-        states, dtype = prefix_states(captioner, split.frames, split.entry, depth, config, progress)
-        split.states = MappedRows(states, view=dtype)
+    # Under ZeRO-3 the prefix's layers are shards until the engine runs them: whole for this (a few vision layers).
+    prefix_parameters = [p for module in captioner.vision_prefix_modules(depth) for p in module.parameters()]
+    with whole_parameters(prefix_parameters):
+        for split in splits:
+            states, dtype = prefix_states(captioner, split.frames, split.entry, depth, config, progress)
+            split.states = MappedRows(states, view=dtype)
     captioner.prefix_depth = depth
 
 
@@ -247,6 +251,13 @@ def evaluate(captioner: Captioner, split: SplitData, scorer: CaptionScorer, conf
 def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None = None,
         resume_from: Path | None = None, progress: bool = True) -> RunResult:
     """Train and evaluate one config; ``on_epoch(result, checkpoint_dir)`` after every epoch."""
+    # Under ZeRO-3 the towers are built partitioned, and stay so while the run lasts (``partitioned_build``).
+    with partitioned_build(config.train):
+        return _train_and_evaluate(config, on_epoch, resume_from, progress)
+
+
+def _train_and_evaluate(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None,
+                        resume_from: Path | None, progress: bool) -> RunResult:
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir)
@@ -257,6 +268,8 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
     captioner = Captioner.from_pretrained(config.model, config.data.num_frames)
     trainable = apply_adapter(captioner, config.adapter)
     trainable_params, total_params = count_parameters(captioner)
+    held, whole = parameter_bytes(captioner)
+    log.info("rank %d holds %.1f MB of the model's %.1f MB of parameters", rank(), held / 2**20, whole / 2**20)
     device = select_device()
     captioner.to(device)
 
