@@ -19,9 +19,11 @@ checkpoint the engine wrote, and the device-hours of one full trial:
 with ``steps_per_epoch`` counted as the recipe counts it over the full train split (or
 ``--train-clips`` clips like them) on the space's own workers, and the study's estimate is
 ``trials`` x the mean over arms (the sampler's share of each arm is not known in advance), an
-upper bound where early stopping or the budget ends trials sooner.
+upper bound where early stopping or the budget ends trials sooner. Frozen-prefix reuse is off
+(``rehearsal_snapshot`` says why): an arm that leaves the encoder's first layers frozen runs
+them in every step, so its step time is an upper bound too.
 
-On a cluster without GPUs (this machine) a space that asks for them is rehearsed on CPU:
+On a cluster without GPUs a space that asks for them is rehearsed on CPU:
 ``use_gpu`` off and its workers shrunk to the CPUs there are. Its study runs under a
 temporary ``QSTUDY_HOME`` removed at the end (only the frame cache it filled is the real
 home's), and is tracked in an experiment of its own (the space's study family +
@@ -58,7 +60,7 @@ REHEARSAL_EPOCHS = 2  # the first warms up, the second is measured
 DEFAULT_STEPS = 3  # optimiser steps per rehearsal epoch
 CPU_VAL_CLIPS = 2  # val clips a CPU rehearsal decodes per epoch: enough to time one, cheap at 224 px
 # Keys the rehearsal sets itself: an arm that searches one of them is rehearsed at the rehearsal's value.
-REHEARSAL_KEYS = ("train.epochs", "train.max_steps_per_epoch", "data.max_val_clips")
+REHEARSAL_KEYS = ("train.epochs", "train.max_steps_per_epoch", "data.max_val_clips", "data.reuse_frozen_prefix")
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,10 @@ def rehearsal_snapshot(raw: dict, base: RunConfig, model: dict, steps: int, val_
     data["model"] = {key: value for key, value in model.items() if value is not None}
     return {**copy.deepcopy(raw), "study": raw["study"] + schema.REHEARSAL_EXPERIMENT_SUFFIX, "base": data,
             "overrides": {"train.epochs": REHEARSAL_EPOCHS, "train.max_steps_per_epoch": steps,
-                          "data.max_val_clips": val_clips},
+                          "data.max_val_clips": val_clips,
+                          # The prefix states of the whole train split, under random weights no study will
+                          # load, would cost a pass over it and their size on disk (~16 GB for MSR-VTT).
+                          "data.reuse_frozen_prefix": False},
             "sampler": "random", "scheduler": "none", "concurrency": 1, "max_failures": 0, **changed}
 
 
