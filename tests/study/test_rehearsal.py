@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -123,6 +124,22 @@ def test_random_towers_come_from_a_config_json_alone(tmp_path):
         random_tower({"model_type": "no-such"}, "base.model.language_model", causal_lm=True)
     with pytest.raises(ConfigError, match="base.model.vision_encoder: .* --model-configs DIR"):
         tower_config(str(tmp_path / "nowhere"), tmp_path, "base.model.vision_encoder")
+
+
+def test_a_hub_model_offline_without_its_config_is_bad_input_before_ray_starts(tmp_path):
+    home, ray_dir = tmp_path / "home", tmp_path / "ray"
+    home.mkdir()
+    done = subprocess.run([str(BIN / "qstudy"), "rehearse", str(REPO / "search_spaces" / "qadapter.yaml")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
+                               "QSTUDY_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                               "RAY_TMPDIR": str(ray_dir)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "qstudy: config error: base.model.vision_encoder: openai/clip-vit-base-patch16: not a local directory, no "
+        "config.json in the Hugging Face cache, and the hub is out of reach (HF_HUB_OFFLINE is set); offline, give "
+        "--model-configs DIR with DIR/openai/clip-vit-base-patch16/config.json"]
+    assert not ray_dir.exists() and not list(home.glob("rehearsal-*"))
 
 
 def test_rehearsal_on_a_cluster_without_gpus(ray_head, mlflow_server, study_home, test_env, tmp_path):

@@ -338,18 +338,18 @@ def rehearse(options: RehearsalOptions) -> Rehearsal:
         raise error.prefixed(f"{path}: ") from None
     uri = options.mlflow_uri or writer.default_tracking_uri(options.home)
     writer.check_reachable(uri)
-    connect_ray(options.address, options.verbose)
-    import ray
-
-    resources = ray.cluster_resources()
-    without_gpus = settings.use_gpu and resources.get("GPU", 0) < 1
-    fitted = cpu_settings(settings, resources.get("CPU", 1.0)) if without_gpus else {}
-    changed = {key: value for key, value in fitted.items() if getattr(settings, key) != value}
-    on_gpu = settings.use_gpu and not fitted
     # A temporary home for the rehearsal's study, beside the real one (the towers are as large as the models).
     scratch = Path(tempfile.mkdtemp(prefix="rehearsal-", dir=options.home))
     try:
-        model, tokenizer_note = build_random_base(base, options.model_configs, scratch / "models")
+        model, tokenizer_note = build_random_base(base, options.model_configs, scratch / "models")  # before Ray
+        connect_ray(options.address, options.verbose)
+        import ray
+
+        resources = ray.cluster_resources()
+        without_gpus = settings.use_gpu and resources.get("GPU", 0) < 1
+        fitted = cpu_settings(settings, resources.get("CPU", 1.0)) if without_gpus else {}
+        changed = {key: value for key, value in fitted.items() if getattr(settings, key) != value}
+        on_gpu = settings.use_gpu and not fitted
         val_clips = min(base.data.max_val_clips or base.eval.batch_size, base.eval.batch_size) if on_gpu \
             else CPU_VAL_CLIPS
         snapshot = rehearsal_snapshot(raw, base, model, options.steps, val_clips, changed)
