@@ -50,7 +50,7 @@ from qstudy.config import RunConfig
 from qstudy.core.dims import ModelNotFound, hub_unreachable, read_config
 from qstudy.core.errors import ConfigError
 from qstudy.core.validate import from_mapping, load_yaml
-from qstudy.methods import AdapterConfig
+from qstudy.methods import adapter_config_from_mapping
 from qstudy.records import TrialRecord
 from qstudy.study.space import Arm, Param, SearchSpace, SpaceFile, load_base, parse_space, set_dotted
 from qstudy.study.worker import EPOCH_METRICS
@@ -227,7 +227,7 @@ def heaviest(space: SearchSpace, arm: Arm) -> tuple[dict[str, Any], int] | None:
         for param, value in zip(searched, combination):
             set_dotted(section, param.key, value)
         try:  # the adapter's own section is all a count depends on: no whole run config per combination
-            adapter = AdapterConfig.from_mapping(section["adapter"])
+            adapter = adapter_config_from_mapping(section["adapter"])
             adapter.validate(space.dims)
         except ConfigError:
             continue  # values that are valid one by one, not together
