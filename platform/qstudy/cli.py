@@ -158,6 +158,19 @@ def cmd_study(args) -> None:
         _print_summary(run_study(_study_options(args, args.space, args.name)))
 
 
+def cmd_rehearse(args) -> None:
+    from qstudy.study.rehearsal import RehearsalOptions, format_rehearsal, rehearse
+
+    quiet_weight_loading()
+    rehearsal = rehearse(RehearsalOptions(
+        space_path=args.space, home=qstudy_home(), steps=args.steps, model_configs=args.model_configs,
+        train_clips=args.train_clips, val_clips=args.val_clips, address=args.address, mlflow_uri=args.mlflow_uri,
+        verbose=_study_verbosity(args)))
+    print(format_rehearsal(rehearsal), flush=True)
+    if rehearsal.exit_code != EXIT_OK:
+        sys.exit(rehearsal.exit_code)
+
+
 def cmd_dashboard(args) -> None:
     """optuna-dashboard on a study's Optuna storage, on this machine only (a live view while it runs)."""
     from optuna_dashboard import run_server
@@ -324,6 +337,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay recorded curves (bench/record_curves.py) instead of training each trial")
     _add_study_arguments(study)
     study.set_defaults(handler=cmd_study)
+
+    rehearse = commands.add_parser(
+        "rehearse", help="run every arm of a space for a few steps at real shapes: step time, memory, the study's cost",
+        description="Before GPUs are booked: every arm of the space (its heaviest config) trains a few optimiser steps "
+                    "on random weights built from the models' config.json (no weights are downloaded), on the "
+                    "space's data, through Ray Train, DeepSpeed, the frame cache and MLflow. Prints per arm the step "
+                    "time, peak memory, trainable parameters and checkpoint size, and the full study's device-hours. "
+                    "Without GPUs, a space that asks for them runs on CPU. Tracked in the experiment STUDY-rehearsal; "
+                    "no study is left behind.")
+    rehearse.add_argument("space", type=Path, help="search-space YAML (see search_spaces/)")
+    rehearse.add_argument("--steps", type=_positive, default=3,
+                          help="optimiser steps per epoch; two epochs, the second timed (default: 3)")
+    rehearse.add_argument("--model-configs", type=Path, metavar="DIR",
+                          help="read each model's config.json from DIR/<model name>/config.json first (offline)")
+    rehearse.add_argument("--train-clips", type=_positive, metavar="N",
+                          help="train clips of the full study, for the estimate (default: the space's train split)")
+    rehearse.add_argument("--val-clips", type=_positive, metavar="N",
+                          help="val clips of the full study, for the estimate (default: the space's val split)")
+    rehearse.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
+    rehearse.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    rehearse.set_defaults(handler=cmd_rehearse)
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
     dashboard.add_argument("study", metavar="STUDY", type=_study_name,

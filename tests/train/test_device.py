@@ -26,7 +26,7 @@ from qstudy.methods.inject import apply_adapter
 from qstudy.config import DataConfig, TrainConfig
 from qstudy.data.annotations import Clip
 from qstudy.model.captioner import Captioner
-from qstudy.train.device import worker_device
+from qstudy.train.device import peak_rss_mb, reset_peak_rss, worker_device
 from qstudy.train.engine import Engine
 from qstudy.train.recipe import SplitData, train_epoch
 
@@ -103,7 +103,7 @@ def test_a_ray_task_holding_a_gpu_computes_on_it():
     """What an in-actor trial with ``use_gpu`` gets: Ray's GPU, not the CPU (Ray pretends to have two here)."""
     script = textwrap.dedent("""
         import ray
-        from qstudy.train.device import worker_device
+        from qstudy.train.device import peak_rss_mb, reset_peak_rss, worker_device
 
         ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
         device = ray.remote(worker_device)
@@ -115,3 +115,16 @@ def test_a_ray_task_holding_a_gpu_computes_on_it():
                                    "RAY_AUTH_TOKEN": secrets.token_hex(16)})  # Ray listens beyond loopback
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["cuda:0", "cpu"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak is reset through Linux's procfs")
+def test_the_peak_resident_memory_starts_over_when_reset():
+    """A reused Ray actor ran other trials before: a run's peak must be its own (train/recipe.py resets it)."""
+    reset_peak_rss()
+    before = peak_rss_mb()
+    block = b"\x01" * (256 * 2**20)  # written, so resident
+    assert peak_rss_mb() >= before + 200
+    del block
+    assert peak_rss_mb() >= before + 200  # a peak, not the present size
+    reset_peak_rss()
+    assert peak_rss_mb() < before + 100

@@ -45,7 +45,7 @@ class ModelNotFound(ConfigError, FileNotFoundError):
 
 
 @functools.cache
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be reached, or None; asked once per process.
 
     Without this, a model that is not cached costs huggingface_hub's five retries with backoff
@@ -84,7 +84,7 @@ def _model_file(name_or_path: str, filename: str, local: Callable[[Path], T],
         return local(Path(cached))
     # Offline, a file the cache lacks counts as absent: a snapshot cached without any record of
     # the files it lacks (which of model.safetensors or its index) is still read.
-    if cached is not None or _hub_unreachable() is not None:  # not None: the cache knows the hub lacks it
+    if cached is not None or hub_unreachable() is not None:  # not None: the cache knows the hub lacks it
         return None
     try:
         return remote(name_or_path, filename)
@@ -96,7 +96,7 @@ def _model_file(name_or_path: str, filename: str, local: Callable[[Path], T],
 
 def _missing(name_or_path: str, what: str) -> ModelNotFound:
     """The error for a model without ``what``, saying so where only the Hugging Face cache was looked in."""
-    reason = None if Path(name_or_path).is_dir() else _hub_unreachable()
+    reason = None if Path(name_or_path).is_dir() else hub_unreachable()
     if reason is None:
         return ModelNotFound(f"{name_or_path}: no {what}")
     return ModelNotFound(f"{name_or_path}: not a local directory, no {what} in the Hugging Face cache, "

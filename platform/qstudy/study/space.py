@@ -211,7 +211,7 @@ def read_dims(base: dict, path: str) -> ModelDims:
                           "for the tiny preset run `qstudy demo` or prepare $QSTUDY_HOME first") from None
 
 
-def _load_base(base: Any, space_dir: Path) -> dict:
+def load_base(base: Any, space_dir: Path) -> dict:
     """``base`` is an embedded run config, a preset name (``tiny_qadapter``) or a YAML path."""
     if isinstance(base, dict):
         return copy.deepcopy(base)
@@ -336,7 +336,7 @@ def parse_space(data: dict, path: str = "<space>", base_dir: Path | None = None,
     """
     base_dir = base_dir or Path.cwd()
     settings = from_mapping(SpaceFile, data)
-    base = _load_base(settings.base, base_dir)
+    base = load_base(settings.base, base_dir)
     base.pop("adapter", None)  # each arm supplies its method
     problems = Problems()
     problems.add(*settings.problems())

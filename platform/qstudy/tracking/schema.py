@@ -88,6 +88,14 @@ BEST_CIDER = "best_cider"
 UNDELIVERED_TRIALS = "undelivered_trials"
 STUDY_WALL_SECONDS = "study_wall_seconds"
 
+# -- a rehearsal (`qstudy rehearse`): a study of one trial per arm in an experiment of its own -------
+REHEARSAL_EXPERIMENT_SUFFIX = "-rehearsal"  # the space's study family + this: never the family's own experiment
+REHEARSAL_TAG = "qstudy.rehearsal_of"  # on a rehearsal's parent run: the space file it rehearsed
+REHEARSAL_DEVICE_HOURS = "rehearsal_device_hours"  # on its parent run: the full study's estimate
+REHEARSAL_ARM_METRICS = ("step_seconds", "eval_seconds_per_clip", "peak_memory_mb", "checkpoint_bytes",
+                         "trial_device_hours")  # per arm on the parent run, as rehearsal_metric names them
+REHEARSAL_ARTIFACT = "rehearsal.json"  # on its parent run: the per-arm table and how the estimate was made
+
 # -- artifacts -------------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.yaml"  # a trial's complete run config
 WEIGHTS_ARTIFACT = "adapter.safetensors"  # a trial's trained parameters
@@ -103,6 +111,11 @@ _PYTHON_LITERALS = {"True": True, "False": False, "None": None}
 def trials_metric(status: str) -> str:
     """The parent run's count of trials that closed with ``status``, e.g. ``trials_finished``."""
     return f"trials_{status.lower()}"
+
+
+def rehearsal_metric(method: str, name: str) -> str:
+    """A rehearsed arm's measurement on the rehearsal's parent run, e.g. ``qadapter.step_seconds``."""
+    return f"{method}.{name}"
 
 
 def trial_params(method: str, hyperparameters: dict[str, Any], *, over_budget: bool, workers: int,

@@ -31,6 +31,7 @@ from qstudy.tracking.schema import (
     EPOCH_KEYS,
     MLFLOW_STATUS,
     PARENT_RUN_TAG,
+    REHEARSAL_ARTIFACT,
     ROLE_TAG,
     RUNNING,
     STATUS_TAG,
@@ -160,6 +161,17 @@ def log_held_out(uri: str, run_id: str, metrics: dict[str, float], tags: dict[st
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
                      tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def log_rehearsal(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], table: dict) -> None:
+    """A rehearsal's measurements, estimate and table on its (closed) parent run, at step 0."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    client.log_dict(run_id, table, REHEARSAL_ARTIFACT)
 
 
 def _params(values: dict[str, Any]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,24 @@ def select_device() -> torch.device:
 def peak_memory_mb(device: torch.device) -> float | None:
     """``torch.cuda.max_memory_allocated`` of ``device`` in MiB; None where torch keeps no such count."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory over from its present size (Linux; elsewhere, or where the
+    kernel refuses, it keeps counting from the process's start): a reused Ray actor ran other trials before."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM) in MiB since it started or :func:`reset_peak_rss`; None off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
 
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision -> the model's weights

@@ -27,7 +27,7 @@ from qstudy.data.cache import run_splits, split_frames
 from qstudy.metrics import CaptionScorer
 from qstudy.model.captioner import Captioner
 from qstudy.train.checks import check_loss, check_steps, prepare_output_dir
-from qstudy.train.device import autocast, peak_memory_mb, select_device
+from qstudy.train.device import autocast, peak_memory_mb, peak_rss_mb, reset_peak_rss, select_device
 from qstudy.train.engine import (Engine, join_process_group, make_engine, parameter_bytes, partitioned_build, rank,
                                  whole_parameters, world_size)
 from qstudy.train.prefix_cache import prefix_states, reuse_depth
@@ -89,6 +89,7 @@ class EpochResult:
     train_seconds: float = 0.0
     train_steps: int = 0
     peak_memory_mb: float | None = None  # the accelerator's peak allocated so far in the run; None on CPU
+    peak_rss_mb: float | None = None  # this process's peak resident memory so far in the run (Linux)
 
 
 @dataclass
@@ -259,6 +260,7 @@ def run(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None 
 def _train_and_evaluate(config: RunConfig, on_epoch: Callable[[EpochResult, Path], None] | None,
                         resume_from: Path | None, progress: bool) -> RunResult:
     started = time.perf_counter()
+    reset_peak_rss()
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir)
     torch.manual_seed(config.train.seed)
@@ -297,7 +299,7 @@ def _train_and_evaluate(config: RunConfig, on_epoch: Callable[[EpochResult, Path
             with autocast(device, config.train.precision):
                 val, examples = evaluate(captioner, val_split, scorer, config.eval)
             result = EpochResult(epoch, loss, val, time.perf_counter() - epoch_started, examples, train_seconds,
-                                 train_steps, peak_memory_mb(device))
+                                 train_steps, peak_memory_mb(device), peak_rss_mb())
             epochs.append(result)
             log.info("epoch %d: loss %.4f %s", epoch, loss, " ".join(f"{k} {v:.3f}" for k, v in val.items()))
             if on_epoch is not None:
