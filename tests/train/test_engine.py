@@ -95,12 +95,16 @@ class FrozenBaseTrainableHead(nn.Module):
 
 
 def keys_and_bytes(checkpoint: Path) -> tuple[set[str], int]:
-    """Every string key at any depth of the checkpoint's files (tensor names among them), and the bytes of all its files."""
+    """The name of every tensor at any depth of the checkpoint's files, and the bytes of all its files.
+
+    Names only, without a tensor (DeepSpeed's ``shared_params`` maps a tied alias to the weight it
+    shares), hold no weight and are left out.
+    """
     keys: set[str] = set()
 
     def walk(value) -> None:
         if isinstance(value, dict):
-            keys.update(key for key in value if isinstance(key, str))
+            keys.update(key for key, item in value.items() if isinstance(key, str) and isinstance(item, torch.Tensor))
             for item in value.values():
                 walk(item)
         elif isinstance(value, (list, tuple)):
