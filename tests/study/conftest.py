@@ -15,6 +15,7 @@ so stopping a node never touches another Ray instance on the machine (``ray stop
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -64,6 +65,7 @@ def servers(test_env, tmp_path_factory):
 
     database_dir = Path(tempfile.mkdtemp(prefix="qspg", dir="/tmp"))  # the server's socket lives here too
     initdb = init_postgres(database_dir, "mlflow")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server would log every request
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
     postgres = mlflow = worker = None
@@ -76,17 +78,18 @@ def servers(test_env, tmp_path_factory):
             raise RuntimeError(f"initdb failed ({database_dir / 'initdb.log'})")
         postgres_port = free_port()
         postgres = start_postgres(database_dir, postgres_port)
-        wait_until(lambda: postgres_answers(postgres_port), 60, f"PostgreSQL ({database_dir / 'postgres.log'})",
-                   postgres)
+        wait_until(lambda: postgres_answers(postgres_port, "mlflow"), 60,
+                   f"PostgreSQL ({database_dir / 'postgres.log'})", postgres)
         mlflow_dir = tmp_path_factory.mktemp("mlflow")
         mlflow_port = free_port()
         mlflow_log = mlflow_dir / "server.log"
         server_env = {**test_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                       "MLFLOW_S3_ENDPOINT_URL": artifacts.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
                       **{key.upper(): value for key, value in artifacts.credentials.items()}}
+        # +psycopg2: the lock's driver (SQLAlchemy's default for postgresql:// is psycopg 3, which it lacks).
         mlflow = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri",
-             f"postgresql://mlflow@127.0.0.1:{postgres_port}/postgres",
+             f"postgresql+psycopg2://mlflow@127.0.0.1:{postgres_port}/postgres",
              "--artifacts-destination", f"s3://{artifacts.bucket}/mlflow", "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
             env=server_env, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)

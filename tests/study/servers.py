@@ -155,8 +155,8 @@ def start_postgres(directory: Path, port: int) -> subprocess.Popen:
                             start_new_session=True, **postgres_account())
 
 
-def postgres_answers(port: int) -> bool:
-    return subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0
+def postgres_answers(port: int, user: str) -> bool:
+    return subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres"]).returncode == 0
 
 
 def remove_tree(directory: Path) -> None:

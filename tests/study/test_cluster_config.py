@@ -39,7 +39,7 @@ def test_the_head_runs_mlflow_on_postgresql_with_artifacts_in_s3_and_keeps_its_s
     config = yaml.safe_load(text)
     start_head = " ".join(config["head_start_ray_commands"])
     (server,) = [command for command in config["head_start_ray_commands"] if "mlflow server" in command]
-    assert _words_after(server, "--backend-store-uri")[0].startswith("postgresql://")
+    assert _words_after(server, "--backend-store-uri")[0].startswith("postgresql+psycopg2://")
     assert _words_after(server, "--artifacts-destination")[0].startswith("s3://") and "--serve-artifacts" in server
     # The database's data directory is durable: on the shared volume, the same for initdb and pg_ctl.
     (database,) = set(_words_after(start_head, "-D"))
