@@ -60,7 +60,7 @@ try:
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
         print("exit:", main(["study", space, "--name", "never", "--address", address, "--mlflow-uri", uri]))
-    print("errors:", errors.getvalue().strip().replace("\\n", " | "))
+    print("errors:", " | ".join(line for line in errors.getvalue().splitlines() if line.startswith("qstudy:")))
 finally:
     gcs.report_cluster_config(autoscaler_pb2.ClusterConfig().SerializeToString())
     print("removed:", ray._private.state.state.get_cluster_config() is None)
