@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -52,7 +53,8 @@ def node_with_other_transformers(ray_head, tmp_path):
     java.chmod(0o755)
     # HTTP_PROXY in capitals: urllib reads it, gRPC (Ray's own traffic) reads only the lower-case names.
     env = {key: value for key, value in ray_head.env.items() if key.lower() not in ("http_proxy", "no_proxy")}
-    env.update(PYTHONPATH=str(site), PATH=f"{java.parent}:{env['PATH']}", HTTP_PROXY=f"http://127.0.0.1:{free_port()}")
+    python_path = os.pathsep.join(filter(None, (str(site), env.get("PYTHONPATH"))))
+    env.update(PYTHONPATH=python_path, PATH=f"{java.parent}:{env['PATH']}", HTTP_PROXY=f"http://127.0.0.1:{free_port()}")
     temp_dir = Path(tempfile.mkdtemp(prefix="qsrayv", dir="/tmp"))
     token = ray_head.env["RAY_AUTH_TOKEN"]
     before = {node["node_id"] for node in alive_nodes(ray_head.dashboard, token)}
@@ -77,7 +79,9 @@ def test_a_node_that_cannot_run_a_trial_fails_the_study_before_any_trial(
                     "--mlflow-uri", mlflow_server.uri)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2, output[-3000:]
-    node = f"node 127.0.0.1 ({node_with_other_transformers[:8]})"
+    (address,) = [node["node_ip"] for node in alive_nodes(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"])
+                  if node["node_id"] == node_with_other_transformers]
+    node = f"node {address} ({node_with_other_transformers[:8]})"
     driver = stack_versions()["transformers"]
     lines = [line for line in output.splitlines() if line.startswith("qstudy: config error: ")]
     # One line per item, all of this node: the others pass.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from servers import BIN, study, tiny_space
+from servers import BIN, alive_nodes, study, tiny_space
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.timeout(300)
      "but the cluster has 2 CPUs"),
     ({"cpus_per_worker": 3}, [],  # one worker trains in the trial's own actor: no driver beside it
      "cpus_per_worker: 1 workers x cpus_per_worker 3.0 = 3 CPUs, but no node holds one worker (3 CPUs); "
-     "the largest, 127.0.0.1 ({worker}), has 2 CPUs"),
+     "the largest, {worker}, has 2 CPUs"),
     ({"use_gpu": True}, [], "use_gpu: 1 workers x cpus_per_worker 1.0 = 1 CPUs, 1 GPUs, but no node holds one "
-                            "worker (1 CPUs, 1 GPU); the largest, 127.0.0.1 ({worker}), has 2 CPUs"),
+                            "worker (1 CPUs, 1 GPU); the largest, {worker}, has 2 CPUs"),
 ], ids=["three-workers", "no-room-for-the-driver", "one-big-worker", "no-gpu"])
 def test_unplaceable_trials_fail_naming_the_setting(ray_head, mlflow_server, study_home, tmp_path, changes, args,
                                                     message):
@@ -30,7 +30,9 @@ def test_unplaceable_trials_fail_naming_the_setting(ray_head, mlflow_server, stu
                    "--mlflow-uri", mlflow_server.uri, *args)
     output, _ = driver.communicate(timeout=240)
     assert driver.returncode == 2, output[-3000:]
-    message = message.format(worker=ray_head.worker_node[:8])
+    (address,) = [node["node_ip"] for node in alive_nodes(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"])
+                  if node["node_id"] == ray_head.worker_node]
+    message = message.format(worker=f"{address} ({ray_head.worker_node[:8]})")
     assert f"qstudy: config error: {message}" in output and "Traceback" not in output, output[-3000:]
     assert not (study_home / "studies" / "unplaceable").exists()  # no study directory, no trial
 

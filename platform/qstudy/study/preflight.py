@@ -10,8 +10,8 @@ instead of in some trial's traceback. Imports no torch: versions come from the i
 distributions' metadata.
 
 A cluster spans several machines when its live nodes have more than one address, counting
-every loopback address as the one machine they share (the test cluster's nodes all run on
-127.0.0.1). On such a cluster a tracking store on the driver's disk (sqlite, ``file:``) or a
+every loopback address as one and the same machine (the test cluster's raylets all run on one
+machine and share its address). On such a cluster a tracking store on the driver's disk (sqlite, ``file:``) or a
 loopback server URI names something else, or nothing, on every other node.
 """
 
