@@ -1,9 +1,11 @@
-"""Helpers of the study tests: ports, waiting, stopping what a test started, reading Ray and MLflow back."""
+"""Helpers of the study tests: ports, waiting, stopping what a test started, reading Ray, MLflow and S3 back."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,10 +48,10 @@ def answers(url: str) -> bool:
         return False
 
 
-def stop(process: subprocess.Popen, grace_s: float = 10) -> None:
-    """SIGTERM the session we started it in, then SIGKILL every process still in that session."""
+def stop(process: subprocess.Popen, grace_s: float = 10, sig: int = signal.SIGTERM) -> None:
+    """``sig`` to the session we started it in, then SIGKILL every process still in that session."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -91,9 +93,74 @@ class RayHead:
 
 
 @dataclass(frozen=True)
+class S3Server:
+    """A moto S3 endpoint; ``credentials`` are what the MLflow server has and its clients lack."""
+
+    endpoint: str
+    bucket: str
+    credentials: dict
+
+    def keys(self, prefix: str = "") -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **self.credentials)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@dataclass(frozen=True)
 class MlflowServer:
     uri: str
     log: Path
+    artifacts: S3Server  # where the server keeps artifacts; clients reach them through the server only
+
+
+# PostgreSQL refuses to run as root: as root, the test database runs as this account, in a directory it owns.
+POSTGRES_USER = "postgres"
+POSTGRES_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=None, key=lambda path: int(path.parent.name))
+
+
+def postgres_account() -> dict:
+    """Popen's arguments that drop root for PostgreSQL (``nobody`` where the distribution made no postgres account)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        account = pwd.getpwnam(POSTGRES_USER)
+    except KeyError:
+        account = pwd.getpwnam("nobody")
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def init_postgres(directory: Path, user: str) -> subprocess.Popen:
+    """``initdb`` of a throwaway cluster in ``directory``/data (started, not awaited); ``user`` is its superuser."""
+    if POSTGRES_BIN is None:
+        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql): the study tests' MLflow "
+                           "server keeps its runs in it")
+    account = postgres_account()
+    if account:
+        os.chown(directory, account["user"], account["group"])
+    # --no-sync and, below, fsync=off: a database the session throws away needs no durability.
+    return subprocess.Popen([str(POSTGRES_BIN / "initdb"), "-D", str(directory / "data"), "-U", user,
+                             "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+                            cwd=directory, stdout=(directory / "initdb.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, **account)
+
+
+def start_postgres(directory: Path, port: int) -> subprocess.Popen:
+    """The server of the cluster :func:`init_postgres` made, in the foreground, on loopback ``port`` and a socket
+    in ``directory`` (not the system's /var/run/postgresql)."""
+    return subprocess.Popen([str(POSTGRES_BIN / "postgres"), "-D", str(directory / "data"), "-p", str(port),
+                             "-k", str(directory), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                            cwd=directory, stdout=(directory / "postgres.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, **postgres_account())
+
+
+def postgres_answers(port: int, user: str) -> bool:
+    return subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres"]).returncode == 0
+
+
+def remove_tree(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def tiny_space(tmp_path: Path, overrides: dict | None = None, **changes) -> Path:

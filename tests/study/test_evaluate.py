@@ -159,3 +159,11 @@ def test_evaluate_runs_on_a_cluster_and_logs_to_a_tracking_server(ray_head, mlfl
         if record.trial_id == best.trial_id:  # the preset's own beams and split
             assert run.tags[schema.TEST_SPLIT_TAG] == "test" and run.tags[schema.TEST_BEAMS_TAG] == "1"
             assert run.metrics[schema.TEST_CLIPS] == TEST_CLIPS
+
+    # Export reads the trial's artifacts through the tracking server, which keeps them in S3: no S3 credentials here.
+    exported = qstudy(study_home, ray_head.env, "export", "held-out-cluster", "--select", "best",
+                      "--out", str(tmp_path / "export"), *uri)
+    assert exported.returncode == 0, (exported.stdout + exported.stderr)[-5000:]
+    assert "AWS_SECRET_ACCESS_KEY" not in ray_head.env
+    assert {path.name for path in (tmp_path / "export").rglob("*") if path.is_file()} >= {
+        schema.CONFIG_ARTIFACT, schema.WEIGHTS_ARTIFACT}

@@ -60,6 +60,12 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     assert len(configs) >= 2
     artifacts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(children[0].info.run_id)}
     assert {"adapter.safetensors", "config.yaml", "metrics.json"} <= artifacts
+    # The server proxies them (no trial holds S3 credentials) and keeps them in its S3 bucket.
+    run = children[0].info
+    assert run.artifact_uri.startswith("mlflow-artifacts:/") and "AWS_SECRET_ACCESS_KEY" not in ray_head.env
+    keys = mlflow_server.artifacts.keys(f"mlflow/{run.experiment_id}/{run.run_id}/")
+    stored = {key.rpartition("/")[2] for key in keys}
+    assert artifacts <= stored
 
     # The frame cache: the driver decoded each split once, before any trial (Ray forwards the
     # trials' output to the job's, so a trial that decoded would log the corrupt video again);

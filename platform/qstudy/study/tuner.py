@@ -30,7 +30,7 @@ from qstudy.core.errors import (EXIT_INTERRUPTED, EXIT_NOTHING_TRAINED, EXIT_OK,
                                  REASON_LIMIT, Problems, one_line)
 from qstudy.core.validate import load_yaml
 from qstudy.records import TrialRecord, format_counts, trial_counts
-from qstudy.study.preflight import check_node_versions
+from qstudy.study.preflight import check_nodes, cluster_capacity, shape_problem, study_checks
 from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
                                 parse_space)
 from qstudy.study.trial import StudyContext, run_name, run_trial
@@ -219,22 +219,15 @@ def _warm_frame_cache(space: SearchSpace) -> None:
 
 
 def _check_resources(context: StudyContext) -> None:
-    """Refuse a trial shape the cluster can never place: Ray Train V2 would wait for it forever."""
-    import ray
+    """Refuse a trial shape the cluster can never place, even scaled up: Ray Train V2 would wait for it forever.
 
+    A shape that fits only once the autoscaler has added nodes is fine: its trials wait for them.
+    """
     settings = context.space.settings
-    available = ray.cluster_resources()
-    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     driver = 0 if context.in_actor else context.driver_resources()["CPU"]
-    need = settings.cpus_per_worker * settings.workers_per_trial + driver
-    if need > cpus + 1e-9:
-        raise ConfigError(
-            f"workers_per_trial: {settings.workers_per_trial} workers x cpus_per_worker {settings.cpus_per_worker}"
-            f"{f' + {driver} for the trial driver' if driver else ''} = {need:g} CPUs, but the cluster has "
-            f"{cpus:g}; lower workers_per_trial or cpus_per_worker (e.g. 0.99 so the driver fits beside them)")
-    if settings.use_gpu and gpus < settings.workers_per_trial:
-        raise ConfigError(f"use_gpu: {settings.workers_per_trial} workers need {settings.workers_per_trial} GPUs, "
-                          f"the cluster has {gpus:g}")
+    problem = shape_problem(cluster_capacity(), context.worker_resources(), settings.workers_per_trial, driver)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _tuner_run_config(context: StudyContext, directory: Path):
@@ -308,7 +301,7 @@ def run_study(options: StudyOptions) -> StudySummary:
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
                        force_trainer=options.force_trainer,
                        replay_table=str(options.replay_table.resolve()) if options.replay_table else None)
-    check_node_versions()
+    check_nodes(study_checks(uri, space, reads_data=state.replay_table is None))
     _check_resources(_context(state, directory, space))
     if state.replay_table is None:
         _warm_frame_cache(space)
@@ -413,7 +406,7 @@ def resume_study(name: str, home: Path, address: str | None = None, verbose: int
     _prepare_output(verbose)
     connect_ray(address, verbose)
     context = _context(state, directory, space)
-    check_node_versions()
+    check_nodes(study_checks(state.tracking_uri, space, reads_data=state.replay_table is None))
     _check_resources(context)
     if state.replay_table is None:
         _warm_frame_cache(space)
