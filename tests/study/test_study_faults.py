@@ -324,7 +324,8 @@ def train_run_actors(ray_head) -> list[str]:
 def test_killed_driver_resumes_a_two_worker_deepspeed_trial_to_its_uninterrupted_curve(
         ray_head, mlflow_server, study_home, tmp_path, test_env):
     """Ray Train's path: a TorchTrainer of two DeepSpeed ZeRO-2 ranks, whose driver is SIGKILLed once the
-    trial has persisted an epoch before its last. The reference is the same config on two torchrun ranks."""
+    trial has persisted an epoch before its last. The reference is the same config on two torchrun ranks.
+    The DDP case of a two-worker trial is in test_study_distributed.py."""
     epochs = 3
     space = tiny_space(tmp_path, trials=1, concurrency=1, workers_per_trial=2,
                        cpus_per_worker=0.99,  # 2 x 0.99 + the driver's 0.01
@@ -348,6 +349,12 @@ def test_killed_driver_resumes_a_two_worker_deepspeed_trial_to_its_uninterrupted
     summary = finish(study(ray_head, study_home, "--resume", "zero2-killed"))
     runs = assert_one_story(ray_head, study_home, "zero2-killed", mlflow_server.uri, summary, tmp_path)
     ((trial_id, run),) = runs.items()
+    assert run.data.params.items() >= {schema.WORKERS_PARAM: "2", schema.DEEPSPEED_PARAM: "True",
+                                       schema.ZERO_STAGE_PARAM: "2"}.items()
+    # Ray Train persisted every rank's ZeRO shard of the optimiser state.
+    checkpoint = sorted(path for path in study_dir.glob("train/*/checkpoint_*") if path.is_dir())[-1]
+    shards = {path.name for path in checkpoint.rglob("*optim_states.pt")}
+    assert any("rank_0" in name for name in shards) and any("rank_1" in name for name in shards), shards
     second_life = json.loads((study_dir / "trials" / trial_id / "metrics.json").read_text())
     assert 0 < second_life["epochs"][0]["epoch"] and second_life["epochs"][-1]["epoch"] == epochs - 1
 
