@@ -25,15 +25,14 @@ SLOW_TESTS = (
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
     "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
 )
-FLOORS = "tests/train/test_floors.py"  # the floors grid: three 10-epoch trainings under 1 and 2 threads (~3 min)
+FLOORS = "tests/train/test_floors.py"  # the floors: three 10-epoch trainings on one thread (~2 min)
 
 # The whole suite runs on two pytest-xdist workers (pyproject: `--dist loadgroup`, in the order below).
 # - serial: the tests on the session's cluster, one after another on one worker; beside each other
-#   their studies slowed each other several-fold. The 2-thread floors come last, when the other
-#   worker is done: a 2-thread OpenMP team spins whenever another process takes one of its cores.
+#   their studies slowed each other several-fold.
 # - the other worker meanwhile runs what needs no tiny workspace (while the serial worker builds
 #   it), then the slow tests off the cluster (local Ray instances, each trial on one thread), the
-#   1-thread floors, then the rest.
+#   floors (one thread), then the rest.
 SERIAL_GROUP, LOCAL_GROUP = "serial", "local"
 
 
@@ -41,14 +40,14 @@ def _group(item) -> str | None:
     if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
         return SERIAL_GROUP
     if item.nodeid.startswith(FLOORS):
-        return SERIAL_GROUP if "[2-threads]" in item.nodeid else "floors-1-thread"
+        return "floors"
     return LOCAL_GROUP if item.nodeid.startswith(SLOW_TESTS) else None
 
 
 def _turn(item) -> int:
     group = _group(item)
     if group == SERIAL_GROUP:
-        return 5 if item.nodeid.startswith(FLOORS) else 0
+        return 0
     if group is None:
         return 4 if "tiny_workspace" in getattr(item, "fixturenames", ()) else 1
     return 2 if group == LOCAL_GROUP else 3

@@ -1,7 +1,10 @@
 """Q-Adapter must clear both floors on the synthetic target domain: blind (caption prior) and frozen (projector only).
 
-The ordering is asserted under 1 and 2 CPU threads: the thread count changes the arithmetic,
-and a verdict that flips with it is not a result.
+The thread count changes the arithmetic, and a verdict that flips with it is not a result:
+bench/cider_ordering.py trains the floors under 1 and 2 threads on two base builds, and the
+margins below are half the smallest gap over that grid. The suite trains the 1-thread cell; a
+2-thread OpenMP team beside the suite's other worker runs several times slower, and the suite
+has 20 minutes.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ MARGIN_FROZEN_OVER_BLIND = 0.5  # smallest gap 1.00
 MARGIN_QADAPTER_OVER_BLIND = 0.35  # smallest gap 0.69
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=lambda threads: f"{threads}-threads")
-def scores(request, tiny_workspace, tmp_path_factory) -> dict[str, float]:
-    """Val CIDEr of the tiny preset's Q-Adapter run and of its two floors, seed 0, at one thread count."""
+@pytest.fixture(scope="module")
+def scores(tiny_workspace, tmp_path_factory) -> dict[str, float]:
+    """Val CIDEr of the tiny preset's Q-Adapter run and of its two floors, seed 0, on one thread."""
     config = RunConfig.from_yaml(DEMO_CONFIG)
     config.eval.meteor = False  # CIDEr decides; METEOR's JVM would only add time
     arms = {"qadapter": config, "blind": floor_config(config, "blind"), "frozen": floor_config(config, "frozen")}
     results = {}
-    with cpu_threads(request.param):
+    with cpu_threads(1):
         for name, arm in arms.items():
             arm.output_dir = str(tmp_path_factory.mktemp(name))
             results[name] = run(arm, progress=False).final["cider"]
