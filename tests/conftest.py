@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 # The fast tier (`pytest -m "not slow"`) leaves out what costs minutes or starts servers. Any test on the
 # session's Ray cluster and MLflow server is slow; so are these, each measured at 10 s or more.
-SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server"}
+SLOW_FIXTURES = {"servers", "ray_head", "mlflow_server", "shared_nothing"}
 SLOW_TESTS = (
     "tests/analysis/test_browser.py",  # headless Chromium
     "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study

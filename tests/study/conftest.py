@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from servers import (BIN, MlflowServer, RayHead, S3Server, alive_nodes, answers, free_port, init_postgres,
                      postgres_answers, remove_tree, start_postgres, stop, wait_until)
+from shared_nothing import SharedNothingCluster, shared_nothing_cluster
 
 
 # What MLflow's S3 artifact store reads; only the server gets it, so every client proves it needs none.
@@ -136,6 +137,19 @@ def servers(test_env, tmp_path_factory):
         stop(initdb)
         s3.stop()
         remove_tree(database_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_nothing(servers, test_env, tiny_workspace, tmp_path_factory) -> SharedNothingCluster:
+    """A second two-node cluster shaped like the first, whose nodes share nothing but the network.
+
+    Each node has its own private QSTUDY_HOME and Ray temp dir at the same paths; their shared
+    storage is a bucket on the session's S3 endpoint (tests/study/shared_nothing.py). MLflow is
+    the session's server. Starts in ~15 s.
+    """
+    with shared_nothing_cluster(test_env, tiny_workspace, servers[1].artifacts,
+                                tmp_path_factory.mktemp("shared-nothing")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
