@@ -19,5 +19,6 @@ if __name__ == "__main__":
     name = args.name or (load_yaml(args.space)["study"] if args.space else None)
     if name and (study_dir(qstudy_home(), name) / STATE_FILE).exists():
         print(f"study {name!r} exists: resuming it")
-        sys.exit(main(["study", "--resume", name] + (["--address", args.address] if args.address else [])))
+        given = [("--address", args.address), ("--mlflow-uri", args.tracking_uri), ("--storage", args.storage)]
+        sys.exit(main(["study", "--resume", name, *(item for option in given if option[1] for item in option)]))
     sys.exit(main(["study", *sys.argv[1:]]))

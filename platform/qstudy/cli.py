@@ -113,7 +113,8 @@ def _study_options(args, space_path: Path, name: str | None):
     from qstudy.study.tuner import StudyOptions
 
     return StudyOptions(space_path=space_path, home=qstudy_home(), name=name, address=args.address,
-                        mlflow_uri=args.mlflow_uri, trials=args.trials, concurrency=args.concurrency,
+                        tracking_uri=args.tracking_uri, storage=args.storage, trials=args.trials,
+                        concurrency=args.concurrency,
                         workers_per_trial=args.workers_per_trial, sampler=args.sampler,
                         verbose=_study_verbosity(args), replay_table=getattr(args, "replay", None))
 
@@ -153,7 +154,8 @@ def cmd_study(args) -> None:
     if (args.space is None) == (args.resume is None):
         raise ConfigError("give a search-space file or --resume NAME (not both)")
     if args.resume:
-        _print_summary(resume_study(_local_study(args.resume), qstudy_home(), args.address, _study_verbosity(args)))
+        _print_summary(resume_study(_local_study(args.resume), qstudy_home(), args.address, _study_verbosity(args),
+                                    tracking_uri=args.tracking_uri, storage=args.storage))
     else:
         _print_summary(run_study(_study_options(args, args.space, args.name)))
 
@@ -164,7 +166,7 @@ def cmd_rehearse(args) -> None:
     quiet_weight_loading()
     rehearsal = rehearse(RehearsalOptions(
         space_path=args.space, home=qstudy_home(), steps=args.steps, model_configs=args.model_configs,
-        train_clips=args.train_clips, val_clips=args.val_clips, address=args.address, mlflow_uri=args.mlflow_uri,
+        train_clips=args.train_clips, val_clips=args.val_clips, address=args.address, tracking_uri=args.tracking_uri,
         verbose=_study_verbosity(args)))
     print(format_rehearsal(rehearsal), flush=True)
     if rehearsal.exit_code != EXIT_OK:
@@ -206,7 +208,7 @@ def cmd_report(args) -> None:
     from qstudy.analysis.views import default_views_dir, load_views
 
     views = load_views(args.views or default_views_dir())  # a bad view file fails before MLflow is read
-    selection = _announced(read_studies(args.studies, args.mlflow_uri, args.budget, args.reference))
+    selection = _announced(read_studies(args.studies, args.tracking_uri, args.budget, args.reference))
     print(format_report(selection))
     out_dir = args.report_dir or qstudy_home() / "reports" / selection.name
     print("\n" + format_published(selection, out_dir, publish_dashboards(selection, views, out_dir, not args.no_png)))
@@ -222,7 +224,7 @@ def cmd_export(args) -> None:
     from qstudy.export import export_trials
 
     choice = Selection.parse(args.select)
-    index = export_trials(_announced(read_studies(args.studies, args.mlflow_uri)), choice, args.export_dir)
+    index = export_trials(_announced(read_studies(args.studies, args.tracking_uri)), choice, args.export_dir)
     print(index.read_text())
     print(f"index: {index}")
 
@@ -233,7 +235,7 @@ def cmd_evaluate(args) -> None:
     from qstudy.study.evaluation import evaluate_selection
 
     choice = Selection.parse(args.select)
-    selection = _announced(read_studies(args.studies, args.mlflow_uri))
+    selection = _announced(read_studies(args.studies, args.tracking_uri))
 
     def printed(result) -> None:
         scores = "  ".join(f"{name} {100 * result.scores[name]:.1f}" for name in result.scores)
@@ -242,7 +244,7 @@ def cmd_evaluate(args) -> None:
 
     results = evaluate_selection(selection, choice, args.split, args.beams, args.address, _study_verbosity(args),
                                  on_result=printed)
-    uri = "" if args.mlflow_uri is None else f" --mlflow-uri {args.mlflow_uri}"
+    uri = "" if args.tracking_uri is None else f" --mlflow-uri {args.tracking_uri}"
     print(f"{len(results)} trials scored (x100), logged as test_* metrics on their MLflow runs "
           f"({selection.tracking_uri}); the paper table: qstudy report {' '.join(args.studies)}{uri}")
 
@@ -286,10 +288,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow-uri", dest="tracking_uri",
+                        help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+
+
 def _add_study_arguments(parser: argparse.ArgumentParser, trials: int | None = None) -> None:
     """Options of `study` and `demo`; unset ones keep the search-space file's settings."""
     parser.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    _add_tracking_uri(parser)
+    parser.add_argument("--storage", help="where Tune's state, checkpoints and trial records go: a directory "
+                                          "every node reaches, or s3://bucket/prefix, gs://... (default: the study "
+                                          "directory)")
     parser.add_argument("--trials", type=int, default=trials)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--workers-per-trial", type=int)
@@ -356,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     rehearse.add_argument("--val-clips", type=_positive, metavar="N",
                           help="val clips of the full study, for the estimate (default: the space's val split)")
     rehearse.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
-    rehearse.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    _add_tracking_uri(rehearse)
     rehearse.set_defaults(handler=cmd_rehearse)
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage (127.0.0.1)")
@@ -372,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="Pareto front, hypervolume, knee and dashboards of studies in MLflow")
     report.add_argument("studies", nargs="+", metavar="STUDY",
                         help="study name, parent run id, or MLflow experiment (its latest study); several combine")
-    report.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    _add_tracking_uri(report)
     report.add_argument("--budget", help="parameter budget: a share of the base model (1.5%%) or a count (250k)")
     report.add_argument("--reference", help="hypervolume reference point CIDER,PARAMS (default: 0,1.1x largest trial)")
     report.add_argument("--views", type=Path, help="directory of dashboard view files (default: dashboards/)")
@@ -385,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="study name, parent run id, or MLflow experiment (its latest study); several combine")
     export.add_argument("--select", default="front", help="front | knee | best | budget=1.5%% (default: front)")
     export.add_argument("--out", dest="export_dir", type=Path, required=True)
-    export.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    _add_tracking_uri(export)
     export.set_defaults(handler=cmd_export)
 
     evaluate = commands.add_parser(
@@ -399,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="the held-out split (default: each trial's data.test_split)")
     evaluate.add_argument("--beams", type=_positive, help="beam width (default: each trial's eval.num_beams)")
     evaluate.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS under `ray job submit`, else local)")
-    evaluate.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under $QSTUDY_HOME/mlflow)")
+    _add_tracking_uri(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     caption = commands.add_parser("caption", help="caption videos with an exported adapter")

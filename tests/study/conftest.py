@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from servers import (BIN, MlflowServer, RayHead, S3Server, alive_nodes, answers, free_port, init_postgres,
-                     postgres_answers, remove_tree, start_postgres, stop, wait_until)
+from servers import (BIN, HEAD_GRACE_S, MlflowServer, RayHead, S3Server, alive_nodes, answers, free_port,
+                     init_postgres, postgres_answers, remove_tree, start_postgres, state_api, stop, wait_until)
 from shared_nothing import SharedNothingCluster, shared_nothing_cluster
 
 
@@ -51,8 +51,9 @@ def servers(test_env, tmp_path_factory):
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="qsray", dir="/tmp"))  # Ray's socket paths must stay short
     token = secrets.token_hex(32)
-    ray_env = {**test_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": str(temp_dir)}
     gcs_port, dashboard_port = free_port(), free_port()
+    ray_env = {**test_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": str(temp_dir),
+               **state_api(dashboard_port)}
     ray_log = temp_dir / "ray-start.log"
     ray = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
@@ -129,7 +130,7 @@ def servers(test_env, tmp_path_factory):
     finally:
         if worker is not None:
             stop(worker)
-        stop(ray)
+        stop(ray, grace_s=HEAD_GRACE_S)
         if mlflow is not None:
             stop(mlflow)
         if postgres is not None:

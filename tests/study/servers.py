@@ -48,6 +48,10 @@ def answers(url: str) -> bool:
         return False
 
 
+# A Ray head drains for 30 s on SIGTERM; at the session's end there is nothing left to drain.
+HEAD_GRACE_S = 2
+
+
 def stop(process: subprocess.Popen, grace_s: float = 10, sig: int = signal.SIGTERM) -> None:
     """``sig`` to the session we started it in, then SIGKILL every process still in that session."""
     if process.poll() is None:
@@ -64,6 +68,13 @@ def stop(process: subprocess.Popen, grace_s: float = 10, sig: int = signal.SIGTE
             pass
     if process.poll() is None:
         process.wait()
+
+
+def state_api(dashboard_port: int) -> dict:
+    """A test cluster's nodes' variable naming its own dashboard to Ray's state API clients inside it (Ray Train's
+    placement-group cleaner among them): without it they look for "the" local Ray instance, and with two test
+    clusters (or a local study's instance) on the machine they find several and give up."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
 
 
 def ray_api(dashboard: str, token: str, path: str):

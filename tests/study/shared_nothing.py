@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import BIN, S3Server, alive_nodes, answers, free_port, ray_api, stop, wait_until
+from servers import (BIN, HEAD_GRACE_S, S3Server, alive_nodes, answers, free_port, ray_api, state_api, stop,
+                     wait_until)
 
 STORAGE_BUCKET = "qstudy-storage"
 STORAGE_PREFIX = "studies"
@@ -117,8 +118,8 @@ def shared_nothing_cluster(client_env: dict, workspace: Path, s3: S3Server, logs
     node_env = {"QSTUDY_HOME": str(home), "AWS_ACCESS_KEY_ID": storage.credentials["aws_access_key_id"],
                 "AWS_SECRET_ACCESS_KEY": storage.credentials["aws_secret_access_key"],
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    ray_env = {**env, **node_env, "RAY_TMPDIR": str(temp_dir)}
     dashboard_port = free_port()
+    ray_env = {**env, **node_env, "RAY_TMPDIR": str(temp_dir), **state_api(dashboard_port)}
     head = _node(root, workspace,
                  ["--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--num-cpus", "0",
                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
@@ -155,7 +156,7 @@ def shared_nothing_cluster(client_env: dict, workspace: Path, s3: S3Server, logs
     finally:
         if worker is not None:
             stop(worker)
-        stop(head)
+        stop(head, grace_s=HEAD_GRACE_S)
         for namespace in namespaces:
             _kill_namespace(namespace)
         root.rmdir()  # the nodes' tmpfs went with their namespaces; the mount point is empty here

@@ -12,6 +12,7 @@ from servers import BIN, alive_nodes, free_port, stop, study, tiny_space, wait_u
 
 from qstudy.study.preflight import (Capacity, NodeChecks, NodeType, local_paths, probe_node, shape_problem,
                                     stack_versions, tracking_problem, version_mismatch)
+from qstudy.study.storage import StudyStorage
 
 DRIVER = {"python": "3.11.7", "ray": "2.60.0", "torch": "2.13.0+cpu", "transformers": "5.25.0",
           "deepspeed": "0.19.8", "qstudy": "0.1.0"}
@@ -117,15 +118,22 @@ def test_the_probe_names_each_item_a_node_lacks(tmp_path):
     readable = tmp_path / "videos"
     readable.mkdir()
     gone = tmp_path / "gone.json"
+    # The driver wrote its probe file to its own disk; this "node" has a disk of its own at that path.
+    node_disk = StudyStorage(str(tmp_path / "node-disk"), "s")
     checks = NodeChecks(f"http://127.0.0.1:{free_port()}",
                         local_paths([("data.video_dir", str(readable)), ("data.annotations", str(gone)),
-                                     ("model.vision_encoder", "openai/clip-vit-base-patch16")]))  # a hub id: not a path
+                                     ("model.vision_encoder", "openai/clip-vit-base-patch16")]),  # a hub id: not a path
+                        storage=node_disk, token="written-by-the-driver")
     assert checks.paths == (("data.video_dir", str(readable)), ("data.annotations", str(gone)))
     report = probe_node(checks)
     assert report["versions"] == stack_versions()
-    (health, path) = report["problems"]  # java runs here
+    (health, path, storage) = report["problems"]  # java runs here
     assert health.startswith(f"the MLflow server {checks.tracking_uri} does not answer /health from here (")
     assert path == f"data.annotations {gone} is not readable here (No such file or directory)"
+    assert storage.startswith(f"the study's storage {tmp_path / 'node-disk' / 's'} does not hold what the driver "
+                              "wrote there (a directory on one machine's disk is not shared)")
+    node_disk.write_text(node_disk.path("probe"), checks.token)  # a shared disk: the driver's file is there
+    assert len(probe_node(checks)["problems"]) == 2
 
 
 LIVE = Capacity((NodeType("127.0.0.1 (head0000)", {}, 1), NodeType("127.0.0.1 (work0000)", {"CPU": 2.0}, 1)),

@@ -21,6 +21,7 @@ from servers import BIN, REPO, SPACES, tiny_space
 
 from qstudy.study.progress import EVENT_LINE, TrialRow, event_line, front_marks
 from qstudy.study.trial import INFEASIBLE_KEY, OUT_OF_MEMORY_KEY
+from qstudy.study.storage import StudyStorage
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -173,7 +174,8 @@ def test_the_summary_marks_the_knee_of_its_front(tmp_path):
                for order, (trial_id, cider, params) in enumerate([("cheap", 1.0, 1_000), ("knee", 2.9, 2_000),
                                                                   ("big", 3.0, 100_000)])]
     analysis = analyse(records)
-    summary = StudySummary(name="s", study_dir=tmp_path, tracking_uri="sqlite:///x.db", experiment="e",
+    summary = StudySummary(name="s", study_dir=tmp_path, storage=StudyStorage(str(tmp_path), "s"),
+                           tracking_uri="sqlite:///x.db", experiment="e",
                            parent_run_id="p", wall_seconds=1.0, records=records, front=list(analysis.front),
                            knee=analysis.knee, best=analysis.best)
     marked = [line.split()[0] for line in format_summary(summary).splitlines() if line.rstrip().endswith("*")]

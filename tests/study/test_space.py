@@ -22,6 +22,7 @@ from qstudy.config import RunConfig
 from qstudy.methods.qadapter import config as qadapter_config
 from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, parse_space
 from qstudy.study.trial import StudyContext, worker_task
+from qstudy.study.storage import StudyStorage
 from shapes import paper_dims, tiny_dims
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +163,8 @@ def test_a_trial_config_is_built_and_its_layers_resolved_once_from_sampler_to_wo
 
     tune_config = pickle.loads(pickle.dumps(SpaceSampler(space)(study.ask())))  # Tune hands the trial a copy
     sampled = SampledConfig.from_tune_config(tune_config)
-    context = StudyContext(study_dir=str(tmp_path), space=space, tracking=None)
+    context = StudyContext(study_dir=str(tmp_path), space=space, tracking=None,
+                           storage=StudyStorage(str(tmp_path), "s"))
     task = pickle.loads(pickle.dumps(worker_task(sampled, context, "t1")))  # as Ray ships it to the worker
     adapter = task.run_config.adapter
     adapter.validate(space.dims)  # what the worker's build asks: the shape check, the frozen prefix, the count

@@ -32,6 +32,7 @@ from qstudy.study.progress import EVENT_LINE
 from qstudy.study.search import OUT_OF_MEMORY_CONSTRAINT
 from qstudy.study.tuner import StudySummary, format_summary
 from qstudy.tracking import schema
+from qstudy.study.storage import StudyStorage
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -143,7 +144,8 @@ def _summary(tmp_path: Path, statuses: list[str]) -> StudySummary:
                            cider=1.0 if status == schema.FINISHED else None, trainable_params=10, total_params=None,
                            status=status, order=order, error="RuntimeError: out" if status != schema.FINISHED else None)
                for order, status in enumerate(statuses)]
-    return StudySummary(name="s", study_dir=tmp_path, tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
+    return StudySummary(name="s", study_dir=tmp_path, storage=StudyStorage(str(tmp_path), "s"),
+                        tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
                         wall_seconds=1.0, records=records)
 
 

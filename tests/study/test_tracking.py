@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 from qstudy.tracking import schema, writer
+from qstudy.study.storage import StudyStorage
 from servers import free_port
 
 
@@ -62,13 +63,13 @@ def test_a_resumed_trial_logs_each_step_once_and_reopens_its_interrupted_run(tmp
 
     resumed = writer.TrialTracker(target, "trial-1", "qadapter-trial-1")  # the trial's next life
     resumed.start()
-    assert client.get_run(runs["trial-1"].info.run_id).info.status == "RUNNING" and resumed.status() is None
+    assert client.get_run(runs["trial-1"].info.run_id).info.status == "RUNNING"
     resumed.log_metrics({"val_cider": 0.7, "loss": 1.0}, step=0)  # replayed from its checkpoint
     resumed.log_metrics({"val_cider": 0.9}, step=1)
     resumed.finish(schema.FINISHED)
     history = client.get_metric_history(runs["trial-1"].info.run_id, "val_cider")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.9)]
-    assert client.get_run(runs["trial-1"].info.run_id).info.status == "FINISHED" and resumed.status() == "FINISHED"
+    assert client.get_run(runs["trial-1"].info.run_id).info.status == "FINISHED"
     assert writer.close_open_trials(target, schema.LOST) == []
 
 
@@ -124,8 +125,10 @@ def test_the_summary_and_the_report_count_a_resumed_trial_alike(tmp_path, capsys
     resumed.finish(schema.FINISHED)
 
     state = StudyState(name="resumed", space_origin=str(tmp_path / "space.yaml"), tracking_uri=store,
-                       experiment_id=experiment, parent_run_id=parent, optuna_storage="", force_trainer=False)
-    summary = read_summary(state, tmp_path, "family", wall_seconds=1.0, interrupted=False)
+                       experiment_id=experiment, parent_run_id=parent, optuna_storage="", force_trainer=False,
+                       storage=str(tmp_path))
+    summary = read_summary(state, tmp_path, StudyStorage(str(tmp_path), "resumed"), "family", wall_seconds=1.0,
+                           interrupted=False)
     assert format_summary(summary).splitlines()[0] == "study resumed: 1 failed, 1 finished in 1 s"
     assert main(["report", "resumed", "--mlflow-uri", store, "--out", str(tmp_path / "dashboards"), "--no-png"]) == 0
     assert "2 trials: 1 failed, 1 finished" in capsys.readouterr().out

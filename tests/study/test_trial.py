@@ -12,6 +12,7 @@ from qstudy.study.trial import lost_to_ray
 from qstudy.study.worker import (ApplicationFailure, RanOutOfMemory, WorkerTask, mark_failed, mark_out_of_memory,
                                  out_of_memory, out_of_memory_reason, raise_if_failed_before)
 from qstudy.tracking.writer import TrialTarget
+from qstudy.study.storage import StudyStorage
 
 
 @pytest.mark.parametrize("error, lost", [
@@ -73,7 +74,8 @@ def test_out_of_memory_is_found_by_type_through_rays_wrappers_and_chained_errors
 
 def _task(tmp_path) -> WorkerTask:
     target = TrialTarget(tracking_uri="", experiment_id="", parent_run_id="", study="s", outbox_root=str(tmp_path))
-    return WorkerTask(trial_id="t1", run_name="qadapter-t1", run_config=None, predicted_trainable=0, tracking=target)
+    return WorkerTask(trial_id="t1", run_name="qadapter-t1", run_config=None, predicted_trainable=0, tracking=target,
+                      storage=StudyStorage(str(tmp_path), "s"))
 
 
 def test_a_restart_after_running_out_of_memory_gives_up_at_once_naming_the_allocation(tmp_path):
@@ -86,10 +88,10 @@ def test_a_restart_after_running_out_of_memory_gives_up_at_once_naming_the_alloc
         raise_if_failed_before(task)
     assert str(raised.value).startswith("RuntimeError: [enforce fail") and "can't allocate memory" in str(raised.value)
     assert out_of_memory(raised.value) is raised.value
-    assert out_of_memory_reason(tmp_path, "t1") == str(raised.value)
+    assert out_of_memory_reason(task.storage, "t1") == str(raised.value)
     mark_out_of_memory(task, CUDA)  # the first allocation that failed is the one kept
-    assert out_of_memory_reason(tmp_path, "t1") == str(raised.value)
-    assert out_of_memory_reason(tmp_path, "t2") == "no error was recorded"
+    assert out_of_memory_reason(task.storage, "t1") == str(raised.value)
+    assert out_of_memory_reason(task.storage, "t2") == "no error was recorded"
 
 
 def test_a_restart_after_the_code_raised_still_fails(tmp_path):

@@ -15,10 +15,9 @@ from qstudy.analysis.pareto import StudyAnalysis, analyse, front_table, parse_bu
 from qstudy.analysis.views import ViewSpec
 from qstudy.core.errors import ConfigError, QstudyError
 from qstudy.records import HeldOutScores, TrialRecord, format_counts, from_mlflow, held_out_scores
-from qstudy.tracking.reader import (StudyNotFound, StudyRun, client_for, find_study, load_trial_runs,
-                                    resolve_tracking_uri)
+from qstudy.tracking.reader import StudyNotFound, StudyRun, client_for, find_study, load_trial_runs
 from qstudy.tracking.schema import BASE_TOTAL_PARAM, DASHBOARDS_ARTIFACT_DIR, ROLE_TAG, STUDY_ROLE
-from qstudy.tracking.writer import is_remote, log_run_artifacts
+from qstudy.tracking.writer import is_remote, log_run_artifacts, resolve_tracking_uri
 
 
 @dataclass(frozen=True)

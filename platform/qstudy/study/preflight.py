@@ -3,7 +3,11 @@
 Ray needs the same Ray and Python on every node; the pickled Tune state, DeepSpeed's
 checkpoints and the models' numerics need the rest of the stack to match too. A trial also
 needs, on whichever node it lands: Java (pycocoevalcap's tokenizer and METEOR), the tracking
-server, and the study's data and base model where they are local paths. A node that lacks one
+server, the study's data and base model where they are local paths, and the study's storage
+(study/storage.py), where it reads and writes what other nodes wrote: the driver writes a file
+there that every node must read back. A local directory on the driver's disk fails here on a
+cluster whose nodes share no disk, naming the storage, instead of after a trial's first epoch.
+A node that lacks one
 (an autoscaled node that resolved its own versions, a stale image, a node outside the server's
 network) fails the study here, one line per node and item, before any trial and any MLflow run,
 instead of in some trial's traceback. Imports no torch: versions come from the installed
@@ -17,10 +21,11 @@ loopback server URI names something else, or nothing, on every other node.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
-import shutil
+import secrets
 import subprocess
 import sys
 import urllib.error
@@ -33,7 +38,8 @@ from urllib.parse import urlparse
 
 from packaging.version import InvalidVersion, Version
 
-from qstudy.core.errors import ConfigError
+from qstudy.core.errors import ConfigError, one_line
+from qstudy.study.storage import StudyStorage
 
 # What must match the driver's on every node. torch is compared without its build tag:
 # the head installs the CPU lock and GPU nodes the CUDA lock, with the same pins.
@@ -78,6 +84,8 @@ class NodeChecks:
 
     tracking_uri: str
     paths: tuple[tuple[str, str], ...] = ()  # (the config field, its local path)
+    storage: StudyStorage | None = None
+    token: str = ""  # what check_nodes writes to the storage's probe file, which every node must read back
 
 
 def _java_problem() -> str | None:
@@ -119,10 +127,29 @@ def _path_problem(field: str, path: str) -> str | None:
     return None
 
 
+PROBE_FILE = "probe"  # in the study's storage while check_nodes runs
+
+
+def _storage_problem(storage: StudyStorage, token: str) -> str | None:
+    try:
+        seen = storage.read_text(storage.path(PROBE_FILE))
+        if seen != token:
+            return (f"the study's storage {storage.where()} does not hold what the driver wrote there (a directory "
+                    "on one machine's disk is not shared): give --storage an object store (s3://bucket/prefix, "
+                    "gs://...) or a filesystem mounted on every node")
+        written = storage.path(f"{PROBE_FILE}.{os.getpid()}.{os.uname().nodename}")
+        storage.write_text(written, token)
+        storage.delete(written)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises OSError and its own errors for a store it cannot use
+        return f"cannot read and write the study's storage {storage.where()} ({one_line(str(error), 200)})"
+    return None
+
+
 def probe_node(checks: NodeChecks) -> dict:
     """Run on a node: its stack's versions, and a line for each of ``checks`` that fails there."""
     problems = [_java_problem(), _health_problem(checks.tracking_uri),
-                *(_path_problem(field, path) for field, path in checks.paths)]
+                *(_path_problem(field, path) for field, path in checks.paths),
+                _storage_problem(checks.storage, checks.token) if checks.storage else None]
     return {"versions": stack_versions(), "problems": [problem for problem in problems if problem]}
 
 
@@ -135,16 +162,16 @@ def local_paths(fields: Iterable[tuple[str, str | None]]) -> tuple[tuple[str, st
     return tuple((field, path) for path, field in found.items())
 
 
-def study_checks(tracking_uri: str, space, reads_data: bool) -> NodeChecks:
-    """The node checks of a study (``space``: its SearchSpace): its tracking URI, and the data and base its trials
-    read (``reads_data``: not replayed curves) where those are local paths."""
+def study_checks(tracking_uri: str, space, storage: StudyStorage, reads_data: bool) -> NodeChecks:
+    """The node checks of a study (``space``: its SearchSpace): its tracking URI and storage, and the data and base
+    its trials read (``reads_data``: not replayed curves) where those are local paths."""
     fields = []
     for _, config in space.data_variants() if reads_data else ():
         fields += [(f"data.{name}", getattr(config.data, name)) for name in ("annotations", "video_dir",
                                                                               "test_annotations")]
         fields += [(f"model.{name}", getattr(config.model, name)) for name in ("vision_encoder", "language_model",
                                                                                 "tokenizer", "projector")]
-    return NodeChecks(tracking_uri, local_paths(fields))
+    return NodeChecks(tracking_uri, local_paths(fields), storage, secrets.token_hex(8))
 
 
 def _is_loopback(host: str) -> bool:
@@ -194,6 +221,35 @@ def check_nodes(checks: NodeChecks) -> None:
     problem = tracking_problem(checks.tracking_uri, [node["NodeManagerAddress"] for node in nodes])
     if problem:
         raise ConfigError(problem)
+    with _probe_file(checks.storage, checks.token):
+        problems = _probe_problems(nodes, checks)
+    if problems:
+        raise ConfigError(problems)
+
+
+@contextlib.contextmanager
+def _probe_file(storage: StudyStorage | None, token: str):
+    """The driver's probe file in ``storage`` while the nodes look for it; a study directory it created goes too."""
+    if storage is None:
+        yield
+        return
+    created = not storage.exists(storage.root)
+    try:
+        storage.write_text(storage.path(PROBE_FILE), token)
+    except Exception as error:  # noqa: BLE001 - as in _storage_problem
+        raise ConfigError(f"cannot write to the study's storage {storage.where()} "
+                          f"({one_line(str(error), 200)})") from None
+    try:
+        yield
+    finally:
+        storage.delete(storage.root if created else storage.path(PROBE_FILE))
+
+
+def _probe_problems(nodes: list[dict], checks: NodeChecks) -> list[str]:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     pending = {_node_name(node): probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         node["NodeID"], soft=False)).remote(checks) for node in nodes}
@@ -212,8 +268,7 @@ def check_nodes(checks: NodeChecks) -> None:
         mismatch = version_mismatch(name, driver, report["versions"])
         problems += [mismatch] if mismatch else []
         problems += [f"node {name}: {line}" for line in report["problems"]]
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from qstudy.core.errors import REASON_LIMIT, last_exception, one_line
 from qstudy.records import TrialRecord
 from qstudy.study.space import SampledConfig
 from qstudy.study.trial import INFEASIBLE_KEY, OUT_OF_MEMORY_KEY
-from qstudy.study.worker import FAILED_MARKER, ApplicationFailure, out_of_memory_reason
+from qstudy.study.storage import FAILED_MARKER, StudyStorage
+from qstudy.study.worker import ApplicationFailure, out_of_memory_reason
 from qstudy.tracking.schema import FINISHED
 
 EVENT_LINE = re.compile(r"^trial (?P<trial>\S+) \((?P<arm>\S+)\) "
@@ -153,7 +154,7 @@ def reason(error: BaseException | None) -> str:
     return one_line(f"{type(cause).__name__}: {cause}", REASON_LIMIT)
 
 
-def failure_line(trial, outbox_root: Path) -> str:
+def failure_line(trial, storage: StudyStorage) -> str:
     """A trial that failed for good (Tune retries first): trial, arm, reason, the file with its full error.
 
     A retried trial that had raised fails again at once saying so (study/worker.py); its line
@@ -163,13 +164,13 @@ def failure_line(trial, outbox_root: Path) -> str:
         error = trial.get_pickled_error()
     except Exception:  # noqa: BLE001 - an error Ray could not pickle still gets its line
         error = None
-    marker = outbox_root / trial.trial_id / FAILED_MARKER
-    if isinstance(getattr(error, "cause", None) or error, ApplicationFailure) and marker.exists():
-        why = last_exception(marker.read_text())
+    first = storage.read_text(storage.trial_file(trial.trial_id, FAILED_MARKER))
+    if isinstance(getattr(error, "cause", None) or error, ApplicationFailure) and first is not None:
+        why = last_exception(first)
     else:
         why = reason(error)
     # Where the error file lands in the study's storage (Tune writes it to a staging dir first and copies it).
-    log = Path(trial.path) / Path(trial.error_file).name
+    log = storage.where("tune", Path(trial.path).name, Path(trial.error_file).name)
     return f"trial {trial.trial_id} ({trial.config.get('method', '?')}) failed: {why}; full log: {log}"
 
 
@@ -180,8 +181,8 @@ class StudyProgress(Callback):
     study's names live in the pickled state; what is shown is rebuilt from Tune's trials.
     """
 
-    def __init__(self, study: str, study_dir: str, outbox_root: str, trials: int):
-        self._study, self._study_dir, self._outbox_root, self._trials = study, study_dir, outbox_root, trials
+    def __init__(self, study: str, study_dir: str, storage: StudyStorage, trials: int):
+        self._study, self._study_dir, self._storage, self._trials = study, study_dir, storage, trials
         self._reset()
 
     def _reset(self) -> None:
@@ -193,7 +194,7 @@ class StudyProgress(Callback):
 
     def __getstate__(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key in
-                ("_study", "_study_dir", "_outbox_root", "_trials")}
+                ("_study", "_study_dir", "_storage", "_trials")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -239,7 +240,7 @@ class StudyProgress(Callback):
         row = self._row(trial)
         row.state = row.ended()
         if row.state == OUT_OF_MEMORY_STATE:
-            row.reason = out_of_memory_reason(self._outbox_root, trial.trial_id)
+            row.reason = out_of_memory_reason(self._storage, trial.trial_id)
         self._event(row, row.state)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -248,7 +249,7 @@ class StudyProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._row(trial).state = FAILED_STATE
-        print(failure_line(trial, Path(self._outbox_root)), flush=True)
+        print(failure_line(trial, self._storage), flush=True)
         self._refresh()
 
     def on_experiment_end(self, trials, **info) -> None:

@@ -53,7 +53,7 @@ from qstudy.core.validate import from_mapping, load_yaml
 from qstudy.methods import adapter_config_from_mapping
 from qstudy.records import TrialRecord
 from qstudy.study.space import Arm, Param, SearchSpace, SpaceFile, load_base, parse_space, set_dotted
-from qstudy.study.worker import EPOCH_METRICS
+from qstudy.study.storage import EPOCH_METRICS
 from qstudy.tracking import schema, writer
 
 REHEARSAL_EPOCHS = 2  # the first warms up, the second is measured
@@ -74,7 +74,7 @@ class RehearsalOptions:
     train_clips: int | None = None  # the full study's train clips, for the estimate (default: the space's split)
     val_clips: int | None = None  # its val split's clips (default: the space's split), max_val_clips applied
     address: str | None = None
-    mlflow_uri: str | None = None
+    tracking_uri: str | None = None
     verbose: int = 1
 
 
@@ -336,7 +336,7 @@ def rehearse(options: RehearsalOptions) -> Rehearsal:
         base = base_config(raw, path)
     except ConfigError as error:
         raise error.prefixed(f"{path}: ") from None
-    uri = options.mlflow_uri or writer.default_tracking_uri(options.home)
+    uri = writer.resolve_tracking_uri(options.tracking_uri, options.home)
     writer.check_reachable(uri)
     # A temporary home for the rehearsal's study, beside the real one (the towers are as large as the models).
     scratch = Path(tempfile.mkdtemp(prefix="rehearsal-", dir=options.home))
@@ -379,7 +379,7 @@ def rehearse(options: RehearsalOptions) -> Rehearsal:
         name = time.strftime("rehearsal-%Y%m%d-%H%M%S")
         home = scratch / "home"
         summary = run_study(StudyOptions(space_path=snapshot_path, home=home, name=name, address=options.address,
-                                         mlflow_uri=uri, verbose=options.verbose))
+                                         tracking_uri=uri, verbose=options.verbose))
         rehearsal.parent_run_id, rehearsal.exit_code = summary.parent_run_id, summary.exit_code
         directory = study_dir(home, name)
         rehearsed_val = min(val_clips, len(data_clips(base.data, base.data.val_split)))

@@ -135,6 +135,9 @@ class SpaceFile:
     use_gpu: bool = False
     parameter_budget: int | str | None = None  # a count (250000, "250k") or a share of all parameters ("2%")
     max_failures: int = 1  # restarts of a trial whose worker died (from its last checkpoint)
+    # Where Tune's state, checkpoints and trial records go (study/storage.py): a directory every node
+    # reaches or an object store's URI (s3://bucket/prefix); None: the study directory.
+    storage: str | None = None
     # Early stopping: "moasha" compares trials at rungs of grace_epochs * reduction_factor**k
     # epochs and stops those outside the top 1/reduction_factor (study/scheduler.py).
     scheduler: Literal["none", "moasha"] = "none"

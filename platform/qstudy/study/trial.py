@@ -10,9 +10,10 @@ any rank) is closed OUT_OF_MEMORY and reported like an infeasible one, never as 
 the searcher tells Optuna its region is infeasible, and the trial ends without Tune retrying
 a config that would run out again. Any other exception marks the trial FAILED in MLflow and is
 re-raised so Tune and Optuna record it too. A trial Tune starts again (its actor died,
-or a resumed study's saved state is older than the trial) continues from the newest
-checkpoint it persisted, and one that had already trained reports its result again without
-training. Imports no torch.
+or a resumed study's saved state is older than the trial), on whichever node, continues
+from the newest checkpoint it persisted, and one that had already trained reports its
+result again without training: both are read from the trial's record in the study's
+storage (study/storage.py). Imports no torch.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from pathlib import Path
 import yaml
 
 from qstudy.study.space import SampledConfig, SearchSpace
-from qstudy.study.worker import (WorkerTask, final_result, mark_failed, mark_out_of_memory, newest_checkpoint,
-                                 out_of_memory, out_of_memory_reason, raise_if_failed_before, train,
-                                 train_loop_per_worker)
+from qstudy.study.storage import StudyStorage
+from qstudy.study.worker import (RanOutOfMemory, WorkerTask, final_result, mark_failed, mark_out_of_memory,
+                                 newest_checkpoint, out_of_memory, out_of_memory_reason, raise_if_failed_before,
+                                 train, train_loop_per_worker)
 from qstudy.tracking import schema
-from qstudy.tracking.schema import FAILED, FINISHED, INFEASIBLE, OUT_OF_MEMORY
+from qstudy.tracking.schema import FAILED, INFEASIBLE, OUT_OF_MEMORY
 from qstudy.tracking.writer import TrialTarget, TrialTracker
 
 # Keys of a trial's single report when it trained nothing to the end (with the two objectives, so
@@ -42,9 +44,10 @@ OUT_OF_MEMORY_KEY = "out_of_memory"  # ran out of memory while training
 class StudyContext:
     """What every trial of a study shares; handed to Tune once with ``tune.with_parameters``."""
 
-    study_dir: str
+    study_dir: str  # on every node: the trials' outputs and outboxes, each on its node's disk
     space: SearchSpace
     tracking: TrialTarget
+    storage: StudyStorage
     force_trainer: bool = False  # a TorchTrainer even for one worker (the bench's stock path)
     replay_table: str | None = None  # recorded curves replayed instead of training (study/replay.py)
 
@@ -71,7 +74,7 @@ def worker_task(sampled: SampledConfig, context: StudyContext, trial_id: str) ->
     run_config = dataclasses.replace(sampled.run_config, output_dir=str(Path(context.study_dir) / "trials" / trial_id))
     return WorkerTask(trial_id=trial_id, run_name=run_name(sampled.method, trial_id), run_config=run_config,
                       predicted_trainable=sampled.trainable_params, tracking=context.tracking,
-                      replay_table=context.replay_table)
+                      storage=context.storage, replay_table=context.replay_table)
 
 
 def untrained_report(sampled: SampledConfig, why: str) -> dict:
@@ -87,17 +90,19 @@ def run_trial(config: dict, context: StudyContext) -> None:
     sampled = SampledConfig.from_tune_config(config)
     task = worker_task(sampled, context, trial_id)
     run_config = task.run_config
-    tracker = TrialTracker(context.tracking, trial_id, task.run_name)
-    if tracker.status() == OUT_OF_MEMORY:  # a resumed study's older state: the same verdict again
+    trained = final_result(task)
+    if trained is not None:  # trained before a killed driver's last saved state knew it
+        tune.report(trained)
+        return
+    try:
+        raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
+    except RanOutOfMemory:  # a resumed study's older state: the same verdict again
         tune.report(untrained_report(sampled, OUT_OF_MEMORY_KEY))
         return
-    raise_if_failed_before(task)  # Tune's restart is for killed actors: what raised stays failed as logged
-    if tracker.status() == FINISHED:  # trained before a killed driver's last saved state knew it
-        tune.report(final_result(Path(run_config.output_dir)))
-        return
     given = tune.get_checkpoint()
-    newest = newest_checkpoint(Path(run_config.output_dir), given.path if given is not None else None)
-    checkpoint = tune.Checkpoint.from_directory(newest) if newest is not None else None
+    newest = newest_checkpoint(task, given.path if given is not None else None)
+    checkpoint = context.storage.checkpoint(newest) if newest is not None else None
+    tracker = TrialTracker(context.tracking, trial_id, task.run_name)
     tracker.start()
 
     if checkpoint is None:  # a restarted trial logged all this the first time
@@ -130,7 +135,7 @@ def run_trial(config: dict, context: StudyContext) -> None:
             raise
         if out_of_memory(error) is not None:
             mark_out_of_memory(task, error)
-            tracker.set_tags({schema.ERROR_TAG: out_of_memory_reason(context.tracking.outbox_root, trial_id)})
+            tracker.set_tags({schema.ERROR_TAG: out_of_memory_reason(context.storage, trial_id)})
             tracker.finish(OUT_OF_MEMORY)
             # The searcher tells Optuna it is infeasible (study/search.py); returning spares it Tune's retries.
             tune.report(untrained_report(sampled, OUT_OF_MEMORY_KEY))
@@ -178,7 +183,7 @@ def _train_with_torch_trainer(task: WorkerTask, context: StudyContext) -> None:
         run_config=ray.train.RunConfig(
             # A fixed name per trial: a restarted driver finds and resumes the same Train run.
             name=f"train-{task.trial_id}",
-            storage_path=str(Path(context.study_dir) / "train"),
+            **context.storage.ray_storage("train"),
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

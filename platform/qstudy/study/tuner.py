@@ -5,8 +5,10 @@ included), its budget checked against the smallest config it allows, and the tra
 server checked before Ray starts anything; the MLflow experiment and parent run are created here, once, before any trial
 (trials racing to create them collide). The node's frame cache is warmed here too, so trials
 map decoded frames instead of each decoding the dataset. The Optuna study lives in an RDB
-(sqlite) file in the study directory and Tune's experiment state beside it, so ``--resume
-NAME`` continues the same study, the same parent run and the same trials. A Ctrl-C closes
+(sqlite) file in the study directory and Tune's experiment state in the study's storage
+(study/storage.py: the study directory, a shared mount or an object store), so ``--resume
+NAME`` continues the same study, the same parent run and the same trials, on this cluster or,
+given the new ``--mlflow-uri`` and ``--storage``, on another. A Ctrl-C closes
 every open run as INTERRUPTED and says how to resume. The summary is ``qstudy report``'s own
 reading of the study from MLflow, so the two always agree; its :attr:`StudySummary.exit_code`
 says whether the study trained as planned. Imports no torch.
@@ -33,8 +35,8 @@ from qstudy.records import TrialRecord, format_counts, trial_counts
 from qstudy.study.preflight import check_nodes, cluster_capacity, shape_problem, study_checks
 from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
                                 parse_space)
+from qstudy.study.storage import OUT_OF_MEMORY_MARKER, StudyStorage
 from qstudy.study.trial import StudyContext, run_name, run_trial
-from qstudy.study.worker import out_of_memory_marker
 from qstudy.tracking import schema, writer
 from qstudy.tracking.writer import TrialTarget
 
@@ -44,7 +46,7 @@ STATE_FILE = "study.json"
 SPACE_SNAPSHOT = "space.yaml"
 _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SCHEDULER_STATE = "scheduler.json"
-OUTBOX_DIR = "outbox"  # in the study directory: every trial's MLflow outbox and its markers (study/worker.py)
+OUTBOX_DIR = "outbox"  # in the study directory, on each node's disk: the MLflow outboxes of the trials it ran
 # How long the driver keeps retrying a remote server for outboxes it could not deliver: a restarting
 # tracking server is back within a minute or two; longer, and the outboxes wait for `--resume`.
 OUTBOX_WAIT_S = 120
@@ -58,7 +60,8 @@ class StudyOptions:
     home: Path
     name: str | None = None
     address: str | None = None
-    mlflow_uri: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None  # the study's storage (study/storage.py); None: the space's, else the study directory
     trials: int | None = None
     concurrency: int | None = None
     workers_per_trial: int | None = None
@@ -80,6 +83,7 @@ class StudyState:
     optuna_storage: str
     force_trainer: bool
     replay_table: str | None = None
+    storage: str | None = None  # the storage URI the study's directory is in (study/storage.py); None: the home's
 
 
 @dataclass
@@ -88,6 +92,7 @@ class StudySummary:
 
     name: str
     study_dir: Path
+    storage: StudyStorage
     tracking_uri: str
     experiment: str
     parent_run_id: str
@@ -126,7 +131,8 @@ def _snapshot_space(options: StudyOptions) -> dict:
     """The space file with the command line's overrides applied: ``space.yaml`` in the study dir."""
     raw = load_yaml(options.space_path)
     for key, value in (("trials", options.trials), ("concurrency", options.concurrency),
-                       ("workers_per_trial", options.workers_per_trial), ("sampler", options.sampler)):
+                       ("workers_per_trial", options.workers_per_trial), ("sampler", options.sampler),
+                       ("storage", options.storage)):
         if value is not None:
             raw[key] = value
     return raw
@@ -235,13 +241,12 @@ def _tuner_run_config(context: StudyContext, directory: Path):
 
     from qstudy.study.progress import StudyProgress
 
-    progress = StudyProgress(context.tracking.study, str(directory), context.tracking.outbox_root,
-                             context.space.settings.trials)
+    progress = StudyProgress(context.tracking.study, str(directory), context.storage, context.space.settings.trials)
     # Tune restarts a trial whose actor died from its last checkpoint; with a TorchTrainer the
     # trainer's own FailureConfig restarts its workers, so Tune need not restart the driver too.
     restarts = context.space.settings.max_failures if context.in_actor else 0
     # verbose=0: Tune's status tables and per-trial lines give way to StudyProgress, whatever -v says.
-    return tune.RunConfig(name="tune", storage_path=str(directory), verbose=0,
+    return tune.RunConfig(name="tune", **context.storage.ray_storage(), verbose=0,
                           failure_config=tune.FailureConfig(max_failures=restarts), callbacks=[progress])
 
 
@@ -292,17 +297,18 @@ def run_study(options: StudyOptions) -> StudySummary:
     if (directory / STATE_FILE).exists():
         raise ConfigError(f"study {name!r} already exists in {directory}: resume it with "
                           f"`qstudy study --resume {name}` or pick another --name")
-    uri = options.mlflow_uri or writer.default_tracking_uri(options.home)
+    uri = writer.resolve_tracking_uri(options.tracking_uri, options.home)
     writer.check_reachable(uri)
 
     _prepare_output(options.verbose)
     connect_ray(options.address, options.verbose)
     state = StudyState(name=name, space_origin=str(options.space_path.resolve()), tracking_uri=uri,
                        experiment_id="", parent_run_id="", optuna_storage=f"sqlite:///{directory / 'optuna.db'}",
-                       force_trainer=options.force_trainer,
+                       force_trainer=options.force_trainer, storage=space.settings.storage or str(directory.parent),
                        replay_table=str(options.replay_table.resolve()) if options.replay_table else None)
-    check_nodes(study_checks(uri, space, reads_data=state.replay_table is None))
-    _check_resources(_context(state, directory, space))
+    context = _context(state, directory, space)
+    check_nodes(study_checks(uri, space, context.storage, reads_data=state.replay_table is None))
+    _check_resources(context)
     if state.replay_table is None:
         _warm_frame_cache(space)
 
@@ -317,7 +323,7 @@ def run_study(options: StudyOptions) -> StudySummary:
         schema.BASE_TOTAL_PARAM: space.dims.total_params})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SPACE_SNAPSHOT).write_text(yaml.safe_dump(snapshot, sort_keys=False))
-    (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    _save_state(state, directory)
     context = _context(state, directory, space)
 
     from optuna.storages import RDBStorage
@@ -394,35 +400,53 @@ def make_scheduler(space: SearchSpace, state_path: Path | None):
                               state_path=str(state_path) if state_path else None)
 
 
-def resume_study(name: str, home: Path, address: str | None = None, verbose: int = 1) -> StudySummary:
-    """Continue a study whose driver died: unfinished trials resume, finished ones are kept."""
+def resume_study(name: str, home: Path, address: str | None = None, verbose: int = 1,
+                 tracking_uri: str | None = None, storage: str | None = None) -> StudySummary:
+    """Continue a study whose driver died: unfinished trials resume, finished ones are kept.
+
+    A study moved to another cluster names where its runs and its storage are now
+    (``tracking_uri``, ``storage``); the study directory keeps them for the next resume.
+    """
     started = time.perf_counter()
     directory = study_dir(home, name)
     state = load_state(home, name)
     space = _parse_snapshot(load_yaml(directory / SPACE_SNAPSHOT), Path(state.space_origin),
                             reads_data=state.replay_table is None)
+    state.tracking_uri = tracking_uri or state.tracking_uri
+    state.storage = storage or state.storage
     writer.check_reachable(state.tracking_uri)
 
     _prepare_output(verbose)
     connect_ray(address, verbose)
     context = _context(state, directory, space)
-    check_nodes(study_checks(state.tracking_uri, space, reads_data=state.replay_table is None))
+    check_nodes(study_checks(state.tracking_uri, space, context.storage, reads_data=state.replay_table is None))
     _check_resources(context)
     if state.replay_table is None:
         _warm_frame_cache(space)
+    _save_state(state, directory)
     from ray import tune
 
     # Trials that raised stay failed; trials the dead driver left running continue from their checkpoints.
-    tuner = tune.Tuner.restore(str(directory / "tune"), trainable=_trainable(context),
-                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    tuner = tune.Tuner.restore(context.storage.path("tune"), trainable=_trainable(context),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False,
+                               **context.storage.ray_filesystem())
     writer.reopen_study_run(state.tracking_uri, state.parent_run_id)
     tuner.fit()
     return _finish(state, directory, space, started)
 
 
+def _save_state(state: StudyState, directory: Path) -> None:
+    (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+
+def _storage(state: StudyState, directory: Path) -> StudyStorage:
+    return StudyStorage(state.storage or str(directory.parent), state.name)
+
+
 def _context(state: StudyState, directory: Path, space: SearchSpace) -> StudyContext:
     return StudyContext(study_dir=str(directory), space=space, tracking=_target(state, directory),
-                        force_trainer=state.force_trainer, replay_table=state.replay_table)
+                        storage=_storage(state, directory), force_trainer=state.force_trainer,
+                        replay_table=state.replay_table)
 
 
 def _target(state: StudyState, directory: Path) -> TrialTarget:
@@ -442,7 +466,7 @@ def _close_optuna_orphans(state: StudyState) -> None:
 
 
 def _close_trial_runs(target: TrialTarget, trials) -> None:
-    """Leave no child run open, and no trial Tune ran without one.
+    """Leave no child run open, and no trial Tune ran without one, as MLflow has them.
 
     A trial that errored before its function ran (its reused actor died) opened no run: it
     gets a FAILED one. Unfinished trials (Ctrl-C) close as INTERRUPTED, trials Tune's
@@ -450,8 +474,9 @@ def _close_trial_runs(target: TrialTarget, trials) -> None:
     """
     from ray.tune.experiment import Trial
 
+    runs = writer.trial_runs(target)
     for trial in trials:
-        if trial.status == Trial.ERROR:
+        if trial.status == Trial.ERROR and runs.get(trial.trial_id, ("", True))[1]:
             writer.close_trial(target, trial.trial_id, run_name(trial.config["method"], trial.trial_id),
                                schema.FAILED, {schema.METHOD_TAG: trial.config["method"]})
     unfinished = {trial.trial_id for trial in trials if trial.status not in (Trial.TERMINATED, Trial.ERROR)}
@@ -459,31 +484,56 @@ def _close_trial_runs(target: TrialTarget, trials) -> None:
     writer.close_open_trials(target, schema.LOST, keep={trial.trial_id for trial in trials})
 
 
-def read_summary(state: StudyState, directory: Path, experiment: str, wall_seconds: float,
+def read_summary(state: StudyState, directory: Path, storage: StudyStorage, experiment: str, wall_seconds: float,
                  interrupted: bool) -> StudySummary:
     """The study as ``qstudy report`` reads it from MLflow: the same records, counted the same way."""
     analysis = read_studies([state.parent_run_id], state.tracking_uri).analysis
     home = directory.parent.parent
-    return StudySummary(name=state.name, study_dir=directory, tracking_uri=state.tracking_uri, experiment=experiment,
+    return StudySummary(name=state.name, study_dir=directory, storage=storage, tracking_uri=state.tracking_uri,
+                        experiment=experiment,
                         parent_run_id=state.parent_run_id, wall_seconds=wall_seconds, records=list(analysis.records),
                         front=list(analysis.front), knee=analysis.knee, best=analysis.best, interrupted=interrupted,
                         commands_need_uri=state.tracking_uri != writer.default_tracking_uri(home))
 
 
+def deliver_everywhere(target: TrialTarget, wait_s: float) -> int:
+    """Deliver the outboxes on every live node (each trial's is on the disk of the node it ran on), with a task on
+    each node; returns how many stay undelivered there, counting a node that could not be asked as one."""
+    import ray
+    from ray.exceptions import RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    deliver = ray.remote(num_cpus=0, max_retries=0)(writer.deliver_all)
+    pending = {node["NodeManagerAddress"]: deliver.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(target, wait_s) for node in ray.nodes() if node["Alive"]}
+    undelivered = 0
+    for address, reference in pending.items():
+        try:
+            undelivered += ray.get(reference)
+        except RayError as error:
+            log.warning("could not deliver the MLflow outboxes on node %s: %s", address, error)
+            undelivered += 1
+    return undelivered
+
+
 def _finish(state: StudyState, directory: Path, space: SearchSpace, started: float) -> StudySummary:
-    """Close every run, deliver what trials could not log, and summarise the study as ``qstudy report`` reads it."""
+    """Deliver what trials could not log, close every run, and summarise the study as ``qstudy report`` reads it."""
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
-    trials = ExperimentAnalysis(str(directory / "tune")).trials
+    storage = _storage(state, directory)
+    trials = ExperimentAnalysis(storage.path("tune"), **storage.ray_filesystem()).trials
     interrupted = len(trials) < space.settings.trials or any(
         trial.status not in (Trial.TERMINATED, Trial.ERROR) for trial in trials)
     target = _target(state, directory)
-    _close_trial_runs(target, trials)
-    undelivered = writer.deliver_all(target, wait_s=OUTBOX_WAIT_S if writer.is_remote(state.tracking_uri) else 0)
+    undelivered = deliver_everywhere(target, wait_s=OUTBOX_WAIT_S if writer.is_remote(state.tracking_uri) else 0)
+    try:
+        _close_trial_runs(target, trials)
+    except Exception as error:  # noqa: BLE001 - MLflow is down: the runs stay open until the study is resumed
+        log.warning("could not close the trials' MLflow runs: %s", error)
     if not interrupted:  # an interrupted study's running Optuna trials are the ones its resume finishes
         _close_optuna_orphans(state)
-    summary = read_summary(state, directory, space.study, time.perf_counter() - started, interrupted)
+    summary = read_summary(state, directory, storage, space.study, time.perf_counter() - started, interrupted)
     # Metrics at step 0 once: an interrupted study logs them when it is resumed to its end.
     metrics = {} if interrupted else {
         **{schema.trials_metric(status): count for status, count in trial_counts(summary.records).items()},
@@ -499,9 +549,9 @@ def _finish(state: StudyState, directory: Path, space: SearchSpace, started: flo
     return summary
 
 
-def trial_log(summary: StudySummary, trial_id: str) -> Path:
+def trial_log(summary: StudySummary, trial_id: str) -> str:
     """Where Tune wrote a failed trial's full error (its traceback, each time it failed)."""
-    return summary.study_dir / "tune" / f"trial_{trial_id}" / "error.txt"
+    return summary.storage.where("tune", f"trial_{trial_id}", "error.txt")
 
 
 def _first_of(records: list[TrialRecord], total: int, what: str) -> str:
@@ -518,7 +568,7 @@ def _outcome_lines(summary: StudySummary) -> list[str]:
     out_of_memory = [record for record in summary.records if record.status == schema.OUT_OF_MEMORY]
     if out_of_memory:
         lines += [_first_of(out_of_memory, total, "ran out of memory (told to the sampler as infeasible, not failed)"),
-                  f"  traceback: {out_of_memory_marker(summary.study_dir / OUTBOX_DIR, out_of_memory[0].trial_id)}"]
+                  f"  traceback: {summary.storage.where('trials', out_of_memory[0].trial_id, OUT_OF_MEMORY_MARKER)}"]
     failed = [record for record in summary.records if record.status == schema.FAILED]
     if failed:
         return lines + [_first_of(failed, total, "failed"), f"  full log: {trial_log(summary, failed[0].trial_id)}"]
@@ -555,6 +605,7 @@ def format_summary(summary: StudySummary) -> str:
              f"best CIDEr: {best.cider:.4f} (trial {best.trial_id})" if best else "best CIDEr: none",
              *_outcome_lines(summary),
              f"study directory: {summary.study_dir}",
+             *([f"storage: {summary.storage.where()}"] if not summary.storage.local else []),
              f"MLflow: {summary.tracking_uri}  experiment {summary.experiment!r}, parent run {summary.parent_run_id}"]
     if summary.interrupted:
         lines.append(f"interrupted: continue with `qstudy study --resume {summary.name}`")

@@ -6,13 +6,14 @@ only difference is which ``report``/``get_checkpoint`` pair it is given. Every r
 its checkpoint directory (DeepSpeed writes a shard per rank; Ray merges them); only rank 0
 logs to MLflow, and only after Ray has persisted the epoch's checkpoint: an epoch's metrics
 are in MLflow only if a restart can resume after that epoch, so no epoch is trained (and
-logged) twice. Rank 0 also keeps the trial's own record beside its outputs: the newest
-checkpoint Ray persisted and, once trained, the final result, which a resumed study needs
-when Tune's experiment state (saved every few seconds) is older than the trial's progress.
+logged) twice. Rank 0 also keeps the trial's record in the study's storage (study/storage.py),
+where a restart on any node reads it: the newest checkpoint Ray persisted and, once trained,
+the final result, which a resumed study needs when Tune's experiment state (saved every few
+seconds) is older than the trial's progress.
 
-A rank that runs out of memory says so in a marker file before it raises, like rank 0 for
-an error of the code: Ray Train restarts a failed worker group, and the restarted workers
-give up at once with the same verdict instead of training into the same wall.
+A rank that runs out of memory says so in the record before it raises, like rank 0 for an
+error of the code: Ray Train restarts a failed worker group, and the restarted workers give
+up at once with the same verdict instead of training into the same wall.
 """
 
 from __future__ import annotations
@@ -29,15 +30,11 @@ from qstudy.config import RunConfig
 from qstudy.core.errors import last_exception
 from qstudy.metrics import ScorerProcessDied
 from qstudy.model.quiet import quiet_weight_loading
+from qstudy.study.storage import (EPOCH_METRICS, FAILED_MARKER, FINAL_RESULT, LAST_CHECKPOINT, OUT_OF_MEMORY_MARKER,
+                                  StudyStorage)
 from qstudy.tracking import schema
 from qstudy.tracking.schema import FINISHED, NODE_TAG
 from qstudy.tracking.writer import TrialTarget, TrialTracker
-
-FAILED_MARKER = "failed.txt"
-OUT_OF_MEMORY_MARKER = "out_of_memory.txt"
-EPOCH_METRICS = "epoch_metrics.json"  # beside the engine's files in every checkpoint
-LAST_CHECKPOINT = "last_checkpoint.txt"  # in the trial's output dir: the newest persisted checkpoint
-FINAL_RESULT = "final_result.json"  # in the trial's output dir: the last result, once the trial is trained
 
 
 @dataclass(frozen=True)
@@ -46,9 +43,10 @@ class WorkerTask:
 
     trial_id: str
     run_name: str
-    run_config: RunConfig  # as the sampler built and validated it, with the trial's output_dir
+    run_config: RunConfig  # as the sampler built and validated it, with the trial's output_dir on its node
     predicted_trainable: int
     tracking: TrialTarget
+    storage: StudyStorage  # the study's, where the trial's record lives
     replay_table: str | None = None  # replay this table's curves (study/replay.py) instead of training
 
 
@@ -95,28 +93,21 @@ def out_of_memory(error: BaseException) -> BaseException | None:
     return None
 
 
-def failed_marker(task: WorkerTask) -> Path:
-    return Path(task.tracking.outbox_root) / task.trial_id / FAILED_MARKER
-
-
-def out_of_memory_marker(outbox_root: str | Path, trial_id: str) -> Path:
-    return Path(outbox_root) / trial_id / OUT_OF_MEMORY_MARKER
-
-
 def raise_if_failed_before(task: WorkerTask) -> None:
     """Give up at once when an earlier run of the trial ran out of memory or raised (ranks fail in turn after one
     runs out, so running out comes first)."""
-    oom = out_of_memory_marker(task.tracking.outbox_root, task.trial_id)
-    if oom.exists():
-        raise RanOutOfMemory(last_exception(oom.read_text()))
-    if failed_marker(task).exists():
-        raise ApplicationFailure(f"trial {task.trial_id} raised before, not retried; see {failed_marker(task)}")
+    oom = task.storage.read_text(task.storage.trial_file(task.trial_id, OUT_OF_MEMORY_MARKER))
+    if oom is not None:
+        raise RanOutOfMemory(last_exception(oom))
+    failed = task.storage.trial_file(task.trial_id, FAILED_MARKER)
+    if task.storage.read_text(failed) is not None:
+        raise ApplicationFailure(f"trial {task.trial_id} raised before, not retried; see {task.storage.where(failed)}")
 
 
-def _write_marker(marker: Path, error: BaseException) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():  # the first error is the one to keep: later ones follow from it
-        marker.write_text("".join(traceback.format_exception(error)))
+def _write_marker(task: WorkerTask, name: str, error: BaseException) -> None:
+    marker = task.storage.trial_file(task.trial_id, name)
+    if task.storage.read_text(marker) is None:  # the first error is the one to keep: later ones follow from it
+        task.storage.write_text(marker, "".join(traceback.format_exception(error)))
 
 
 def mark_failed(task: WorkerTask, error: BaseException) -> None:
@@ -125,36 +116,39 @@ def mark_failed(task: WorkerTask, error: BaseException) -> None:
     Ray restarts a trial (Tune) or a worker group (Train) after any failure; only a killed
     process is worth restarting, a config that raised would raise again after a full rebuild.
     """
-    _write_marker(failed_marker(task), error)
+    _write_marker(task, FAILED_MARKER, error)
 
 
 def mark_out_of_memory(task: WorkerTask, error: BaseException) -> None:
     """Record the allocation that failed (``error`` is or wraps it), so a restart gives up at once, as for
     :func:`mark_failed`."""
-    _write_marker(out_of_memory_marker(task.tracking.outbox_root, task.trial_id), out_of_memory(error) or error)
+    _write_marker(task, OUT_OF_MEMORY_MARKER, out_of_memory(error) or error)
 
 
-def out_of_memory_reason(outbox_root: str | Path, trial_id: str) -> str:
-    """The allocation a trial could not make, as one line (its marker's last exception)."""
-    marker = out_of_memory_marker(outbox_root, trial_id)
-    return last_exception(marker.read_text()) if marker.exists() else "no error was recorded"
+def out_of_memory_reason(storage: StudyStorage, trial_id: str) -> str:
+    """The allocation a trial could not make, as one line (its record's last exception)."""
+    text = storage.read_text(storage.trial_file(trial_id, OUT_OF_MEMORY_MARKER))
+    return last_exception(text) if text is not None else "no error was recorded"
 
 
-def newest_checkpoint(output_dir: Path, given: str | None) -> str | None:
-    """The newer of Tune's checkpoint (``given``) and the one this trial last recorded persisting."""
-    record = output_dir / LAST_CHECKPOINT
-    candidates = [path for path in (given, record.read_text() if record.exists() else None)
-                  if path and (Path(path) / EPOCH_METRICS).exists()]
-    return max(candidates, key=lambda path: checkpoint_metrics(Path(path))["epoch"], default=None)
+def newest_checkpoint(task: WorkerTask, given: str | None) -> str | None:
+    """The newer of Tune's checkpoint (``given``, a path on the storage) and the one the trial last recorded
+    persisting."""
+    storage = task.storage
+    recorded = storage.read_text(storage.trial_file(task.trial_id, LAST_CHECKPOINT))
+    epochs = {path: json.loads(text)["epoch"] for path in (given, recorded) if path
+              for text in [storage.read_text(f"{path}/{EPOCH_METRICS}")] if text is not None}
+    return max(epochs, key=epochs.get, default=None)
 
 
 def checkpoint_metrics(directory: Path) -> dict:
     return json.loads((directory / EPOCH_METRICS).read_text())
 
 
-def final_result(output_dir: Path) -> dict:
-    """The result a trained trial reported last (written before its run closed FINISHED)."""
-    return json.loads((output_dir / FINAL_RESULT).read_text())
+def final_result(task: WorkerTask) -> dict | None:
+    """The result the trial reported last, once trained (recorded before its run closed FINISHED); else None."""
+    text = task.storage.read_text(task.storage.trial_file(task.trial_id, FINAL_RESULT))
+    return json.loads(text) if text is not None else None
 
 
 def epoch_metrics(result, trainable_params: int) -> dict[str, float]:
@@ -201,7 +195,7 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
         persisted = report(metrics, checkpoint if any(checkpoint.iterdir()) else None)
         if tracker is not None:
             if persisted is not None:
-                (output / LAST_CHECKPOINT).write_text(persisted)
+                task.storage.write_text(task.storage.trial_file(task.trial_id, LAST_CHECKPOINT), persisted)
             tracker.log_epoch(metrics)
 
     try:
@@ -228,7 +222,7 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
                          **final}, step=last[schema.EPOCH] if last else 0)
     tracker.log_artifact(output / schema.WEIGHTS_ARTIFACT)
     tracker.log_artifact(output / schema.METRICS_ARTIFACT)
-    (output / FINAL_RESULT).write_text(json.dumps(last or {}))
+    task.storage.write_text(task.storage.trial_file(task.trial_id, FINAL_RESULT), json.dumps(last or {}))
     tracker.finish(FINISHED)
 
 

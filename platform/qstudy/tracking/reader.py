@@ -9,7 +9,6 @@ into trial records. This module imports no torch.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from qstudy.tracking.schema import (
     VAL_CIDER,
     decode_param,
 )
-from qstudy.tracking.writer import check_reachable, default_tracking_uri, fail_fast_on_outage
+from qstudy.tracking.writer import check_reachable, mlflow_client
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -57,24 +56,10 @@ class TrialRun:
     epoch_cider: tuple[float, ...]
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri`` as given, else the embedded default (the sqlite store under ``$QSTUDY_HOME``)."""
-    if uri:
-        return uri
-    from qstudy.core.paths import qstudy_home
-
-    return default_tracking_uri(qstudy_home())
-
-
 def client_for(uri: str):
     """A client for reading ``uri``; an HTTP server that does not answer fails here, naming how to start one."""
-    from mlflow.tracking import MlflowClient
-
     check_reachable(uri)
-    fail_fast_on_outage()
-    # Its progress bars would land in the middle of the report and the export index on stdout.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def _pages(search, **kwargs) -> Iterator[Any]:

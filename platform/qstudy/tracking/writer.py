@@ -3,9 +3,10 @@
 Trials never talk to MLflow directly: a :class:`TrialTracker` appends every call to an
 on-disk *outbox* (JSON lines) and delivers what it can. When the server is unreachable the
 trial keeps training; the entries wait in the outbox and go out on the next delivery, at the
-trial's end, or when the study driver sweeps the outboxes after the last trial (outboxes live
-in the study directory under QSTUDY_HOME, shared storage on a multi-node cluster, so the
-sweep reaches trials that ran on other nodes). Child runs are found again by their trial id
+trial's end, or when the study driver sweeps the outboxes after the last trial. An outbox is
+on the disk of the node its trial ran on, so the driver sweeps each node's with a task on that
+node (study/tuner.py); which runs are still open is read from MLflow, which every node and
+the driver reach alike. Child runs are found again by their trial id
 tag, so a restarted or resumed trial reuses its run instead of creating a duplicate, and a
 metric is logged at most once per step: an epoch a resumed trial replays from its checkpoint
 is not logged again. Only the MlflowClient API is used (never the fluent
@@ -76,6 +77,15 @@ def default_tracking_uri(home: Path) -> str:
     return f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(uri: str | None, home: Path | None = None) -> str:
+    """``uri`` as given (``--mlflow-uri``), else the embedded default of ``home`` (default: ``$QSTUDY_HOME``)."""
+    if uri:
+        return uri
+    from qstudy.core.paths import qstudy_home
+
+    return default_tracking_uri(home or qstudy_home())
+
+
 def is_remote(uri: str) -> bool:
     """An HTTP tracking server, as opposed to a store on this machine's disk."""
     return uri.startswith(("http://", "https://"))
@@ -98,16 +108,19 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         f"or leave out --mlflow-uri to use the embedded sqlite store.")
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """The one way qstudy opens MLflow: a client that fails fast on an outage and prints no progress bars."""
     from mlflow.tracking import MlflowClient
 
     fail_fast_on_outage()
+    # Its progress bars would land in the middle of the report and the export index on stdout.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     """The study family's experiment id, created once by the driver (trials racing to create it collide)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -117,7 +130,7 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
 
 def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, Any]) -> str:
     """The study's parent run; its id is kept in the study state so ``--resume`` reuses it."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     run = client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: STUDY_ROLE})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
@@ -125,7 +138,7 @@ def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, 
 
 def reopen_study_run(uri: str, run_id: str) -> None:
     """A resumed study's parent run is RUNNING again until the study closes it."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.set_tag(run_id, STATUS_TAG, RUNNING)
     client.update_run(run_id, status=RUNNING)
 
@@ -134,7 +147,7 @@ def finish_study_run(uri: str, run_id: str, metrics: dict[str, float], summary: 
     """Close the parent run; ``metrics`` at step 0, so only a study's final close may log them (once)."""
     from mlflow.entities import Metric
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
     client.log_dict(run_id, summary, SUMMARY_ARTIFACT)
@@ -144,7 +157,7 @@ def finish_study_run(uri: str, run_id: str, metrics: dict[str, float], summary: 
 
 def log_run_artifacts(uri: str, run_id: str, paths: list[Path], artifact_dir: str) -> None:
     """Files logged on a run under ``artifact_dir`` (``qstudy report``'s dashboards on a study's parent run)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_dir)
 
@@ -157,7 +170,7 @@ def log_held_out(uri: str, run_id: str, metrics: dict[str, float], tags: dict[st
     """
     from mlflow.entities import Metric, RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
                      tags=[RunTag(key, str(value)) for key, value in tags.items()])
@@ -167,7 +180,7 @@ def log_rehearsal(uri: str, run_id: str, metrics: dict[str, float], tags: dict[s
     """A rehearsal's measurements, estimate and table on its (closed) parent run, at step 0."""
     from mlflow.entities import Metric, RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
                      tags=[RunTag(key, str(value)) for key, value in tags.items()])
@@ -188,7 +201,7 @@ class TrialTarget:
     experiment_id: str
     parent_run_id: str
     study: str
-    outbox_root: str  # a directory on the study driver's disk, one outbox per trial below it
+    outbox_root: str  # a directory on each node's own disk (the same path everywhere), one outbox per trial
 
 
 class TrialTracker:
@@ -242,14 +255,6 @@ class TrialTracker:
         self._append({"op": "tags", "values": {STATUS_TAG: status}})
         self._append({"op": "end", "status": MLFLOW_STATUS[status]})
         self.deliver()
-
-    def status(self) -> str | None:
-        """The qstudy status this trial last closed its run with; None while it never closed it."""
-        status = None
-        for entry in _entries(self._entries):
-            if entry["op"] == "tags" and STATUS_TAG in entry["values"]:
-                status = entry["values"][STATUS_TAG]
-        return None if status == RUNNING else status
 
     # -- delivery ------------------------------------------------------------------------------
     def _logged_steps(self) -> set[tuple[str, int]]:
@@ -318,7 +323,7 @@ def deliver_outbox(target: TrialTarget, outbox: Path, trial_id: str, run_name: s
     if sent >= len(entries):
         return True
     try:
-        client = _client(target.tracking_uri)
+        client = mlflow_client(target.tracking_uri)
         if not run_id_path.exists():
             _record(run_id_path, _find_or_create_run(client, target, trial_id, run_name))
         run_id = run_id_path.read_text()
@@ -343,12 +348,19 @@ def deliver_all(target: TrialTarget, wait_s: float = 0.0) -> int:
         time.sleep(5)
 
 
+def trial_runs(target: TrialTarget) -> dict[str, tuple[str, bool]]:
+    """The study's child runs as MLflow has them: trial id -> (run name, still open)."""
+    client = mlflow_client(target.tracking_uri)
+    runs = client.search_runs([target.experiment_id], max_results=50_000,
+                              filter_string=f"tags.`{PARENT_RUN_TAG}` = '{target.parent_run_id}'")
+    return {run.data.tags[TRIAL_ID_TAG]: (run.info.run_name, run.info.status == RUNNING) for run in runs}
+
+
 def close_trial(target: TrialTarget, trial_id: str, run_name: str, status: str, tags: dict[str, str]) -> None:
-    """Close a trial's run as ``status`` unless the trial closed it; open one first if it never did."""
+    """Close a trial's run as ``status`` with ``tags``, opening one first if the trial never did."""
     tracker = TrialTracker(target, trial_id, run_name)
-    if tracker.status() is None:
-        tracker.set_tags(tags)
-        tracker.finish(status)
+    tracker.set_tags(tags)
+    tracker.finish(status)
 
 
 def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = None,
@@ -362,16 +374,11 @@ def close_open_trials(target: TrialTarget, status: str, only: set[str] | None = 
     KILLED), never counted as a result.
     """
     closed = []
-    for outbox in sorted(Path(target.outbox_root).glob("*")):
-        if outbox.name in keep or (only is not None and outbox.name not in only):
+    for trial_id, (run_name, still_open) in sorted(trial_runs(target).items()):
+        if not still_open or trial_id in keep or (only is not None and trial_id not in only):
             continue
-        if not (outbox / _ENTRIES).exists():
-            continue
-        tracker = TrialTracker(target, outbox.name, _run_name(outbox))
-        if tracker.status() is not None:
-            continue
-        tracker.finish(status)
-        closed.append(outbox.name)
+        TrialTracker(target, trial_id, run_name).finish(status)
+        closed.append(trial_id)
     return closed
 
 
