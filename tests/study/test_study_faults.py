@@ -91,7 +91,7 @@ def report_env(ray_head, home: Path) -> dict:
 def test_interrupted_study_exits_130_closes_every_run_and_resumes_to_one_story(
         ray_head, mlflow_server, study_home, tmp_path):
     """Ctrl-C (SIGINT to the driver) while a trial has two checkpoints and is still training."""
-    epochs, trials = 8, 2
+    epochs, trials = 6, 2
     space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=trials, concurrency=2, sampler="random", seed=5)
     driver = study(ray_head, study_home, str(space), "--name", "interrupted", "--mlflow-uri", mlflow_server.uri)
     files = StudyFiles(study_home, "interrupted")
