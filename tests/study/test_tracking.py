@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 from qstudy.tracking import schema, writer
 from qstudy.study.storage import StudyStorage
-from servers import free_port
+from servers import SPACES, free_port
 
 
 def test_outbox_keeps_a_trial_during_an_outage_and_delivers_it_once(tmp_path):
@@ -166,3 +167,22 @@ def test_a_delivery_killed_while_recording_its_progress_resumes_where_it_was(tmp
     (run,) = [run for run in MlflowClient(store).search_runs([experiment]) if run.info.run_id != parent]
     history = MlflowClient(store).get_metric_history(run.info.run_id, schema.VAL_CIDER)
     assert sorted(metric.step for metric in history) == [0, 1, 2]  # each step once
+
+
+def test_a_study_resumed_elsewhere_uses_the_tracking_uri_it_is_given(study_home, monkeypatch, capsys):
+    """A study moved to a new cluster: ``--resume`` takes the new server's URI (here one that does not answer,
+    so the resume stops there, before Ray) and keeps the study's own record as it was until the checks pass."""
+    from qstudy.cli import main
+
+    directory = study_home / "studies" / "moved"
+    directory.mkdir(parents=True)
+    state = {"name": "moved", "space_origin": str(SPACES / "qadapter_tiny.yaml"), "tracking_uri": "http://10.0.0.5:5000",
+             "experiment_id": "1", "parent_run_id": "r", "optuna_storage": "sqlite:///optuna.db",
+             "force_trainer": False, "replay_table": None, "storage": "s3://old-bucket/studies"}
+    (directory / "study.json").write_text(json.dumps(state))
+    (directory / "space.yaml").write_text((SPACES / "qadapter_tiny.yaml").read_text())
+    monkeypatch.setenv("QSTUDY_HOME", str(study_home))
+    moved = f"http://127.0.0.1:{free_port()}"
+    assert main(["study", "--resume", "moved", "--mlflow-uri", moved, "--storage", "s3://new-bucket/studies"]) == 2
+    assert f"MLflow tracking server {moved} is unreachable" in capsys.readouterr().err
+    assert json.loads((directory / "study.json").read_text()) == state
