@@ -137,7 +137,7 @@ class EvalConfig:
     max_new_tokens: int = 20
     num_beams: int = 1
     batch_size: int = 64
-    meteor: bool = True  # METEOR needs Java; the other metrics do not
+    meteor: bool = True  # METEOR runs a JVM of its own; every metric needs Java (the PTB tokenizer)
 
     def __post_init__(self):
         check_at_least("eval", self, max_new_tokens=1, num_beams=1, batch_size=1)
