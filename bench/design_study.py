@@ -163,7 +163,8 @@ def main() -> None:
 
     arms = {"frozen": arm_config(FROZEN), "lora": arm_config(LORA),
             **{f"qadapter-{placement}": found["config"] for placement, found in best.items()}}
-    cells = [(base, threads, seed) for base in args.base_seeds for threads in args.threads for seed in args.seeds]
+    # Seeds outermost: a study stopped early has whole (base, threads) blocks of fewer seeds, each arm alike.
+    cells = [(base, threads, seed) for seed in args.seeds for threads in args.threads for base in args.base_seeds]
     scores: dict[str, list[tuple]] = {arm: [] for arm in arms}
     params: dict[str, int] = {}
     for cell in cells:
@@ -193,7 +194,7 @@ def main() -> None:
               f"{min(values):.3f}..{max(values):.3f} | {gaps} | {'yes' if holds else ('no' if gaps else '')} |")
     print("\n| base | threads | seed | " + " | ".join(scores) + " |")
     print("|---:|---:|---:|" + "---:|" * len(scores))
-    for index, cell in enumerate(cells):
+    for index, cell in sorted(enumerate(cells), key=lambda item: item[1]):
         print(f"| {' | '.join(map(str, cell))} | " + " | ".join(f"{scores[arm][index][1]:.3f}" for arm in scores) + " |")
 
 
