@@ -4,6 +4,7 @@ Usage:
     python bench/design_study.py                               # 6 trials a reading, then the 12-cell grid
     python bench/design_study.py --trials 4 --threads 1        # a smaller study
     python bench/design_study.py --out DIR                     # runs kept under DIR; a rerun skips finished ones
+    python bench/design_study.py --pareto dashboards/screenshots/design_study_pareto.png
 
 Search: ``search_spaces/qadapter_design.yaml``'s Q-Adapter arm, one Optuna study per reading
 (its placement pinned; ``gated_attention`` also gets its ``per_head`` gate, which the shared arm
@@ -18,7 +19,9 @@ threads x training seeds). A reading *beats frozen* on a base when its mean gap 
 that base's cells is more than 3x the larger of the two arms' sd over those cells, and the
 table says whether that holds on both bases. Every run is one process's turn, one at a time;
 each run's metrics.json stays under ``--out``, so ``bench/encoder_probe.py --adapted`` can read
-the best configs' runs. Needs $QSTUDY_HOME (`qstudy demo` or `qstudy base`); the base of seed 1
+the best configs' runs. ``--pareto PNG`` draws the dashboards' Pareto view (dashboards/pareto.yaml)
+of every search trial, at its mean CIDEr over the bases, beside frozen and LoRA in the grid's
+first cell (training seed 0, one thread, the same mean). Needs $QSTUDY_HOME (`qstudy demo` or `qstudy base`); the base of seed 1
 is built under $QSTUDY_HOME/base/tiny-seed1 if missing.
 """
 
@@ -137,6 +140,39 @@ def verdict(arm: list[tuple], frozen: list[tuple], base_seeds: list[int]) -> tup
     return "; ".join(parts), holds
 
 
+def pareto_png(best: dict, scores: dict[str, list[tuple]], params: dict[str, int], path: Path) -> None:
+    """The dashboards' Pareto view of the search trials and the two references, written to ``path``."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from qstudy.analysis.dashboards import write_dashboards
+    from qstudy.analysis.pareto import analyse
+    from qstudy.analysis.views import default_views_dir, load_views
+    from qstudy.records import TrialRecord
+
+    records = [TrialRecord(trial_id=f"{placement}-{number}", study="qadapter-design", method=f"qadapter-{placement}",
+                           params={k: v for k, v in trial["values"].items() if k != "adapter.placement"},
+                           cider=trial["mean"], trainable_params=trial["trainable_params"], total_params=None,
+                           status="FINISHED")
+               for placement, found in best.items() for number, trial in enumerate(found["trials"])]
+    for arm in ("frozen", "lora"):
+        first = [score for (_base, threads, seed), score in scores[arm] if (threads, seed) == (1, SEARCH_SEED)]
+        records.append(TrialRecord(trial_id=arm, study="qadapter-design", method=arm, params={},
+                                   cider=statistics.mean(first), trainable_params=params[arm], total_params=None,
+                                   status="FINISHED"))
+    records = [dataclasses.replace(record, order=order) for order, record in enumerate(records)]
+    view = next(view for view in load_views(default_views_dir()) if view.view == "pareto")
+    view = dataclasses.replace(view, title="Q-Adapter's readings: val CIDEr (mean of bases 0 and 1) vs trainable parameters",
+                               description="Every search trial of each reading, and the frozen floor and LoRA, "
+                                           "trained with seed 0 on one thread on the tiny task's two bases.")
+    with tempfile.TemporaryDirectory() as tmp:
+        written = write_dashboards(analyse(records), [view], tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(next(p for p in written if p.suffix == ".png"), path)
+    print(f"\nPareto view: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6, help="search trials per reading (each trains on every base)")
@@ -145,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--readings", nargs="+", default=list(READINGS), choices=READINGS)
     parser.add_argument("--out", type=Path, default=None, help="default: $QSTUDY_HOME/design-study")
+    parser.add_argument("--pareto", type=Path, help="also write the Pareto view of the study to this PNG")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench/cider_ordering.py: sleeping OpenMP workers
 
@@ -196,6 +233,8 @@ def main() -> None:
     print("|---:|---:|---:|" + "---:|" * len(scores))
     for index, cell in sorted(enumerate(cells), key=lambda item: item[1]):
         print(f"| {' | '.join(map(str, cell))} | " + " | ".join(f"{scores[arm][index][1]:.3f}" for arm in scores) + " |")
+    if args.pareto:
+        pareto_png(best, scores, params, args.pareto)
 
 
 if __name__ == "__main__":

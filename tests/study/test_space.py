@@ -129,7 +129,7 @@ def test_budget_marks_configs_infeasible_before_training():
 
 
 def test_rank_and_gating_are_sampled_only_where_the_placement_uses_them():
-    """In the design study's own space and sampler (multivariate TPE), rank is an Optuna parameter of side trials alone, gating of those with a gate."""
+    """The design space under its own sampler (multivariate TPE): rank is a parameter of side trials alone, gating of gated ones."""
     space = load_space(SPACES / "qadapter_design.yaml", dims=tiny_dims())
     sampler = SpaceSampler(space)
     study = optuna.create_study(directions=["maximize", "minimize"],

@@ -1,4 +1,4 @@
-"""Q-Adapter's modules: at each insertion layer of the vision encoder, a query-token side block, gated prompt attention or sequence tokens, and their gates."""
+"""Q-Adapter's modules per insertion layer of the vision encoder: side block, gated prompt attention, sequence tokens; gates."""
 
 from __future__ import annotations
 
