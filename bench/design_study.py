@@ -111,8 +111,9 @@ def search(placement: str, trials: int, base_seeds: list[int], out: Path) -> dic
                         "cider": scores, "mean": mean, "params": trial.params})
         print(f"search {placement} trial {number}: " + " ".join(f"base {b} {c:.3f}" for b, c in scores.items())
               + f"  {sampled.trainable_params} params  {json.dumps(sampled.values)}", flush=True)
-    best = max(records, key=lambda record: record["mean"])
-    return {**best, "config": space.run_config("qadapter", best["values"]).to_dict(), "trials": records}
+    number = max(range(trials), key=lambda index: records[index]["mean"])
+    return {**records[number], "number": number, "config": space.run_config("qadapter", records[number]["values"]).to_dict(),
+            "trials": records}
 
 
 def arm_config(values: dict) -> dict:
@@ -128,7 +129,7 @@ def arm_config(values: dict) -> dict:
 
 
 def verdict(arm: list[tuple], frozen: list[tuple], base_seeds: list[int]) -> tuple[str, bool]:
-    """Per base: mean gap to frozen over its cells, against 3x the larger sd of the two there."""
+    """Per base: mean gap to frozen over its cells against 3x the larger sd of the two there, and the cells won."""
     parts, holds = [], True
     for base in base_seeds:
         mine = [score for cell, score in arm if cell[0] == base]
@@ -136,7 +137,8 @@ def verdict(arm: list[tuple], frozen: list[tuple], base_seeds: list[int]) -> tup
         gap = statistics.mean(mine) - statistics.mean(floor)
         spread = max(statistics.stdev(mine), statistics.stdev(floor)) if len(mine) > 1 else 0.0
         holds &= gap > 3 * spread
-        parts.append(f"base {base}: {gap:+.3f} vs 3 x {spread:.3f}")
+        won = sum(score > low for score, low in zip(mine, floor))  # both lists follow the cells' order
+        parts.append(f"base {base}: {gap:+.3f} vs 3 x {spread:.3f}, ahead in {won}/{len(mine)} cells")
     return "; ".join(parts), holds
 
 
@@ -207,8 +209,12 @@ def main() -> None:
     for cell in cells:
         for arm, config in arms.items():
             base, threads, seed = cell
-            result = train(on_base(config, base), out / "grid" / f"{arm}-base{base}-t{threads}-seed{seed}", threads,
-                           seed)
+            found = best.get(arm.removeprefix("qadapter-"))
+            # The search trained each best config in this cell already: the same run, bit for bit.
+            done = found is not None and (threads, seed) == (1, SEARCH_SEED)
+            directory = (out / "search" / found["values"]["adapter.placement"] / f"trial{found['number']}-base{base}"
+                         if done else out / "grid" / f"{arm}-base{base}-t{threads}-seed{seed}")
+            result = train(on_base(config, base), directory, threads, seed)
             scores[arm].append((cell, result["cider"]))
             params[arm] = result["trainable_params"]
             print(f"grid base {base} threads {threads} seed {seed} {arm:26s} CIDEr {result['cider']:.3f}  "

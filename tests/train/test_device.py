@@ -40,11 +40,11 @@ CAPTIONS = ["a red circle moves left", "a blue square moves up"]
 
 # (vision family, LM family): the random tiny towers of tests/conftest.py's ``tiny_random_base``, then the others.
 PAIRS = [("clip", "gpt2"), ("clip", "qwen2"), ("siglip", "gpt2"), ("siglip", "qwen2")]
-# Each of Q-Adapter's placements and of the gates added with them (their modules make tensors of their own).
+# Each of Q-Adapter's placements and of the gates added with them (their modules make tensors of their own);
+# the token gate is one module whatever the placement.
 QADAPTER_READINGS = {
     "side-token-queries_to_lm": {"method": "qadapter", "gating": "token", "queries_to_lm": True},
     "gated_attention-per_head": {"method": "qadapter", "placement": "gated_attention", "gating": "per_head"},
-    "gated_attention-token": {"method": "qadapter", "placement": "gated_attention", "gating": "token"},
     "sequence-vpt": {"method": "qadapter", "placement": "sequence"},
     "sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt", "queries_to_lm": True},
 }
