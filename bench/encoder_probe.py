@@ -110,9 +110,10 @@ def main() -> None:
         source = dataclasses.replace(config.data, annotations=str(base_dir / "source-data" / "annotations.json"),
                                      video_dir=str(base_dir / "source-data" / "videos"))
         adapted = load_trained(adapted_config, Path(adapted_dir) / "adapter.safetensors")
-        base_source = {split: split_features(base, source, split) for split in ("train", "val")}
-        base_target = {split: split_features(base, config.data, split) for split in ("train", "val")}
-        adapted_target = {split: split_features(adapted, config.data, split) for split in ("train", "val")}
+        splits = {"train": config.data.train_split, "val": config.data.val_split}
+        base_source = {key: split_features(base, source, split) for key, split in splits.items()}
+        base_target = {key: split_features(base, config.data, split) for key, split in splits.items()}
+        adapted_target = {key: split_features(adapted, config.data, split) for key, split in splits.items()}
     rows = {
         ("base, source clips", "source"): probe_rows(base_source["train"], base_source["val"]),
         ("base, target clips", "target"): probe_rows(base_target["train"], base_target["val"]),

@@ -4,6 +4,10 @@ Usage:
     python bench/step_cost.py                     # tiny preset, then paper scale (CLIP ViT-B/16 + GPT-2 124M)
     python bench/step_cost.py --presets tiny --steps 20
     python bench/step_cost.py --table-only        # paper-scale trainable share, GPT-2 124M and Qwen2-0.5B LMs, no training
+    python bench/step_cost.py --methods full qadapter qadapter-gated_attention   # some rows only
+
+A row is a registered method at its defaults, or one of Q-Adapter's other placements
+(``QADAPTER_READINGS``) at the defaults otherwise.
 
 Each (preset, method) runs in a fresh subprocess so that its peak RSS is its own. Memory is
 reported two ways: the process's peak RSS while training (model included), and the training increment (that peak minus
@@ -23,6 +27,20 @@ from pathlib import Path
 
 # name: (frames, batch). "tiny" is the tiny preset's own model; "paper" is CLIP ViT-B/16 + GPT-2 124M.
 PRESETS = {"tiny": (4, 32), "paper": (8, 2)}
+# Q-Adapter's placements other than its default side block, each as its paper sets it up.
+QADAPTER_READINGS = {
+    "qadapter-gated_attention": {"method": "qadapter", "placement": "gated_attention", "gating": "per_head"},
+    "qadapter-sequence-vpt": {"method": "qadapter", "placement": "sequence"},
+    "qadapter-sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt",
+                              "queries_to_lm": True},
+}
+
+
+def row_config(row: str):
+    """A row's adapter config: a method's defaults, or one of ``QADAPTER_READINGS``."""
+    from qstudy.methods import adapter_config_from_mapping
+
+    return adapter_config_from_mapping(QADAPTER_READINGS.get(row, {"method": row}))
 
 
 def paper_towers() -> tuple[tuple, dict[str, tuple]]:
@@ -57,11 +75,10 @@ def build_models(preset: str, directory: Path):
     return ModelConfig(vision_encoder=str(directory / "vision"), language_model=str(directory / "lm"))
 
 
-def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
+def measure(preset: str, directory: Path, row: str, steps: int) -> dict:
     """Runs inside the subprocess: build, adapt, time ``steps`` optimiser steps after two warm-ups."""
     import torch
 
-    from qstudy.methods import ADAPTERS
     from qstudy.methods.inject import apply_adapter, count_parameters
     from qstudy.config import ModelConfig, TrainConfig
     from qstudy.train.pretrain import BaseSpec
@@ -76,7 +93,7 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
                         attn_implementation="eager" if tiny else None,
                         temporal_merger_rank=BaseSpec().temporal_merger_rank if tiny else 0)
     captioner = Captioner.from_pretrained(model, frames)
-    trainable = apply_adapter(captioner, ADAPTERS[method]())
+    trainable = apply_adapter(captioner, row_config(row))
     engine = make_engine(captioner, trainable, TrainConfig(batch_size=batch), total_steps=steps + 2)
     size = captioner.image_size
     video = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8)
@@ -90,7 +107,7 @@ def measure(preset: str, directory: Path, method: str, steps: int) -> dict:
         engine.step(engine.model(video, token_ids, token_mask))
     seconds = (time.perf_counter() - started) / steps
     trainable_params, total_params = count_parameters(captioner)
-    return {"method": method, "step_seconds": seconds, "peak_rss_mb": _rss_mb(),
+    return {"method": row, "step_seconds": seconds, "peak_rss_mb": _rss_mb(),
             "train_memory_mb": _rss_mb() - built_rss, "trainable": trainable_params, "total": total_params}
 
 
@@ -108,7 +125,6 @@ def _rss_mb(field: str = "VmHWM") -> float:
 
 def share_table(methods: list[str]) -> str:
     """Trainable count and share at paper scale for each paper LM, from the closed-form counts."""
-    from qstudy.methods import ADAPTERS
     from qstudy.core.dims import ModelDims
 
     vision, lms = paper_towers()
@@ -120,7 +136,7 @@ def share_table(methods: list[str]) -> str:
     header = "| method | " + " | ".join(f"trainable ({name}) | share" for name in dims) + " |"
     rows = [header, "|---|" + "---:|---:|" * len(dims)]
     for method in methods:
-        counts = [(ADAPTERS[method]().count_trainable(d), d.total_params) for d in dims.values()]
+        counts = [(row_config(method).count_trainable(d), d.total_params) for d in dims.values()]
         rows.append(f"| {method} | " + " | ".join(f"{n:,} | {100 * n / total:.2f}%" for n, total in counts) + " |")
     totals = ", ".join(f"{name} LM ({d.lm_params:,}; total {d.total_params:,})" for name, d in dims.items())
     return (f"Paper scale: CLIP ViT-B/16 vision ({next(iter(dims.values())).vision_params:,}) + {totals}, "
@@ -143,7 +159,8 @@ def _meta_shapes(model_class, config) -> tuple[dict, dict[str, tuple[int, ...]]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], choices=list(PRESETS))
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="rows: registered methods or QADAPTER_READINGS names (default: all of them)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--worker", nargs=3, metavar=("PRESET", "DIR", "METHOD"), help=argparse.SUPPRESS)
@@ -154,7 +171,7 @@ def main() -> None:
 
     from qstudy.methods import ADAPTERS
 
-    methods = args.methods or sorted(ADAPTERS, key=lambda m: m != "full")  # full first: the anchor
+    methods = args.methods or [*sorted(ADAPTERS, key=lambda m: m != "full"), *QADAPTER_READINGS]  # full first: the anchor
     print(share_table(methods), "\n")
     if args.table_only:
         return

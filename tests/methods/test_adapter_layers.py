@@ -10,8 +10,7 @@ from qstudy.methods import adapter_config_from_mapping
 from qstudy.methods.ademvl.modules import MultiscaleFusion
 from qstudy.methods.bottleneck.modules import BottleneckAdapters
 from qstudy.methods.compacter.modules import LowRankPHM
-from qstudy.methods.layers import Gate
-from qstudy.methods.qadapter.modules import PromptAttention, ReadOutQueries
+from qstudy.methods.qadapter.modules import Gate, PromptAttention, ReadOutQueries
 from qstudy.core.errors import ConfigError
 from qstudy.core.dims import is_norm_module
 from shapes import tiny_dims

@@ -9,10 +9,13 @@ rotary positions, grouped KV heads, tied embeddings), built once per session fro
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import itertools
 import typing
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +177,26 @@ def test_each_method_is_one_folder_named_once_with_its_config_and_its_inject():
                                                                  f"qstudy.methods.{name}.modules")
 
 
+def test_shared_layers_hold_only_what_several_methods_use_and_inject_imports_each_method_by_name():
+    """A reader follows a method from the registry to its folder: no import by computed name, nothing of one method shared."""
+    methods = Path(inspect.getfile(INJECTS["frozen"])).parents[1]
+    shared = {node.name for node in ast.parse((methods / "layers.py").read_text()).body
+              if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    users = {name: set() for name in shared}
+    for method in ADAPTERS:
+        for path in (methods / method).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "qstudy.methods.layers":
+                    for alias in node.names:
+                        users.setdefault(alias.name, set()).add(method)
+    assert {name: sorted(used) for name, used in users.items() if len(used) < 2} == {}
+    imports = [node for node in ast.walk(ast.parse((methods / "inject.py").read_text()))
+               if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not [node for node in imports if "importlib" in ast.unparse(node)]
+    assert {node.module for node in imports if isinstance(node, ast.ImportFrom) and node.names[0].name == "modules"} \
+        == {f"qstudy.methods.{method}" for method in ADAPTERS}
+
+
 def test_every_registered_method_has_a_row():
     assert {row["method"] for row in TABLE.values()} == set(ADAPTERS)
     assert set(FROZEN_LAYERS) == set(TABLE)
@@ -292,16 +315,35 @@ def test_ademvl_feeds_the_lm_one_visual_token_and_fuses_the_rest(bench):
     assert fused_tokens == bench.num_frames * (grid**2 + (grid // 2) ** 2)
 
 
-def test_ademvl_beams_read_their_own_clips_features(bench):
-    """Beam search runs several rows per clip; each row's fusion reads its clip's V, so a batch captions as one clip alone."""
+# Beam search runs several rows per clip: every state a method keeps per clip (Q-Adapter's query
+# tokens to the LM, ADEM-VL's fused features) must follow its clip's rows. Q-Adapter's rows
+# here are each new placement and gate; the gates kept from before (none, tanh, sigmoid) differ
+# from these in a factor only.
+BEAM_ROWS = {**{row: TABLE[row] for row in ("qadapter-queries_to_lm", "qadapter-side-token",
+                                            "qadapter-gated_attention-per_head", "qadapter-gated_attention-token",
+                                            "qadapter-sequence-vpt", "qadapter-sequence-vqt")},
+             # Fused features strong enough to decide the words: ADEM-VL's defaults barely move a tiny LM's captions.
+             "ademvl-loud": {"method": "ademvl", "scale": 1.0, "visual_scale": 1.0}}
+
+
+@pytest.mark.parametrize("row", list(BEAM_ROWS), ids=list(BEAM_ROWS))
+def test_beams_caption_each_clip_as_it_would_alone(row, bench):
+    """Off its zero start, a method under beam search captions a batch of clips as it captions each alone."""
     torch.manual_seed(0)
     captioner = bench.build()
-    # Fused features strong enough to decide the words: ADEM-VL's defaults barely move a tiny LM's captions.
-    apply_adapter(captioner, adapter_config_from_mapping({"method": "ademvl", "scale": 1.0, "visual_scale": 1.0}))
+    apply_adapter(captioner, adapter_config_from_mapping(BEAM_ROWS[row]))
+    with torch.no_grad():
+        for parameter in captioner.adapter_modules.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
     captioner.eval()
-    clips = bench.frames
+    # Target clips all get one caption from these bases, which would hide a row read from the wrong
+    # clip; a clip, black, white and noise get two or three on the GPT-2 pairs (the random Qwen2
+    # LM captions nearly anything alike).
+    clip = bench.frames[0]
+    clips = torch.stack([clip, torch.zeros_like(clip), torch.full_like(clip, 255),
+                         torch.randint(0, 256, clip.shape, dtype=clip.dtype, generator=torch.Generator().manual_seed(0))])
     batched = captioner.generate(clips, max_new_tokens=NEW_TOKENS, num_beams=3)
-    assert batched == [captioner.generate(clip[None], max_new_tokens=NEW_TOKENS, num_beams=3)[0] for clip in clips]
+    assert batched == [captioner.generate(one[None], max_new_tokens=NEW_TOKENS, num_beams=3)[0] for one in clips]
 
 
 def hooks(captioner: Captioner) -> dict[str, tuple[int, int]]:

@@ -20,7 +20,7 @@ import yaml
 from qstudy.core.errors import ConfigError
 from qstudy.config import RunConfig
 from qstudy.methods.qadapter import config as qadapter_config
-from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, parse_space
+from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, make_sampler, parse_space
 from qstudy.study.trial import StudyContext, worker_task
 from qstudy.study.storage import StudyStorage
 from shapes import paper_dims, tiny_dims
@@ -130,17 +130,16 @@ def test_budget_marks_configs_infeasible_before_training():
 
 
 def test_rank_and_gating_are_sampled_only_where_the_placement_uses_them():
-    """Q-Adapter's rank is an Optuna parameter of side-placement trials alone, its gating of those with a gate."""
-    space = parse(mutated(lambda d: d["arms"]["qadapter"].update({
-        "adapter.placement": {"choices": ["gated_attention", "side", "sequence"]},
-        "adapter.gating": {"choices": ["tanh", "token"]}})))
+    """The design space under its own sampler (multivariate TPE): rank is a parameter of side trials alone, gating of gated ones."""
+    space = load_space(SPACES / "qadapter_design.yaml", dims=tiny_dims())
     sampler = SpaceSampler(space)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(space.settings.sampler, space.settings.seed))
     placements = set()
-    for _ in range(24):
+    for number in range(40):  # past TPE's start-up trials, so its model proposes too
         trial = study.ask()
         sampled = SampledConfig.from_tune_config(sampler(trial))
-        study.tell(trial, [0.0, sampled.trainable_params])
+        study.tell(trial, [float(number % 7), sampled.trainable_params])
         if sampled.method != "qadapter":
             continue
         placement = sampled.run_config.adapter.placement

@@ -7,13 +7,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from qstudy.cli import main
 from qstudy.tracking.schema import NODE_TAG
-from servers import BIN, REPO, free_port, metric_steps, mlflow_runs, ray_api, tiny_space
+from servers import BIN, REPO, SPACES, free_port, metric_steps, mlflow_runs, ray_api, tiny_space
 from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
@@ -21,10 +22,14 @@ pytestmark = pytest.mark.timeout(600)
 
 def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, corrupt_target_data, tmp_path, test_env):
     trials = 4
-    space = tiny_space(tmp_path, trials=trials, concurrency=2, sampler="random", seed=3)
-    raw = yaml.safe_load(space.read_text())
-    raw["overrides"].update({"data.annotations": str(corrupt_target_data / "annotations.json"),
-                             "data.video_dir": str(corrupt_target_data / "videos")})
+    # The design study's space, its sampler and seed as shipped, its training cut to tiny_space's
+    # seconds per trial, on data with a corrupt video: its arms first (Q-Adapter, frozen, LoRA),
+    # then one more trial.
+    raw = yaml.safe_load((SPACES / "qadapter_design.yaml").read_text())
+    raw["overrides"] = {**yaml.safe_load(tiny_space(tmp_path).read_text())["overrides"],
+                        "data.annotations": str(corrupt_target_data / "annotations.json"),
+                        "data.video_dir": str(corrupt_target_data / "videos")}
+    space = tmp_path / "qadapter_design.yaml"
     space.write_text(yaml.safe_dump(raw))
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env_cpu.yaml").read_text())
     runtime_env["env_vars"].update(QSTUDY_HOME=str(study_home), TORCH_EXTENSIONS_DIR=test_env["TORCH_EXTENSIONS_DIR"])
@@ -32,7 +37,8 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--submission-id", "qstudy-e2e",
          "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "jobs/study.py", str(space), "--mlflow-uri", mlflow_server.uri, "--name", "e2e"],
+         "python", "jobs/study.py", str(space), "--trials", str(trials), "--mlflow-uri", mlflow_server.uri,
+         "--name", "e2e"],
         env=ray_head.env, capture_output=True, text=True, timeout=540)
     print(f"ray job submit: {time.monotonic() - started:.0f} s")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
@@ -42,7 +48,7 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     details = ray_api(ray_head.dashboard, ray_head.env["RAY_AUTH_TOKEN"], "/api/jobs/qstudy-e2e")
     assert details["status"] == "SUCCEEDED" and details["driver_node_id"] == ray_head.head_node
 
-    parents, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")  # the study family's experiment
+    parents, children = mlflow_runs(mlflow_server.uri, raw["study"])  # the study family's experiment
     parents = [run for run in parents if run.data.tags[schema.STUDY_TAG] == "e2e"]  # other tests share the server
     children = [run for run in children if run.data.tags[schema.STUDY_TAG] == "e2e"]
     assert len(parents) == 1 and parents[0].info.run_name == "e2e" and parents[0].info.status == "FINISHED"
@@ -54,10 +60,19 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
         assert run.data.metrics["cider"] >= 0 and run.data.metrics["trainable_params"] > 0
         assert run.data.metrics["total_params"] > run.data.metrics["trainable_params"]
         assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider") == [0, 1]  # one per epoch
-        assert {"adapter.rank", "adapter.gating", "train.learning_rate"} <= set(run.data.params)
-    configs = {tuple(sorted((key, value) for key, value in run.data.params.items() if key.startswith("adapter.")))
-               for run in children}
-    assert len(configs) >= 2
+        assert "train.learning_rate" in run.data.params
+    assert {run.data.params["method"] for run in children} == {"qadapter", "frozen", "lora"}
+
+    # Optuna never suggested rank to a reading that has none (nor gating to one without a gate).
+    ot_trials = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_home / 'studies' / 'e2e' / 'optuna.db'}"
+                                  ).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    readings = [trial.params for trial in ot_trials if trial.params["method"] == "qadapter"]
+    placements = {reading["qadapter.adapter.placement"] for reading in readings}
+    assert placements - {"side"}, placements  # at least one rank-free reading, or the check below proves nothing
+    for reading in readings:
+        placement = reading["qadapter.adapter.placement"]
+        assert ("qadapter.adapter.rank" in reading) == (placement == "side"), reading
+        assert ("qadapter.adapter.gating" in reading) == (placement != "sequence"), reading
     artifacts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(children[0].info.run_id)}
     assert {"adapter.safetensors", "config.yaml", "metrics.json"} <= artifacts
     # The server proxies them (no trial holds S3 credentials) and keeps them in its S3 bucket.

@@ -3,7 +3,8 @@
 A captioner on ``meta`` fails on any CPU tensor that reaches it.
 
 No GPU is needed: ``meta`` is a second device every CPU build has, and mixing it with a CPU
-tensor raises as mixing CPU and CUDA does. Every registered method is checked, because an
+tensor raises as mixing CPU and CUDA does. Every registered method is checked, and each of
+Q-Adapter's placements and new gates on all four backbone pairs, because an
 adapter that makes a tensor without a device breaks only there.
 """
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +27,9 @@ from qstudy.methods import ADAPTERS, adapter_config_from_mapping
 from qstudy.methods.inject import apply_adapter
 from qstudy.config import DataConfig, TrainConfig
 from qstudy.data.annotations import Clip
+from qstudy.data.synthetic import caption_vocabulary
 from qstudy.model.captioner import Captioner
+from qstudy.model.tiny import build_tiny
 from qstudy.train.device import peak_rss_mb, reset_peak_rss, worker_device
 from qstudy.train.engine import Engine
 from qstudy.train.recipe import SplitData, train_epoch
@@ -34,13 +38,34 @@ NUM_FRAMES = 2
 CAPTIONS = ["a red circle moves left", "a blue square moves up"]
 
 
-# Every method's defaults, and each of Q-Adapter's other placements (their modules make tensors of their own).
-ADAPTER_CONFIGS = {**{method: {"method": method} for method in sorted(ADAPTERS)},
-                   "qadapter-gated_attention": {"method": "qadapter", "placement": "gated_attention",
-                                                "gating": "per_head"},
-                   "qadapter-sequence-vpt": {"method": "qadapter", "placement": "sequence"},
-                   "qadapter-sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt",
-                                             "queries_to_lm": True}}
+# (vision family, LM family): the random tiny towers of tests/conftest.py's ``tiny_random_base``, then the others.
+PAIRS = [("clip", "gpt2"), ("clip", "qwen2"), ("siglip", "gpt2"), ("siglip", "qwen2")]
+# Each of Q-Adapter's placements and of the gates added with them (their modules make tensors of their own);
+# the token gate is one module whatever the placement.
+QADAPTER_READINGS = {
+    "side-token-queries_to_lm": {"method": "qadapter", "gating": "token", "queries_to_lm": True},
+    "gated_attention-per_head": {"method": "qadapter", "placement": "gated_attention", "gating": "per_head"},
+    "sequence-vpt": {"method": "qadapter", "placement": "sequence"},
+    "sequence-vqt": {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt", "queries_to_lm": True},
+}
+# Every method's defaults on the first pair; every Q-Adapter reading on every pair.
+CASES = {**{f"clip-gpt2-{method}": (PAIRS[0], {"method": method}) for method in sorted(ADAPTERS)},
+         **{f"{'-'.join(pair)}-qadapter-{name}": (pair, adapter)
+            for pair in PAIRS for name, adapter in QADAPTER_READINGS.items()}}
+
+
+@pytest.fixture(scope="module")
+def random_base(tiny_random_base, tmp_path_factory):
+    """The random tiny towers of a (vision, LM) pair, built the first time a case asks for them."""
+    built = {PAIRS[0]: tiny_random_base}
+
+    def of(pair: tuple[str, str]):
+        if pair not in built:
+            towers = build_tiny(tmp_path_factory.mktemp("-".join(pair)), caption_vocabulary(), vision=pair[0], lm=pair[1])
+            built[pair] = replace(towers, temporal_merger_rank=tiny_random_base.temporal_merger_rank)
+        return built[pair]
+
+    return of
 
 
 def meta_captioner(base, adapter: dict) -> tuple[Captioner, list[torch.nn.Parameter]]:
@@ -56,9 +81,9 @@ def cpu_frames(captioner: Captioner, batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, NUM_FRAMES, size, size, 3), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("adapter", list(ADAPTER_CONFIGS.values()), ids=list(ADAPTER_CONFIGS))
-def test_forward_backward_and_generate_run_on_the_models_device(tiny_random_base, adapter, monkeypatch):
-    captioner, trainable = meta_captioner(tiny_random_base, adapter)
+@pytest.mark.parametrize(("pair", "adapter"), list(CASES.values()), ids=list(CASES))
+def test_forward_backward_and_generate_run_on_the_models_device(random_base, pair, adapter, monkeypatch):
+    captioner, trainable = meta_captioner(random_base(pair), adapter)
     loss = captioner(cpu_frames(captioner, 2), *captioner.tokenize(CAPTIONS))
     assert loss.device.type == "meta"
     loss.backward()

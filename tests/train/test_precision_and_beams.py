@@ -41,9 +41,7 @@ def test_bf16_run_trains_and_saves_bf16_weights(tiny_workspace, tmp_path):
 
 @pytest.mark.parametrize("adapter", [
     {"method": "frozen"},
-    {"method": "qadapter"},
-    {"method": "qadapter", "placement": "gated_attention", "gating": "per_head"},
-    {"method": "qadapter", "placement": "sequence", "sequence_mode": "vqt", "queries_to_lm": True},
+    {"method": "qadapter"},  # each placement and gate: tests/methods/test_adapter_table.py, on all four backbone pairs
     {"method": "ademvl", "scale": 1.0, "visual_scale": 1.0},  # per-clip visual state in the LM, loud enough to steer
 ], ids=lambda adapter: "-".join(str(adapter[key]) for key in ("method", "placement", "sequence_mode") if key in adapter))
 def test_beam_search_captions_each_clip_as_it_would_alone(tiny_workspace, tmp_path, adapter):

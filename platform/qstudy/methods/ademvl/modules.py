@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qstudy.methods.ademvl.config import AdemVLConfig
-from qstudy.methods.layers import FEED_FORWARD_NAMES, beside_sublayer, sublayer
+from qstudy.methods.layers import FEED_FORWARD_NAMES, sublayer
 from qstudy.model.extension import Extension, Slot
 
 
@@ -74,6 +74,15 @@ class MultiscaleFusion(nn.Module):
 # The reference's set_Clip_Adapter scale; kept as published rather than searched, like its dropout.
 VISION_ADAPTER_SCALE = 0.1
 PENULTIMATE = -2  # hidden_states[-2]: the output of the encoder's penultimate layer
+
+
+def beside_sublayer(layer: nn.Module, branch) -> torch.utils.hooks.RemovableHandle:
+    """Add ``branch(input)`` to ``layer``'s output: a branch parallel to it on the same (normed) input."""
+
+    def hook(_layer, args, output):
+        return output + branch(args[0])
+
+    return layer.register_forward_hook(hook)
 
 
 def inject(config: AdemVLConfig, captioner) -> Extension:

@@ -1,4 +1,4 @@
-"""Q-Adapter's modules: at each insertion layer of the vision encoder, a query-token side block or gated prompt attention."""
+"""Q-Adapter's modules per insertion layer of the vision encoder: side block, gated prompt attention, sequence tokens; gates."""
 
 from __future__ import annotations
 
@@ -6,9 +6,46 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qstudy.methods.layers import ATTENTION_NAMES, Gate, after_layer, sublayer
+from qstudy.methods.layers import ATTENTION_NAMES, after_layer, sublayer
 from qstudy.methods.qadapter.config import QAdapterConfig
 from qstudy.model.extension import Extension, Slot
+
+
+class Gate(nn.Module):
+    """Scales an update: none (1), tanh of a zero-init scalar, per-channel sigmoid, per-head factor, or per-token sigmoid.
+
+    ``per_head`` multiplies each head's slice of the last dimension (heads x head width, as
+    attention concatenates them) by a zero-init factor; ``token`` multiplies each token's update
+    by ``sigmoid(w . x + b)`` of that token's input ``x`` (w, b zero-init).
+    """
+
+    def __init__(self, kind: str, hidden: int, heads: int | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "tanh":
+            self.value = nn.Parameter(torch.zeros(1))
+        elif kind == "sigmoid":
+            self.value = nn.Parameter(torch.zeros(hidden))
+        elif kind == "per_head":
+            self.value = nn.Parameter(torch.zeros(heads, 1))
+        elif kind == "token":
+            self.value = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value.weight)
+            nn.init.zeros_(self.value.bias)
+        elif kind != "none":
+            raise ValueError(f"unknown gating {kind!r}")
+
+    def forward(self, update: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``update`` (..., D) scaled; ``inputs`` (..., D) are the tokens it was computed from (read by ``token``)."""
+        if self.kind == "tanh":
+            return torch.tanh(self.value) * update
+        if self.kind == "sigmoid":
+            return torch.sigmoid(self.value) * update
+        if self.kind == "per_head":
+            return (update.unflatten(-1, (self.value.shape[0], -1)) * self.value).flatten(-2)
+        if self.kind == "token":
+            return torch.sigmoid(self.value(inputs)) * update
+        return update
 
 
 class QueryAdapter(nn.Module):
