@@ -24,6 +24,7 @@ SLOW_TESTS = (
     "tests/test_readme_commands.py::test_every_readme_command_runs",  # the README's studies on local Ray instances
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
     "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
+    "tests/study/test_study_replay.py",  # a local Ray study of 12 replayed trials
 )
 FLOORS = "tests/train/test_floors.py"  # the floors: three 10-epoch trainings on one thread (~2 min)
 

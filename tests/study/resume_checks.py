@@ -35,7 +35,6 @@ class StudyFiles:
     home: Path
     name: str
     cluster: SharedNothingCluster | None = None
-    workspace: Path | None = None  # where this process finds the data and base the nodes link into their homes
 
     @property
     def study_dir(self) -> Path:
@@ -112,11 +111,8 @@ def logged_curve(uri: str, run_id: str, keys) -> dict[str, dict[int, float]]:
 
 
 def trained_config(files: StudyFiles, trial_id: str) -> dict:
-    """The run config a trial trained, as its ``metrics.json`` keeps it, with paths this process can read."""
-    text = files.trial_text(trial_id, "metrics.json")
-    if files.cluster is not None:  # the nodes' home is private to them: their data and base are the workspace's
-        text = text.replace(json.dumps(str(files.home))[1:-1], json.dumps(str(files.workspace))[1:-1])
-    return json.loads(text)["config"]
+    """The run config a trial trained, as its ``metrics.json`` keeps it."""
+    return json.loads(files.trial_text(trial_id, "metrics.json"))["config"]
 
 
 def uninterrupted_curve(config: dict, output_dir: Path) -> dict[str, dict[int, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from qstudy.analysis.report import read_studies
 from qstudy.study.search import STOPPED_AT_ATTR
 from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
-from servers import REPO, SPACES, finish, metric_steps, mlflow_runs, study
+from servers import BIN, REPO, SPACES, finish, metric_steps, mlflow_runs
 from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
@@ -20,15 +21,18 @@ pytestmark = pytest.mark.timeout(600)
 TABLE = REPO / "bench" / "data" / "tiny_curves.json"
 
 
-def test_moasha_study_on_replayed_curves(ray_head, mlflow_server, study_home, tmp_path):
+def test_moasha_study_on_replayed_curves(study_home, test_env, tmp_path):
+    """On a local Ray instance with the embedded sqlite store, as a laptop runs it."""
     trials, name = 12, "replayed-moasha"
     space = yaml.safe_load((SPACES / "qadapter_tiny.yaml").read_text())  # 10 epochs: rungs at 1 and 3
     space.update(trials=trials, concurrency=3, sampler="random", seed=1, scheduler="moasha",
                  grace_epochs=1, reduction_factor=3)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
-    output = finish(study(ray_head, study_home, str(path), "--name", name, "--replay", str(TABLE),
-                          "--mlflow-uri", mlflow_server.uri))
+    output = finish(subprocess.Popen([str(BIN / "qstudy"), "study", str(path), "--name", name, "--replay", str(TABLE)],
+                                     env={**test_env, "QSTUDY_HOME": str(study_home)}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+    uri = f"sqlite:///{study_home / 'mlflow' / 'mlflow.db'}"
 
     directory = study_home / "studies" / name
     stopped_by_scheduler = json.loads((directory / "scheduler.json").read_text())["stopped"]  # tune trial id -> rung
@@ -43,11 +47,11 @@ def test_moasha_study_on_replayed_curves(ray_head, mlflow_server, study_home, tm
     assert all(t.values is None for t in pruned)
 
     # MLflow: the same trials closed STOPPED at the same rung, with that many epochs logged.
-    _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
+    _, children = mlflow_runs(uri, "qadapter-tiny")
     runs = {run.data.tags[schema.TRIAL_ID_TAG]: run for run in children if run.data.tags[schema.STUDY_TAG] == name}
     assert len(runs) == trials
     for trial_id, run in runs.items():
-        epochs = metric_steps(mlflow_server.uri, run.info.run_id, "val_cider")
+        epochs = metric_steps(uri, run.info.run_id, "val_cider")
         if trial_id in stopped_by_scheduler:
             rung = stopped_by_scheduler[trial_id]
             assert run.data.tags[schema.STATUS_TAG] == STOPPED and run.info.status == "KILLED"
@@ -57,13 +61,13 @@ def test_moasha_study_on_replayed_curves(ray_head, mlflow_server, study_home, tm
             assert run.data.tags[schema.STATUS_TAG] == "FINISHED" and epochs == list(range(10))
 
     # The summary (the parent run's summary.json and the printed line) and `qstudy report` agree.
-    parent = next(run for run in mlflow_runs(mlflow_server.uri, "qadapter-tiny")[0]
+    parent = next(run for run in mlflow_runs(uri, "qadapter-tiny")[0]
                   if run.data.tags[schema.STUDY_TAG] == name)
-    summary = json.loads(Path(MlflowClient(mlflow_server.uri).download_artifacts(
+    summary = json.loads(Path(MlflowClient(uri).download_artifacts(
         parent.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert parent.data.metrics["trials_stopped"] == len(pruned)
     assert f"{len(complete)} finished" in output and f"{len(pruned)} stopped" in output
-    report = read_studies([name], mlflow_server.uri).analysis
+    report = read_studies([name], uri).analysis
     statuses = sorted(record.status for record in report.records)
     assert statuses == sorted(record["status"] for record in summary["trials"])
     assert statuses.count(STOPPED) == len(pruned)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from resume_checks import (StudyFiles, assert_one_story, assert_resumed_curves_as_uninterrupted,
-                           assert_resumed_without_repeats, optuna_states, trial_state)
+from resume_checks import StudyFiles, assert_one_story, assert_resumed_without_repeats, optuna_states, trial_state
 from servers import BIN, alive_nodes, finish, tiny_space, trial_process, wait_until
 from shared_nothing import driver_pid, exists_on, ls_on, submit
 
@@ -55,10 +54,11 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
     and another has two checkpoints, and the resumed driver once it has checkpointed an epoch more. Tune saves
     its experiment state every 10 s here, as Ray does by default, so it lags the trials, and the trials' own
     records in S3 carry the difference. The study ends with every run, metric and artifact in MLflow, and its
-    adapters export and caption from a directory that saw neither node's disk."""
+    adapters export and caption from a directory that saw neither node's disk. (That a resumed curve is the
+    uninterrupted one is checked where the storage is local: the Ctrl-C and DeepSpeed tests.)"""
     cluster, name, epochs, trials = shared_nothing, "killed", 6, 3
     space = tiny_space(tmp_path, {"train.epochs": epochs}, trials=trials, concurrency=2, sampler="random", seed=4)
-    files = StudyFiles(cluster.home, name, cluster, workspace=tiny_workspace)
+    files = StudyFiles(cluster.home, name, cluster)
     lagging = {"TUNE_GLOBAL_CHECKPOINT_S": "10"}
     job = submit(cluster, "qstudy", "study", str(space), "--name", name, "--mlflow-uri", mlflow_server.uri,
                  "--storage", cluster.storage_uri(), env=lagging)
@@ -88,7 +88,6 @@ def test_killed_driver_resumes_trials_from_their_checkpoints_and_repeats_nothing
     runs = assert_one_story(cluster.env, name, mlflow_server.uri, summary, tmp_path)
     for before, saved in [(first, first_saved), (second, second_saved)]:
         assert assert_resumed_without_repeats(before, saved, runs, files, epochs, mlflow_server.uri) >= 1
-    assert assert_resumed_curves_as_uninterrupted(mlflow_server.uri, runs, files, tmp_path) >= 1
     states = optuna_states(files, tmp_path)
     assert [state for state, _ in states].count("COMPLETE") == trials and "RUNNING" not in dict(states)
     # Trials a dead driver had started but Tune's saved state never knew are not resumed: Tune

@@ -216,7 +216,9 @@ def train(task: WorkerTask, report: Callable[[dict, Path | None], str | None], c
         report(last, None)
     if tracker is None:
         return
-    final = result.final or {}
+    # Restarted from the last epoch's checkpoint, the run trained no epoch: its final scores are that epoch's.
+    final = result.final or {key.removeprefix(schema.VAL_PREFIX): value for key, value in (last or {}).items()
+                              if key.startswith(schema.VAL_PREFIX)}
     tracker.log_metrics({schema.TRAINABLE_PARAMS: result.trainable_params, schema.TOTAL_PARAMS: result.total_params,
                          schema.SKIPPED_VIDEOS: len(result.skipped_videos), schema.WALL_SECONDS: result.wall_seconds,
                          **final}, step=last[schema.EPOCH] if last else 0)
