@@ -25,6 +25,8 @@ SLOW_TESTS = (
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
     "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
     "tests/study/test_study_replay.py",  # a local Ray study of 12 replayed trials
+    "tests/study/test_study_budget.py",  # a local Ray study
+    "tests/study/test_study_moasha.py",  # a local Ray study
 )
 FLOORS = "tests/train/test_floors.py"  # the floors: three 10-epoch trainings on one thread (~2 min)
 

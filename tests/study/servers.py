@@ -216,6 +216,14 @@ def study(ray_head, home: Path, *args: str, env: dict | None = None) -> subproce
                             stderr=subprocess.STDOUT, text=True)
 
 
+def local_study(home: Path, env: dict, *args: str) -> tuple[subprocess.Popen, str]:
+    """`qstudy study ARGS` on a local Ray instance with the home's embedded sqlite store, as on a laptop; returns the
+    driver and that store's URI."""
+    driver = subprocess.Popen([str(BIN / "qstudy"), "study", *args], env={**env, "QSTUDY_HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return driver, f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+
+
 def finish(process: subprocess.Popen, timeout_s: float = 500, code: int = 0) -> str:
     """The driver's output once it exited with ``code`` (0: a trial finished and none failed; see `qstudy --help`)."""
     output, _ = process.communicate(timeout=timeout_s)

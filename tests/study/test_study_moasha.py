@@ -7,13 +7,13 @@ import pytest
 import yaml
 from qstudy.study.search import STOPPED_AT_ATTR
 from qstudy.tracking.schema import STOPPED, STOPPED_AT_TAG
-from servers import finish, metric_steps, mlflow_runs, study, tiny_space
+from servers import finish, local_study, metric_steps, mlflow_runs, tiny_space
 from qstudy.tracking import schema
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_real_training_study_with_moasha_tags_its_stopped_trials(ray_head, mlflow_server, study_home, tmp_path):
+def test_real_training_study_with_moasha_tags_its_stopped_trials(study_home, test_env, tmp_path):
     # 4 epochs, one rung at 1 (eta 4). One trial at a time: arrivals in a fixed order, so the
     # same trials stop on every run on a machine; with 4 trials and keep ceil(n/4) = 1 for n <= 4,
     # every trial after the first must beat all before it on the front to go on.
@@ -23,7 +23,8 @@ def test_real_training_study_with_moasha_tags_its_stopped_trials(ray_head, mlflo
     raw = yaml.safe_load(space.read_text())
     raw["overrides"]["train.epochs"] = 4
     space.write_text(yaml.safe_dump(raw))
-    output = finish(study(ray_head, study_home, str(space), "--name", name, "--mlflow-uri", mlflow_server.uri))
+    driver, uri = local_study(study_home, test_env, str(space), "--name", name)
+    output = finish(driver)
 
     directory = study_home / "studies" / name
     ot_trials = optuna.load_study(study_name=name, storage=f"sqlite:///{directory / 'optuna.db'}").trials
@@ -33,13 +34,13 @@ def test_real_training_study_with_moasha_tags_its_stopped_trials(ray_head, mlflo
     assert {t.user_attrs[STOPPED_AT_ATTR] for t in pruned} == {1}
     assert f"{len(complete)} finished" in output and f"{len(pruned)} stopped" in output
 
-    _, children = mlflow_runs(mlflow_server.uri, "qadapter-tiny")
+    _, children = mlflow_runs(uri, "qadapter-tiny")
     runs = [run for run in children if run.data.tags[schema.STUDY_TAG] == name]
     stopped = [run for run in runs if run.data.tags[schema.STATUS_TAG] == STOPPED]
     assert len(stopped) == len(pruned)
     for run in stopped:
         assert run.info.status == "KILLED" and run.data.tags[STOPPED_AT_TAG] == "1"
         # The rung's epoch is logged; Tune may end the trial's thread before or after it logs the next.
-        assert metric_steps(mlflow_server.uri, run.info.run_id, "val_cider")[:1] == [0]
+        assert metric_steps(uri, run.info.run_id, "val_cider")[:1] == [0]
     assert all(run.data.tags[schema.STATUS_TAG] == "FINISHED" and "cider" in run.data.metrics
                for run in runs if run not in stopped)
