@@ -55,6 +55,7 @@ def reading_space(placement: str):
     if placement == "gated_attention":
         arm["adapter.gating"] = {"choices": [*arm["adapter.gating"]["choices"], "per_head"]}
     data["arms"] = {"qadapter": arm}
+    data["seed"] = SEARCH_SEED
     return parse_space(data, str(SPACE), base_dir=SPACE.parent)
 
 
@@ -92,12 +93,13 @@ def search(placement: str, trials: int, base_seeds: list[int], out: Path) -> dic
     """The reading's best config by mean val CIDEr over the bases: {values, trainable_params, cider by base, trials}."""
     import optuna
 
-    from qstudy.study.space import SampledConfig, SpaceSampler, make_sampler
+    from qstudy.study.search import make_sampler
+    from qstudy.study.space import SampledConfig, SpaceSampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = reading_space(placement)
     sampler = SpaceSampler(space)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", SEARCH_SEED))
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(space))
     records = []
     for number in range(trials):
         trial = study.ask()

@@ -1,22 +1,29 @@
-"""P4, search efficiency: hypervolume against trial-epochs spent, for five search strategies replayed on recorded curves.
+"""P4, search efficiency: hypervolume against trial-epochs spent, for each search strategy replayed on recorded curves.
 
 Usage:
-    python bench/search_efficiency.py                      # 10 repetitions x 5 strategies, 150 trial-epochs each
-    python bench/search_efficiency.py --repetitions 2 --budget 100 --strategies random tpe+moasha --grace-epochs 3
+    python bench/search_efficiency.py                      # 10 repetitions x 10 strategies, 150 trial-epochs each
+    python bench/search_efficiency.py --repetitions 2 --budget 100 --strategies random budget+moasha --grace-epochs 3
 
 Every study runs through the real stack: a Ray Tune ``Tuner`` with the study's own searcher
-(``study/tuner.py::make_searcher``: Optuna TPE, NSGA-II or random, two objectives) and, for
-``+moasha``, its scheduler (``study/scheduler.py``); trials are ``study/replay.py``'s replay of
-``bench/data/tiny_curves.json`` (curves recorded with ``bench/record_curves.py``), so a study
-of hundreds of trial-epochs takes seconds, and ``--jobs`` studies run at a time, each its own
-Tune driver on one Ray instance. Each study gets the same budget of trial-epochs (every epoch
-a trial trained, stopped trials' included); the hypervolume after ``e`` trial-epochs is
-that of the trials that completed every epoch by then (a stopped trial never counts), with
-``analysis/pareto.py::hypervolume`` and a fixed reference point (CIDEr 0, 1.1 x the largest
-trainable count the space can sample: full fine-tuning), as a share of the box up to the
-table's best CIDEr. Prints the table, what limits early stopping on this table (how well a
-rung's CIDEr orders the configs), and writes the plot and every run's completions as JSON.
-Needs $QSTUDY_HOME with the tiny base (its shapes count parameters).
+(``study/tuner.py::make_searcher``, two objectives) and, for ``+moasha``, its scheduler
+(``study/scheduler.py``). The samplers are the study's (Optuna's random, TPE and NSGA-II, and
+the budget-aware sampler, ``study/budget.py``) and, as an anchor, Optuna's ``GPSampler``
+(multi-objective LogEHVI; not a study option, as it needs torch). Trials are
+``study/replay.py``'s replay of ``bench/data/tiny_curves.json`` (``bench/record_curves.py``: every
+method of ``search_spaces/every_method_tiny.yaml``, two training seeds per config; each study
+draws one seed's curve per config), so a study of hundreds of trial-epochs takes seconds, and
+``--jobs`` studies run at a time, each its own Tune driver on one Ray instance.
+
+Each study gets the same budget of trial-epochs (every epoch a trial trained, stopped trials'
+included); the hypervolume after ``e`` trial-epochs is that of the trials that completed every
+epoch by then (a stopped trial never counts), with ``analysis/pareto.py::hypervolume``. The
+primary figure is in the plane the question lives in, (log10 trainable parameters, CIDEr);
+the linear plane is reported beside it. The reference point is fixed: CIDEr 0 and 1.1 x the
+largest count the space can sample (full fine-tuning); each hypervolume prints as a share of
+the box from that point to (the table's best mean CIDEr, the space's smallest count).
+Prints the table, how well a rung's CIDEr ranks the configs (what limits early stopping), and
+writes the plot and every run's completions as JSON. Needs $QSTUDY_HOME with the tiny base
+(its shapes count parameters).
 """
 
 from __future__ import annotations
@@ -36,21 +43,30 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "bench" / "data" / "tiny_curves.json"
-SPACES = (REPO / "search_spaces" / "qadapter_tiny.yaml", REPO / "search_spaces" / "baselines.yaml")
-STRATEGIES = ("random", "tpe", "nsga2", "random+moasha", "tpe+moasha")
+SPACE = REPO / "search_spaces" / "every_method_tiny.yaml"
+SAMPLERS = ("random", "tpe", "nsga2", "gp", "budget")
+STRATEGIES = SAMPLERS + tuple(f"{sampler}+moasha" for sampler in SAMPLERS)
+PLANES = ("log", "linear")  # the hypervolume's parameter axis: log10 (primary) or linear
 DEFAULT_PLOT = REPO / "bench" / "data" / "search_efficiency.png"
 
 
 def replay_space_data(strategy: str, seed: int, concurrency: int, rungs: tuple[int, int] = (1, 3)) -> dict:
-    """The Q-Adapter space with the baselines' arms beside it, set up for one strategy and seed.
-
-    ``rungs``: MOASHA's (grace_epochs, reduction_factor).
-    """
-    qadapter, baselines = (yaml.safe_load(path.read_text()) for path in SPACES)
+    """The every-method space set up for one strategy and seed; ``rungs``: MOASHA's (grace_epochs, reduction_factor)."""
     sampler, _, scheduler = strategy.partition("+")
-    return {**qadapter, "study": "search-efficiency", "arms": {**qadapter["arms"], **baselines["arms"]},
-            "sampler": sampler, "seed": seed, "concurrency": concurrency, "scheduler": scheduler or "none",
-            "grace_epochs": rungs[0], "reduction_factor": rungs[1]}
+    return {**yaml.safe_load(SPACE.read_text()), "study": "search-efficiency",
+            "sampler": "random" if sampler == "gp" else sampler, "seed": seed, "concurrency": concurrency,
+            "scheduler": scheduler or "none", "grace_epochs": rungs[0], "reduction_factor": rungs[1]}
+
+
+def anchor_sampler(strategy: str, seed: int):
+    """Optuna's GPSampler for ``gp`` (started like the study's TPE); None: the space's own sampler."""
+    if strategy.partition("+")[0] != "gp":
+        return None
+    import optuna
+
+    from qstudy.study.search import TPE_STARTUP_TRIALS
+
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
 
 
 def _stopper_base():
@@ -97,11 +113,12 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
                         base_dir=REPO)
     epochs, settings = space.base["train"]["epochs"], space.settings
     stopper = Budget(budget, epochs)
-    searcher = make_searcher(space, f"{strategy}-{seed}", None, None)
+    searcher = make_searcher(space, f"{strategy}-{seed}", None, None, sampler=anchor_sampler(strategy, seed))
     decided = rungs(settings.grace_epochs, settings.reduction_factor, epochs) if settings.scheduler == "moasha" else []
     report_epochs = tuple(milestone - 1 for milestone in decided) + (epochs - 1,)
     trainable = tune.with_resources(
-        tune.with_parameters(replay_trial, table_path=str(table), report_epochs=report_epochs), {"CPU": 1})
+        tune.with_parameters(replay_trial, table_path=str(table), report_epochs=report_epochs, noise_seed=seed),
+        {"CPU": 1})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
@@ -113,7 +130,7 @@ def run_one(strategy: str, seed: int, budget: int, concurrency: int, storage_dir
             "trials": len(stopper.trained)}
 
 
-def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, reference, table: Path,
+def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, references: dict, table: Path,
          rung_settings: tuple[int, int]) -> dict:
     """One study in a pool process, a driver of its own on the shared Ray instance (Tune waits more than it computes)."""
     import ray
@@ -124,7 +141,8 @@ def _job(strategy: str, seed: int, budget: int, concurrency: int, address: str, 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         result = run_one(strategy, seed, budget, concurrency, Path(storage), table, rung_settings)
-    result["curve"] = hypervolume_curve(result["completed"], budget, reference)
+    result["curves"] = {plane: hypervolume_curve(result["completed"], budget, reference, plane == "log")
+                        for plane, reference in references.items()}
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -138,8 +156,9 @@ def _quiet() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # nor read back from per-trial files
 
 
-def hypervolume_curve(completed: list[tuple[int, float, int]], budget: int, reference: tuple[float, float]) -> list[float]:
-    """Hypervolume after each trial-epoch ``0..budget`` of the trials completed by then."""
+def hypervolume_curve(completed: list[tuple[int, float, int]], budget: int, reference: tuple[float, float],
+                      log: bool) -> list[float]:
+    """Hypervolume after each trial-epoch ``0..budget`` of the trials completed by then (``log``: in log10 parameters)."""
     from qstudy.analysis.pareto import hypervolume, pareto_front
     from qstudy.records import TrialRecord
 
@@ -150,7 +169,8 @@ def hypervolume_curve(completed: list[tuple[int, float, int]], budget: int, refe
         changed = False
         while pending is not None and pending[0] <= spent:
             _, cider, params = pending
-            front = pareto_front([*front, TrialRecord(str(len(front)), "", "", {}, cider, params, None, "FINISHED")])
+            size = math.log10(params) if log else params
+            front = pareto_front([*front, TrialRecord(str(len(front)), "", "", {}, cider, size, None, "FINISHED")])
             pending, changed = next(events, None), True
         if changed:
             value = hypervolume(front, reference)
@@ -215,6 +235,15 @@ def fidelity_report(table_path: Path, milestones: list[int]) -> list[str]:
     return lines
 
 
+def config_means(table: dict) -> list[tuple[float, int]]:
+    """(final CIDEr averaged over its seeds, trainable count) of each recorded config."""
+    by_config: dict[str, list] = {}
+    for row in table["configs"]:
+        key = json.dumps([row["method"], row["values"]], sort_keys=True)
+        by_config.setdefault(key, []).append((row["cider"][-1], row["trainable_params"]))
+    return [(statistics.mean(c for c, _ in rows), rows[0][1]) for rows in by_config.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=10)
@@ -231,17 +260,19 @@ def main() -> None:
     _quiet()
     import ray
 
-    from qstudy.study.space import parse_space
+    from qstudy.study.space import parse_space, smallest_trainable
 
     full = parse_space(replay_space_data("random", 0, 1), "search-efficiency", base_dir=REPO)
     largest = max(full.run_config(arm.method, {p.key: p.extremes()[-1] for p in arm.params})
                   .adapter.count_trainable(full.dims) for arm in full.arms)
-    reference = (0.0, 1.1 * largest)
-    # Hypervolumes print as a share of the box from the reference to (the table's best CIDEr, 0 params).
+    smallest = min(smallest_trainable(full, arm) for arm in full.arms)
+    references = {"log": (0.0, math.log10(1.1 * largest)), "linear": (0.0, 1.1 * largest)}
     table = json.loads(args.table.read_text())
-    box = max(row["cider"][-1] for row in table["configs"]) * reference[1]
-    oracle = hypervolume_curve([(0, row["cider"][-1], row["trainable_params"]) for row in table["configs"]],
-                               0, reference)[-1] / box
+    means = config_means(table)
+    best = max(cider for cider, _ in means)
+    boxes = {"log": best * (references["log"][1] - math.log10(smallest)), "linear": best * (references["linear"][1] - smallest)}
+    oracle = {plane: hypervolume_curve([(0, cider, params) for cider, params in means], 0, references[plane],
+                                       plane == "log")[-1] / boxes[plane] for plane in PLANES}
     context = ray.init(num_cpus=args.jobs * args.concurrency, include_dashboard=False, configure_logging=False,
                        log_to_driver=False)
     started = time.perf_counter()
@@ -249,56 +280,63 @@ def main() -> None:
     runs = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_job, strategy, seed, args.budget, args.concurrency, context.address_info["address"],
-                               reference, args.table, (args.grace_epochs, args.reduction_factor))
+                               references, args.table, (args.grace_epochs, args.reduction_factor))
                    for strategy, seed in jobs]
         for future in as_completed(futures):
             result = future.result()
-            result["curve"] = [value / box for value in result["curve"]]
+            result["curves"] = {plane: [value / boxes[plane] for value in curve]
+                                for plane, curve in result["curves"].items()}
             runs.append(result)
             print(f"{result['strategy']:14s} seed {result['seed']}: {result['trials']:3d} trials, "
-                  f"{len(result['completed']):3d} completed, final hypervolume {result['curve'][-1]:.3f}  "
-                  f"({result['seconds']:.0f} s)", flush=True)
+                  f"{len(result['completed']):3d} completed, final hypervolume {result['curves']['log'][-1]:.3f} (log) "
+                  f"{result['curves']['linear'][-1]:.3f} (linear)  ({result['seconds']:.0f} s)", flush=True)
     ray.shutdown()
     runs.sort(key=lambda r: (args.strategies.index(r["strategy"]), r["seed"]))
 
-    curves = {s: [r["curve"] for r in runs if r["strategy"] == s] for s in args.strategies}
-    baseline = "random" if "random" in curves else args.strategies[0]
-    target = statistics.mean(curve[-1] for curve in curves[baseline])
+    baseline = "random" if "random" in args.strategies else args.strategies[0]
     print(f"\n{args.repetitions} repetitions, budget {args.budget} trial-epochs, concurrency {args.concurrency}, "
-          f"MOASHA grace_epochs {args.grace_epochs}, reduction_factor {args.reduction_factor}; reference point "
-          f"(CIDEr 0, {reference[1]:,.0f} trainable params); hypervolume as a share of the box up to the table's "
-          f"best CIDEr; every recorded config run to the end would reach {oracle:.3f}; target: {baseline}'s final "
-          f"mean hypervolume {target:.3f}; {time.perf_counter() - started:.0f} s in all, {args.jobs} studies at a time\n")
-    print("| strategy | trials (mean) | completed (mean) | final hypervolume mean ± sd | HV at 1/3 budget | "
-          "trial-epochs to reach the target (mean curve) | share of budget | repetitions reaching it |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"MOASHA grace_epochs {args.grace_epochs}, reduction_factor {args.reduction_factor}; reference point CIDEr 0, "
+          f"{references['linear'][1]:,.0f} trainable params (1.1 x full fine-tuning); box up to the table's best mean "
+          f"CIDEr {best:.3f} and the space's smallest count {smallest:,}; {len(table['configs'])} recorded curves of "
+          f"{len(means)} configs; {time.perf_counter() - started:.0f} s in all, {args.jobs} studies at a time")
     summary = {}
-    for strategy, strategy_curves in curves.items():
-        mine = [r for r in runs if r["strategy"] == strategy]
-        finals = [curve[-1] for curve in strategy_curves]
-        mean_curve = [statistics.mean(values) for values in zip(*strategy_curves)]
-        reached = reach(mean_curve, target)
-        each = [reach(curve, target) for curve in strategy_curves]
-        third = statistics.mean(curve[args.budget // 3] for curve in strategy_curves)
-        summary[strategy] = {"reached_at": reached, "final_mean": statistics.mean(finals)}
-        print(f"| {strategy} | {statistics.mean(r['trials'] for r in mine):.1f} | "
-              f"{statistics.mean(len(r['completed']) for r in mine):.1f} | "
-              f"{statistics.mean(finals):.3f} ± {statistics.stdev(finals) if len(finals) > 1 else 0:.3f} | {third:.3f} | "
-              f"{reached if reached is not None else 'not reached'} | "
-              f"{f'{reached / args.budget:.2f}' if reached is not None else '-'} | "
-              f"{sum(e is not None for e in each)}/{len(each)} |")
+    for plane in PLANES:
+        curves = {s: [r["curves"][plane] for r in runs if r["strategy"] == s] for s in args.strategies}
+        target = statistics.mean(curve[-1] for curve in curves[baseline])
+        print(f"\nhypervolume in {plane} parameters (share of the box; every recorded config's mean run to the end: "
+              f"{oracle[plane]:.3f}); target: {baseline}'s final mean {target:.3f}\n")
+        print("| strategy | trials (mean) | completed (mean) | final hypervolume mean ± sd | at 1/3 of the budget | "
+              f"trial-epochs to {baseline}'s final (mean curve) | per repetition |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        summary[plane] = {"target": target, "strategies": {}}
+        for strategy, strategy_curves in curves.items():
+            mine = [r for r in runs if r["strategy"] == strategy]
+            finals = [curve[-1] for curve in strategy_curves]
+            reached = reach([statistics.mean(values) for values in zip(*strategy_curves)], target)
+            each = [reach(curve, target) for curve in strategy_curves]
+            third = [curve[args.budget // 3] for curve in strategy_curves]
+            summary[plane]["strategies"][strategy] = {
+                "final_mean": statistics.mean(finals), "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "third_mean": statistics.mean(third), "reached_at": reached, "reached_each": each}
+            print(f"| {strategy} | {statistics.mean(r['trials'] for r in mine):.1f} | "
+                  f"{statistics.mean(len(r['completed']) for r in mine):.1f} | "
+                  f"{statistics.mean(finals):.3f} ± {summary[plane]['strategies'][strategy]['final_sd']:.3f} | "
+                  f"{statistics.mean(third):.3f} | {reached if reached is not None else 'not reached'} | "
+                  f"{' '.join('-' if e is None else str(e) for e in each)} |")
+        if plane == "log":
+            plot(curves, args.budget, target, args.plot,
+                 f"Hypervolume in log10 parameters vs trial-epochs ({args.repetitions} repetitions each, replayed curves)")
     from qstudy.study.scheduler import rungs
 
     print("\nwhat limits early stopping here (the recorded table, CIDEr only):")
     for line in fidelity_report(args.table, rungs(args.grace_epochs, args.reduction_factor,
                                                   full.base["train"]["epochs"])):
         print(f"  {line}")
-    args.out.write_text(json.dumps({"budget": args.budget, "reference": reference, "box": box, "oracle": oracle,
-                                    "grace_epochs": args.grace_epochs, "reduction_factor": args.reduction_factor, "repetitions": args.repetitions,
-                                    "concurrency": args.concurrency, "target": target, "summary": summary,
-                                    "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}, indent=1))
-    plot(curves, args.budget, target, args.plot,
-         f"Hypervolume vs trial-epochs ({args.repetitions} repetitions each, replayed tiny-task curves)")
+    args.out.write_text(json.dumps({"budget": args.budget, "references": references, "boxes": boxes, "oracle": oracle,
+                                    "grace_epochs": args.grace_epochs, "reduction_factor": args.reduction_factor,
+                                    "repetitions": args.repetitions, "concurrency": args.concurrency,
+                                    "summary": summary, "runs": [{k: v for k, v in r.items() if k != "curves"}
+                                                                 for r in runs]}, indent=1))
     print(f"\nplot: {args.plot}\nruns: {args.out}")
 
 

@@ -20,12 +20,9 @@ SLOW_TESTS = (
     "tests/study/test_study_network.py::test_a_local_study_listens_on_loopback_only",  # a local Ray study
     "tests/train/test_device.py::test_a_ray_task_holding_a_gpu",  # a local Ray instance
     "tests/train/test_recipe.py::test_two_zero3_ranks",  # two torchrun ranks
-    "tests/study/test_evaluate.py::test_evaluate_",  # a local Ray study, then `qstudy evaluate` on a local Ray instance
     "tests/test_readme_commands.py::test_every_readme_command_runs",  # the README's studies on local Ray instances
     "tests/study/test_progress.py::test_on_a_terminal",  # a local Ray study in tmux
-    "tests/study/test_progress.py::test_piped_output",  # a local Ray study, replayed
     "tests/study/test_study_replay.py",  # a local Ray study of 12 replayed trials
-    "tests/study/test_study_budget.py",  # a local Ray study
     "tests/study/test_study_moasha.py",  # a local Ray study
 )
 FLOORS = "tests/train/test_floors.py"  # the floors: three 10-epoch trainings on one thread (~2 min)

@@ -1,15 +1,15 @@
-"""`qstudy evaluate` after a real study: the front's adapters scored on the test split on a local Ray instance,
-logged beside their val metrics, shown by `qstudy report`, and read by nothing that selects or ranks trials.
+"""`qstudy evaluate` after a real study: the front's adapters scored on the test split on the cluster, logged beside
+their val metrics on the tracking server, shown by `qstudy report`, and read by nothing that selects or ranks trials.
 
-One local study on the tiny workspace (two trials, cut to seconds), then the command lines a
-user types, each a process of its own as the user runs them.
+One study on the session's cluster and MLflow server (two trials, cut to seconds), then the
+command lines a user types, each a process of its own as the user runs them. (A local Ray
+instance is the one every local study test starts: `qstudy evaluate` joins Ray as they do.)
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,8 @@ TEST_CLIPS = 72  # the tiny workspace's test split
 
 
 def qstudy(home: Path, env: dict, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """A `qstudy` command line as a user runs it; a local Ray instance goes to a fresh RAY_TMPDIR unless env has one."""
-    ray_dir = env.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="qsev", dir="/tmp")  # Ray's socket paths must stay short
-    return subprocess.run([str(BIN / "qstudy"), *args], env={**env, "QSTUDY_HOME": str(home), "RAY_TMPDIR": ray_dir},
+    """A `qstudy` command line as a user runs it."""
+    return subprocess.run([str(BIN / "qstudy"), *args], env={**env, "QSTUDY_HOME": str(home)},
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -49,15 +48,14 @@ def test_the_held_out_config_reads_the_split_and_beams_asked_for_and_never_a_tra
             held_out_config(config, split, None)
 
 
-def selection_view(home: Path) -> tuple:
+def selection_view(home: Path, uri: str) -> tuple:
     """What ranks and selects the study's trials: its analysis, every --select's choice, and Optuna's trials."""
     import optuna
 
     from qstudy.analysis.report import read_studies
     from qstudy.analysis.selection import Selection, select_trials
-    from qstudy.tracking.writer import default_tracking_uri
 
-    selection = read_studies([STUDY], default_tracking_uri(home))
+    selection = read_studies([STUDY], uri)
     analysis = selection.analysis
     chosen = {text: [(record.trial_id, reason) for record, reason in select_trials(selection, Selection.parse(text))]
               for text in ("front", "knee", "best")}
@@ -67,46 +65,45 @@ def selection_view(home: Path) -> tuple:
     return analysis.records, analysis.front, analysis.knee, analysis.best, analysis.hypervolume, chosen, sampler
 
 
-def trial_runs(home: Path) -> dict:
+def trial_runs(uri: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from qstudy.analysis.report import read_studies
-    from qstudy.tracking.writer import default_tracking_uri
 
-    uri = default_tracking_uri(home)
     client = MlflowClient(uri)
     return {record.trial_id: client.get_run(record.run_id).data
             for record in read_studies([STUDY], uri).analysis.records}
 
 
 def test_evaluate_scores_the_front_on_test_logs_it_beside_val_and_the_report_prints_the_paper_table(
-        study_home, tmp_path, test_env):
+        ray_head, mlflow_server, study_home, tmp_path):
     space = tiny_space(tmp_path, trials=2, concurrency=2, sampler="random", seed=1)
-    study = qstudy(study_home, test_env, "study", str(space), "--name", STUDY)
+    env, cluster, uri = ray_head.env, ("--address", ray_head.address), ("--mlflow-uri", mlflow_server.uri)
+    study = qstudy(study_home, env, "study", str(space), "--name", STUDY, *cluster, *uri)
     assert study.returncode == 0, (study.stdout + study.stderr)[-5000:]
-    before = selection_view(study_home)
+    before = selection_view(study_home, mlflow_server.uri)
     front = {record.trial_id for record in before[1]}
     cache = study_home / "cache"
     entries = {path.name for path in cache.iterdir() if path.is_dir()}
 
     # A split the data does not have, or the split trials were selected on: one line, exit 2, nothing evaluated.
     for split, field in (("no-such-split", "data.test_split"), ("validate", "data.val_split")):
-        ray_dir = Path(tempfile.mkdtemp(prefix="qsev", dir="/tmp"))
-        refused = qstudy(study_home, {**test_env, "RAY_TMPDIR": str(ray_dir)}, "evaluate", STUDY, "--split", split)
+        refused = qstudy(study_home, env, "evaluate", STUDY, "--split", split, *cluster, *uri)
         assert refused.returncode == EXIT_BAD_INPUT, refused.stderr[-3000:]
         (line,) = refused.stderr.strip().splitlines()
         assert line.startswith("qstudy: config error: trial ") and field in line and repr(split) in line, line
-        assert not any(ray_dir.iterdir())  # Ray never started
-    assert not any(key.startswith(schema.TEST_PREFIX) for run in trial_runs(study_home).values() for key in run.metrics)
+    assert not any(key.startswith(schema.TEST_PREFIX)
+                   for run in trial_runs(mlflow_server.uri).values() for key in run.metrics)
     assert {path.name for path in cache.iterdir() if path.is_dir()} == entries  # no video decoded
 
-    evaluated = qstudy(study_home, test_env, "evaluate", STUDY, "--select", "front", "--split", "test", "--beams", "2")
+    evaluated = qstudy(study_home, env, "evaluate", STUDY, "--select", "front", "--split", "test", "--beams", "2",
+                       *cluster, *uri)
     print(evaluated.stdout, evaluated.stderr)  # shown when an assertion below fails
     assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-5000:]
     assert f"{len(front)} trials scored" in evaluated.stdout and f"qstudy report {STUDY}" in evaluated.stdout
 
     # Each front trial's own run holds its test scores beside its val scores; the others hold none.
-    for trial_id, run in trial_runs(study_home).items():
+    for trial_id, run in trial_runs(mlflow_server.uri).items():
         test = {key: value for key, value in run.metrics.items() if key.startswith(schema.TEST_PREFIX)}
         if trial_id not in front:
             assert not test, trial_id
@@ -120,9 +117,9 @@ def test_evaluate_scores_the_front_on_test_logs_it_beside_val_and_the_report_pri
     assert len({path.name for path in cache.iterdir() if path.is_dir()} - entries) == 1
 
     # Selection stays on validation: the analysis, every --select and Optuna's trials are as before.
-    assert selection_view(study_home) == before
+    assert selection_view(study_home, mlflow_server.uri) == before
 
-    report = qstudy(study_home, test_env, "report", STUDY, "--no-png", "--out", str(tmp_path / "report"))
+    report = qstudy(study_home, env, "report", STUDY, "--no-png", "--out", str(tmp_path / "report"), *uri)
     print(report.stdout)
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (tmp_path / "report" / MARKDOWN_FILE).read_text()
@@ -138,32 +135,9 @@ def test_evaluate_scores_the_front_on_test_logs_it_beside_val_and_the_report_pri
     assert r"\multicolumn{4}{c}{Validation} & \multicolumn{4}{c}{Test}" in latex
     assert latex.count("qadapter") == len(front)
 
-
-def test_evaluate_runs_on_a_cluster_and_logs_to_a_tracking_server(ray_head, mlflow_server, study_home, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from qstudy.analysis.report import read_studies
-
-    space = tiny_space(tmp_path, trials=2, concurrency=2, sampler="random", seed=2)
-    remote = ("--address", ray_head.address)
-    uri = ("--mlflow-uri", mlflow_server.uri)
-    study = qstudy(study_home, ray_head.env, "study", str(space), "--name", "held-out-cluster", *remote, *uri)
-    assert study.returncode == 0, (study.stdout + study.stderr)[-5000:]
-
-    evaluated = qstudy(study_home, ray_head.env, "evaluate", "held-out-cluster", "--select", "best", *remote, *uri)
-    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-5000:]
-    best = read_studies(["held-out-cluster"], mlflow_server.uri).analysis.best
-    for record in read_studies(["held-out-cluster"], mlflow_server.uri).analysis.records:
-        run = MlflowClient(mlflow_server.uri).get_run(record.run_id).data
-        assert (set(schema.TEST_METRICS) <= set(run.metrics)) == (record.trial_id == best.trial_id), record.trial_id
-        if record.trial_id == best.trial_id:  # the preset's own beams and split
-            assert run.tags[schema.TEST_SPLIT_TAG] == "test" and run.tags[schema.TEST_BEAMS_TAG] == "1"
-            assert run.metrics[schema.TEST_CLIPS] == TEST_CLIPS
-
     # Export reads the trial's artifacts through the tracking server, which keeps them in S3: no S3 credentials here.
-    exported = qstudy(study_home, ray_head.env, "export", "held-out-cluster", "--select", "best",
-                      "--out", str(tmp_path / "export"), *uri)
+    exported = qstudy(study_home, env, "export", STUDY, "--select", "best", "--out", str(tmp_path / "export"), *uri)
     assert exported.returncode == 0, (exported.stdout + exported.stderr)[-5000:]
-    assert "AWS_SECRET_ACCESS_KEY" not in ray_head.env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
     assert {path.name for path in (tmp_path / "export").rglob("*") if path.is_file()} >= {
         schema.CONFIG_ARTIFACT, schema.WEIGHTS_ARTIFACT}

@@ -20,7 +20,8 @@ import yaml
 from qstudy.core.errors import ConfigError
 from qstudy.config import RunConfig
 from qstudy.methods.qadapter import config as qadapter_config
-from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, make_sampler, parse_space
+from qstudy.study.search import make_sampler
+from qstudy.study.space import BUDGET_CONSTRAINT, SampledConfig, SpaceSampler, load_space, parse_space
 from qstudy.study.trial import StudyContext, worker_task
 from qstudy.study.storage import StudyStorage
 from shapes import paper_dims, tiny_dims
@@ -129,12 +130,25 @@ def test_budget_marks_configs_infeasible_before_training():
     assert seen["full"] is True and seen["qadapter"] is False  # full FT trains every weight: over any small budget
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "budget"])
+def test_every_sampler_a_space_can_name_survives_the_pickling_tune_does(sampler):
+    """Tune pickles the searcher into its experiment state when the Tuner is built, and restores it on --resume."""
+    from ray import cloudpickle
+
+    from qstudy.study.tuner import make_searcher
+
+    space = parse(mutated(lambda d: d.update(sampler=sampler)))
+    restored = cloudpickle.loads(cloudpickle.dumps(make_searcher(space, "pickled", None, None)))
+    trial = restored._ot_study.ask()  # the restored sampler still proposes
+    assert SampledConfig.from_tune_config(SpaceSampler(space)(trial)).method in {arm.method for arm in space.arms}
+
+
 def test_rank_and_gating_are_sampled_only_where_the_placement_uses_them():
     """The design space under its own sampler (multivariate TPE): rank is a parameter of side trials alone, gating of gated ones."""
     space = load_space(SPACES / "qadapter_design.yaml", dims=tiny_dims())
     sampler = SpaceSampler(space)
     study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=make_sampler(space.settings.sampler, space.settings.seed))
+                                sampler=make_sampler(space))
     placements = set()
     for number in range(40):  # past TPE's start-up trials, so its model proposes too
         trial = study.ask()

@@ -1,11 +1,12 @@
 """Tabular replay: trials answered from recorded per-epoch val CIDEr curves instead of training (HPOBench/YAHPO style).
 
-``bench/record_curves.py`` trains configs sampled from the tiny search spaces for real and
-keeps every epoch's val CIDEr (``bench/data/tiny_curves.json``). A replayed trial takes the
-curve of the recorded config of its method nearest to what the sampler chose (categorical
-keys: one per differing value; numeric keys: their log distance over the range recorded),
-so a sampler searching the real space gets real curves back in milliseconds. Its trainable
-parameters stay the sampled config's own closed-form count, as in a real trial.
+``bench/record_curves.py`` trains configs sampled from a tiny search space for real, each at a
+few training seeds, and keeps every epoch's val CIDEr (``bench/data/tiny_curves.json``). A
+replayed trial takes a curve of the recorded config of its method nearest to what the sampler
+chose (categorical keys: one per differing value; numeric keys: their log distance over the
+range recorded), so a sampler searching the real space gets real curves back in
+milliseconds; which seed's curve is its ``draw``. Its trainable parameters stay the sampled
+config's own closed-form count, as in a real trial.
 
 Two entry points: :func:`run` stands in for ``train/recipe.py::run`` inside the study's own
 trial (worker, MLflow, checkpoints: the whole study path, only the training is replayed),
@@ -29,13 +30,14 @@ REPLAY_STATE = "replay.json"  # in a replayed trial's checkpoint: the epoch it c
 
 @dataclass(frozen=True)
 class Curve:
-    """One recorded config: its method, sampled values and per-epoch val CIDEr."""
+    """One recorded training: its method, sampled values, training seed and per-epoch val CIDEr."""
 
     index: int
     method: str
     values: dict[str, Any]
     cider: tuple[float, ...]
     train_loss: tuple[float, ...]
+    seed: int = 0
 
 
 class CurveTable:
@@ -44,8 +46,8 @@ class CurveTable:
     def __init__(self, data: dict, source: str = "<table>"):
         self.source = source
         self.epochs = int(data["epochs"])
-        self.curves = [Curve(i, row["method"], row["values"], tuple(row["cider"]), tuple(row["train_loss"]))
-                       for i, row in enumerate(data["configs"])]
+        self.curves = [Curve(i, row["method"], row["values"], tuple(row["cider"]), tuple(row["train_loss"]),
+                             row.get("seed", 0)) for i, row in enumerate(data["configs"])]
         short = [curve for curve in self.curves if len(curve.cider) < self.epochs]
         if short:
             raise ValueError(f"{source}: config {short[0].index} has {len(short[0].cider)} epochs of {self.epochs}")
@@ -55,8 +57,9 @@ class CurveTable:
                 if _is_number(value):
                     self._log_ranges.setdefault((curve.method, key), 0.0)
         for method, key in self._log_ranges:
-            logs = [math.log(c.values[key]) for c in self.curves if c.method == method and key in c.values]
-            self._log_ranges[(method, key)] = max(logs) - min(logs)
+            logs = [math.log(value) for c in self.curves if c.method == method
+                    for value in [c.values.get(key)] if _is_number(value) and value > 0]
+            self._log_ranges[(method, key)] = max(logs) - min(logs) if logs else 0.0
 
     @classmethod
     def load(cls, path: str | Path) -> "CurveTable":
@@ -65,12 +68,17 @@ class CurveTable:
     def methods(self) -> set[str]:
         return {curve.method for curve in self.curves}
 
-    def nearest(self, method: str, values: dict[str, Any]) -> Curve:
-        """The recorded config of ``method`` closest to ``values`` (the first recorded among equals)."""
+    def nearest(self, method: str, values: dict[str, Any], draw: int = 0) -> Curve:
+        """A curve of the recorded config of ``method`` closest to ``values`` (the first recorded among equals).
+
+        The config's curves, one per training seed, are taken in seed order: ``draw`` picks one (modulo their number).
+        """
         candidates = [curve for curve in self.curves if curve.method == method]
         if not candidates:
             raise KeyError(f"{self.source}: no curve recorded for method {method!r} (recorded: {sorted(self.methods())})")
-        return min(candidates, key=lambda curve: (self._distance(method, values, curve.values), curve.index))
+        closest = min(candidates, key=lambda curve: (self._distance(method, values, curve.values), curve.index))
+        seeds = sorted((curve for curve in candidates if curve.values == closest.values), key=lambda curve: curve.seed)
+        return seeds[draw % len(seeds)]
 
     def _distance(self, method: str, wanted: dict[str, Any], recorded: dict[str, Any]) -> float:
         distance = 0.0
@@ -134,7 +142,7 @@ def _dotted_values(config: dict, keys: set[str]) -> dict[str, Any]:
 
 
 def make_run(table_path: str) -> Callable:
-    """A stand-in for ``recipe.run`` that replays the nearest recorded curve of the trial's config."""
+    """A stand-in for ``recipe.run`` that replays the nearest recorded curve of the trial's config, at its training seed."""
 
     def run(config, on_epoch=None, resume_from: Path | None = None, progress: bool = False) -> ReplayedRun:
         import tempfile
@@ -147,7 +155,7 @@ def make_run(table_path: str) -> Callable:
         table = load_table(table_path)
         method = config.adapter.method
         keys = {key for curve in table.curves if curve.method == method for key in curve.values}
-        curve = table.nearest(method, _dotted_values(mapping, keys))
+        curve = table.nearest(method, _dotted_values(mapping, keys), draw=config.train.seed)
         if config.train.epochs > table.epochs:
             raise ValueError(f"{table_path}: {table.epochs} epochs recorded, the trial asks for {config.train.epochs}")
         start = json.loads((resume_from / REPLAY_STATE).read_text())["epoch"] + 1 if resume_from else 0
@@ -178,20 +186,25 @@ def _write_weightless_adapter(path: Path, table_path: str, index: int) -> None:
 
 # -- a bare Tune function, for benchmarks -------------------------------------------------------
 
-def replay_trial(config: dict, table_path: str, report_epochs: tuple[int, ...]) -> None:
-    """Tune function: report the nearest recorded curve of the sampled config at the 0-based ``report_epochs``.
+def replay_trial(config: dict, table_path: str, report_epochs: tuple[int, ...], noise_seed: int = 0) -> None:
+    """Tune function: report a recorded curve of the sampled config's nearest at the 0-based ``report_epochs``.
 
-    A benchmark reports only the epochs where something is decided (the scheduler's rungs and
-    the last): the searcher ignores intermediate results of a two-objective study and the
-    scheduler acts on rungs only, so the decisions are those of a trial reporting every epoch,
-    at a fraction of Tune's per-result cost. Whoever counts trial-epochs counts the epochs in
-    between from ``epoch``.
+    Which seed's curve a config gets is drawn from ``noise_seed`` and its values: fixed for a
+    config within a study, and independent across studies of different ``noise_seed``, as
+    trainings at another seed would be. A benchmark reports only the epochs where something is
+    decided (the scheduler's rungs and the last): the searcher ignores intermediate results of
+    a two-objective study and the scheduler acts on rungs only, so the decisions are those of a
+    trial reporting every epoch, at a fraction of Tune's per-result cost. Whoever counts
+    trial-epochs counts the epochs in between from ``epoch``.
     """
+    import zlib
+
     from ray import tune
 
     from qstudy.study.space import SampledConfig
 
     sampled = SampledConfig.from_tune_config(config)
-    curve = load_table(table_path).nearest(sampled.method, sampled.values)
+    draw = zlib.crc32(json.dumps([noise_seed, sampled.method, sampled.values], sort_keys=True).encode())
+    curve = load_table(table_path).nearest(sampled.method, sampled.values, draw)
     for epoch in report_epochs:
         tune.report({"epoch": epoch, "cider": curve.cider[epoch], "trainable_params": sampled.trainable_params})

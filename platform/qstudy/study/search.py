@@ -1,5 +1,5 @@
-"""The study's Optuna searcher: Ray's two-objective ``OptunaSearch``, told PRUNED for a trial that ended before its
-last epoch and infeasible for one that ran out of memory.
+"""The study's Optuna searcher and its samplers: Ray's two-objective ``OptunaSearch``, told PRUNED for a trial that ended
+before its last epoch and infeasible for one that ran out of memory; the sampler a space names.
 
 Ray's ``OptunaSearch`` tells Optuna every trial that ends without an error as COMPLETE with
 its last reported values. A trial the scheduler stopped at a rung would enter the study, and
@@ -19,11 +19,14 @@ a config over the parameter budget gets ``parameter_budget`` when sampled, so th
 from __future__ import annotations
 
 import logging
+import threading
 
+from optuna.samplers import NSGAIISampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from qstudy.study.scheduler import EPOCH
+from qstudy.study.space import SearchSpace
 from qstudy.study.trial import OUT_OF_MEMORY_KEY
 from qstudy.tracking.writer import TrialTarget, mark_stopped
 
@@ -54,3 +57,41 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         if self.target is not None:
             mark_stopped(self.target, trial_id, completed, result)
+
+
+# Sized for the studies a space runs (SpaceFile.trials defaults to 8), not Optuna's defaults,
+# which assume hundreds of trials: TPE's 10 random start-up trials would leave an 8-trial study
+# random throughout, so half of it explores at random and the model guides the other half.
+TPE_STARTUP_TRIALS = 4
+# NSGA-II samples its first generation at random and selects only from a complete one: its
+# default generation of 50 would keep such a study random; at 8, every 8 trials are a generation.
+NSGA2_POPULATION = 8
+
+
+class PicklableNSGAII(NSGAIISampler):
+    """Optuna's NSGA-II, picklable: Tune pickles the searcher into its experiment state, and Optuna's genetic samplers
+    hold a thread lock, which pickle refuses. The copy gets a lock of its own."""
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_thread_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+def make_sampler(space: SearchSpace):
+    """The space's Optuna sampler; TPE and NSGA-II read the budget constraint from each trial, the budget sampler the
+    space itself (study/budget.py)."""
+    import optuna
+
+    name, seed = space.settings.sampler, space.settings.seed
+    if name == "budget":
+        from qstudy.study.budget import BudgetSampler
+
+        return BudgetSampler(space, seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return PicklableNSGAII(seed=seed, population_size=NSGA2_POPULATION)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True)

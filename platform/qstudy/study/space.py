@@ -31,7 +31,7 @@ OBJECTIVE_MODES = ("max", "min")
 BUDGET_CONSTRAINT = "parameter_budget"
 
 
-def _encode(value: Any) -> Any:
+def encode(value: Any) -> Any:
     """Optuna categoricals hold scalars only; lists (e.g. insertion layers) travel as JSON text."""
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
@@ -92,7 +92,7 @@ class Param:
         if self.choices:
             if len(self.choices) == 1:
                 return copy.deepcopy(self.choices[0])
-            encoded = [_encode(choice) for choice in self.choices]
+            encoded = [encode(choice) for choice in self.choices]
             return copy.deepcopy(self.choices[encoded.index(trial.suggest_categorical(name, encoded))])
         if self.is_integer:
             return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
@@ -126,7 +126,7 @@ class SpaceFile:
     base: Any  # a run config mapping, a preset name (tiny_qadapter) or a YAML path
     arms: dict[str, Any]  # adapter method -> {dotted run-config key: choices, range or pinned value}
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys applied to the base for every arm
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "budget"] = "tpe"
     seed: int = 0
     trials: int = 8
     concurrency: int = 2
@@ -255,7 +255,7 @@ def _arm_problems(space: SearchSpace, arm: Arm) -> list[str]:
         except ConfigError as error:
             own = [problem for problem in error.problems if param.key in problem]
             if own:
-                by_param[param.key].setdefault(_encode(value), (value, own[0]))
+                by_param[param.key].setdefault(encode(value), (value, own[0]))
             arm_problems.add(*(f"{where}: {problem}" for problem in error.problems if param.key not in problem))
             return not own
 
@@ -440,23 +440,3 @@ class SpaceSampler:
             trial.set_constraint(BUDGET_CONSTRAINT, trainable - budget)  # > 0: infeasible
         sampled = SampledConfig(method, values, config, trainable, over_budget=budget is not None and trainable > budget)
         return {"method": method, SAMPLED: sampled}
-
-
-# Sized for the studies a space runs (SpaceFile.trials defaults to 8), not Optuna's defaults,
-# which assume hundreds of trials: TPE's 10 random start-up trials would leave an 8-trial study
-# random throughout, so half of it explores at random and the model guides the other half.
-TPE_STARTUP_TRIALS = 4
-# NSGA-II samples its first generation at random and selects only from a complete one: its
-# default generation of 50 would keep such a study random; at 8, every 8 trials are a generation.
-NSGA2_POPULATION = 8
-
-
-def make_sampler(name: str, seed: int):
-    """The Optuna sampler by name; TPE and NSGA-II read the budget constraint from each trial."""
-    import optuna
-
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from qstudy.core.errors import (EXIT_INTERRUPTED, EXIT_NOTHING_TRAINED, EXIT_OK,
 from qstudy.core.validate import load_yaml
 from qstudy.records import TrialRecord, format_counts, trial_counts
 from qstudy.study.preflight import check_nodes, cluster_capacity, shape_problem, study_checks
-from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible, make_sampler,
+from qstudy.study.space import (OBJECTIVE_MODES, OBJECTIVES, SearchSpace, SpaceSampler, check_feasible,
                                 parse_space)
 from qstudy.study.storage import OUT_OF_MEMORY_MARKER, StudyStorage
 from qstudy.study.trial import StudyContext, run_name, run_trial
@@ -221,7 +222,8 @@ def _warm_frame_cache(space: SearchSpace) -> None:
     from qstudy.data.cache import prebuild
 
     for _, config in space.data_variants():
-        prebuild(config)
+        # A bar redrawn with carriage returns is noise in a piped log (CI, `ray job logs`).
+        prebuild(config, progress=sys.stderr.isatty())
 
 
 def _check_resources(context: StudyContext) -> None:
@@ -376,15 +378,20 @@ def _space_study(directory: Path) -> str | None:
     return load_yaml(snapshot).get("study") if snapshot.is_file() else None
 
 
-def make_searcher(space: SearchSpace, name: str, storage, target: TrialTarget | None):
-    """The study's two-objective Optuna searcher (``storage``: an Optuna storage; ``target``: MLflow or None)."""
-    from qstudy.study.search import StudySearch
+def make_searcher(space: SearchSpace, name: str, storage, target: TrialTarget | None, sampler=None):
+    """The study's two-objective Optuna searcher (``storage``: an Optuna storage; ``target``: MLflow or None).
+
+    ``sampler``: an Optuna sampler in place of the space's (a benchmark's anchor).
+    """
+    from qstudy.study.search import StudySearch, make_sampler
 
     # The first trials try each arm once (Optuna enqueues them; the sampler fills in the arm's
-    # values): a short study over many arms would otherwise leave some off the Pareto plane.
-    first_arms = [{"method": arm.method} for arm in space.arms] if len(space.arms) > 1 else None
+    # values): a short study over many arms would otherwise leave some off the Pareto plane. The
+    # budget sampler does so itself, skipping an arm with no config within the budget.
+    several = len(space.arms) > 1 and space.settings.sampler != "budget"
+    first_arms = [{"method": arm.method} for arm in space.arms] if several else None
     return StudySearch(space=SpaceSampler(space), metric=list(OBJECTIVES), mode=list(OBJECTIVE_MODES),
-                       sampler=make_sampler(space.settings.sampler, space.settings.seed), study_name=name,
+                       sampler=sampler or make_sampler(space), study_name=name,
                        storage=storage, points_to_evaluate=first_arms, epochs=space.base["train"]["epochs"],
                        target=target)
 
