@@ -82,10 +82,10 @@ def main() -> None:
 
     from qstudy.core.dims import ModelDims
     from qstudy.study.space import load_space
-    from qstudy.train.engine import ensure_process_group_env
+    from qstudy.train.engine import prepare_deepspeed_group
 
     os.environ.setdefault("QSTUDY_HOME", tempfile.mkdtemp())  # the space's data paths are not read here
-    ensure_process_group_env()
+    prepare_deepspeed_group()
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models("paper", Path(tmp) / "models")
         dims = ModelDims.from_pretrained(models.vision_encoder, models.language_model, 8)

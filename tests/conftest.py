@@ -69,12 +69,6 @@ def _shared_home(tmp_path_factory, worker_id) -> Path:
     return Path(os.environ.get("QSTUDY_TEST_CACHE") or shared / "qstudy_home")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def torch_extensions(tmp_path_factory, worker_id) -> None:
-    """One build of DeepSpeed's CPU ops (~1 min) for the whole run: every process and worker finds it here."""
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(_shared_home(tmp_path_factory, worker_id) / "torch_extensions")
-
-
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory, worker_id) -> Path:
     """QSTUDY_HOME with target-domain clips and the cached tiny base, built once per test run.

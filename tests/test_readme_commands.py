@@ -179,7 +179,7 @@ def test_every_readme_command_runs(tiny_workspace, tmp_path):
         (home / name).symlink_to(tiny_workspace / name)
     ray_dir = Path(tempfile.mkdtemp(prefix="qsrm", dir="/tmp"))  # Ray's socket paths must stay short
     env = {**os.environ, "QSTUDY_HOME": str(home), "RAY_TMPDIR": str(ray_dir), "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(tiny_workspace / "torch_extensions"), "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     work = tmp_path / "work"
     work.mkdir()

@@ -35,11 +35,10 @@ S3_ENV = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 
 @pytest.fixture(scope="session")
 def test_env(tiny_workspace) -> dict:
-    """Client environment: the venv first on PATH, a shared DeepSpeed op cache, one thread per trial, no S3 access."""
+    """Client environment: the venv first on PATH, one thread per trial, no S3 access."""
     env = {key: value for key, value in os.environ.items() if key not in S3_ENV}
     return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AIR_NEW_OUTPUT": "0",
-            "TORCH_EXTENSIONS_DIR": str(tiny_workspace / "torch_extensions"), "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 from qstudy.study.scheduler import MultiObjectiveASHA, continues, crowding_distance, rank_order, rungs
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -118,6 +119,40 @@ def test_resumed_scheduler_keeps_its_rungs(tmp_path):
     assert _report(resumed, "c", 1, 1.5, 900) == STOP        # n=3 with a and b remembered: keep 1
     assert resumed.stopped == {"b": 1, "c": 1}
     assert [entry[0] for entry in resumed._table()[3]] == ["z"]
+
+
+class _Controller:
+    """What Tune hands a scheduler (its trials, its searcher, ``stop_trial``), recording what the scheduler did."""
+
+    def __init__(self, trials: list[Trial]):
+        self.trials, self.completed, self.stopped = trials, [], []
+        self.search_alg = SimpleNamespace(on_trial_complete=lambda trial_id, result: self.completed.append(
+            (trial_id, result)))
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
+
+    def stop_trial(self, trial: Trial) -> None:
+        self.stopped.append(trial.trial_id)
+        trial.set_status(Trial.TERMINATED)
+
+
+def test_a_resumed_study_ends_a_trial_stopped_by_the_dead_driver_before_it_runs(tmp_path):
+    """The driver stopped b at rung 1 and died before Tune saved b as ended: Tune resumes b as PENDING."""
+    state = str(tmp_path / "s.json")
+    first = MultiObjectiveASHA(1, 3, 10, state_path=state)
+    assert _report(first, "a", 1, 2.0, 500) == CONTINUE
+    assert first.on_trial_result(None, _trial("b"), {"epoch": 0, "cider": 1.0, "trainable_params": 800,
+                                                     "val_bleu4": 0.25, "config/method": "lora"}) == STOP
+    resumed = pickle.loads(pickle.dumps(first))
+    a, b = (Trial("run_trial", trial_id=name, stub=True) for name in "ab")
+    controller = _Controller([b, a])
+    assert resumed.choose_trial_to_run(controller) is a  # b is not run again past its rung
+    # The searcher gets b's rung result (to close it in Optuna and MLflow if the dead driver had not), Tune ends b.
+    rung_result = {"epoch": 0, "cider": 1.0, "trainable_params": 800, "val_bleu4": 0.25, "done": True}
+    assert controller.completed == [("b", rung_result)] and b.last_result.items() >= rung_result.items()
+    assert controller.stopped == ["b"] and b.status == Trial.TERMINATED
+    assert resumed.choose_trial_to_run(controller) is a and controller.stopped == ["b"]
 
 
 def test_whatever_the_arrival_order_dominance_decides_the_extremes():

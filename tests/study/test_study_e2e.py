@@ -20,7 +20,7 @@ from qstudy.tracking import schema
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, corrupt_target_data, tmp_path, test_env):
+def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, corrupt_target_data, tmp_path):
     trials = 4
     # The design study's space, its sampler and seed as shipped, its training cut to tiny_space's
     # seconds per trial, on data with a corrupt video: its arms first (Q-Adapter, frozen, LoRA),
@@ -32,7 +32,7 @@ def test_submitted_study_lands_in_mlflow(ray_head, mlflow_server, study_home, co
     space = tmp_path / "qadapter_design.yaml"
     space.write_text(yaml.safe_dump(raw))
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env_cpu.yaml").read_text())
-    runtime_env["env_vars"].update(QSTUDY_HOME=str(study_home), TORCH_EXTENSIONS_DIR=test_env["TORCH_EXTENSIONS_DIR"])
+    runtime_env["env_vars"]["QSTUDY_HOME"] = str(study_home)
     started = time.monotonic()
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--submission-id", "qstudy-e2e",

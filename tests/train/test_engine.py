@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,20 @@ def test_a_checkpoint_holds_only_what_trains_and_resumes_it_exactly(deepspeed, z
     assert set(got) == {"head.weight", "head.bias"}
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+# What an earlier DeepSpeed engine of this process set for its world of one (its port is taken).
+PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_deepspeed_engine_compiles_nothing(tmp_path):
+    """In a fresh process, as a trial starts: DeepSpeed's process group comes up without building a C++ op."""
+    extensions = tmp_path / "torch_extensions"
+    script = ("from torch import nn; from qstudy.config import TrainConfig; from qstudy.train.engine import make_engine; "
+              "model = nn.Linear(4, 1); engine = make_engine(model, list(model.parameters()), "
+              "TrainConfig(batch_size=2, deepspeed=True), 4); print('ready', engine.optimizer.param_groups[0]['lr'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**{key: value for key, value in os.environ.items() if key not in PROCESS_GROUP_ENV},
+                               "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert done.returncode == 0 and "ready" in done.stdout, done.stderr[-3000:]
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))

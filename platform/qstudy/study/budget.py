@@ -119,10 +119,16 @@ class BudgetSampler(BaseSampler):
         self._random = RandomSampler(seed=seed)
         self._pool: list[Candidate] | None = None
         self._distributions: dict[str, BaseDistribution] = {}
+        # Built now, not at the first proposal, which Ray times (and warns about past a second).
+        self.pool()
 
     def __getstate__(self) -> dict:
         # Tune pickles the searcher into its experiment state: the pool is rebuilt from the seed.
         return {**self.__dict__, "_pool": None, "_distributions": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pool()
 
     def reseed_rng(self) -> None:
         self._random.reseed_rng()

@@ -18,8 +18,12 @@ kept), then arrival order; a result identical to an earlier one ranks after ever
 are :func:`qstudy.analysis.pareto.front_ranks`, the same sorting the study's Pareto analysis uses.
 
 The rungs are written to ``state_path`` after every change: Ray pickles a scheduler only as
-it was when the ``Tuner`` was built, so a resumed study reads them back from there. Imports
-no torch.
+it was when the ``Tuner`` was built, so a resumed study reads them back from there. The first
+stop is the one that counts: a driver killed after stopping a trial, but before Tune saved the
+trial as ended, leaves it to be resumed from its checkpoint. The resumed scheduler ends it
+before it trains past its rung, and hands the searcher the result it was stopped on, so Optuna
+and MLflow close it at that rung whether or not the dead driver got to tell them. Imports no
+torch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from qstudy.analysis.pareto import front_ranks
@@ -109,13 +114,14 @@ class MultiObjectiveASHA(FIFOScheduler):
         # milestone -> [[trial_id, cider, trainable_params], ...] in arrival order
         self._rungs: dict[int, list[list]] | None = None
         self.stopped: dict[str, int] = {}  # trial id -> the milestone it was stopped at
+        self.stop_results: dict[str, dict] = {}  # trial id -> the numbers of the result it was stopped on
 
     def __getstate__(self) -> dict:
         # A pickled copy (Tune's tuner.pkl) reads the rungs back from the state file when used,
         # never from a snapshot taken whenever it was pickled.
         state = self.__dict__.copy()
         if self.state_path:
-            state.update(_rungs=None, stopped={})
+            state.update(_rungs=None, stopped={}, stop_results={})
         return state
 
     def _table(self) -> dict[int, list[list]]:
@@ -124,13 +130,14 @@ class MultiObjectiveASHA(FIFOScheduler):
             if self.state_path and Path(self.state_path).exists():
                 saved = json.loads(Path(self.state_path).read_text())
                 self._rungs.update({int(k): v for k, v in saved["rungs"].items()})
-                self.stopped = saved["stopped"]
+                self.stopped, self.stop_results = saved["stopped"], saved["results"]
         return self._rungs
 
     def _save(self) -> None:
         if self.state_path:
             partial = Path(f"{self.state_path}.tmp")
-            partial.write_text(json.dumps({"rungs": self._table(), "stopped": self.stopped}))
+            partial.write_text(json.dumps({"rungs": self._table(), "stopped": self.stopped,
+                                              "results": self.stop_results}))
             partial.replace(self.state_path)  # a driver killed mid-write keeps the previous state
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -146,10 +153,22 @@ class MultiObjectiveASHA(FIFOScheduler):
         rung.append([trial.trial_id, float(result[CIDER]), float(result[PARAMS])])
         if not continues([(cider, params) for _, cider, params in rung], self.reduction_factor):
             self.stopped[trial.trial_id] = milestone
+            self.stop_results[trial.trial_id] = {key: value for key, value in result.items()
+                                                 if isinstance(value, (int, float)) and not key.startswith("config/")}
             self._save()
             return TrialScheduler.STOP
         self._save()
         return TrialScheduler.CONTINUE
+
+    def choose_trial_to_run(self, tune_controller):
+        self._table()
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING and trial.trial_id in self.stopped:  # stopped by a driver that died
+                result = {**self.stop_results[trial.trial_id], "done": True}
+                trial.update_last_result(dict(result))  # what Tune's callbacks (the live table) show for it
+                tune_controller.search_alg.on_trial_complete(trial.trial_id, result=result)
+                tune_controller.stop_trial(trial)  # the searcher's second completion is ignored
+        return super().choose_trial_to_run(tune_controller)
 
     def debug_string(self) -> str:
         table = self._table()

@@ -1,13 +1,17 @@
 """The study's Optuna searcher and its samplers: Ray's two-objective ``OptunaSearch``, told PRUNED for a trial that ended
 before its last epoch and infeasible for one that ran out of memory; the sampler a space names.
 
-Ray's ``OptunaSearch`` tells Optuna every trial that ends without an error as COMPLETE with
-its last reported values. A trial the scheduler stopped at a rung would enter the study, and
+Each Optuna trial carries its Tune trial id (user attribute ``trial_id``), the id of its
+MLflow run and directories. Ray's ``OptunaSearch`` tells Optuna every trial that ends without
+an error as COMPLETE with its last reported values. A trial the scheduler stopped at a rung would enter the study, and
 its Pareto front, with a low-fidelity CIDEr. Here a trial whose last result closes an epoch
 before the run's last is told PRUNED instead (Optuna's samplers and ``best_trials`` skip
 it), with the epochs it completed as the user attribute ``stopped_at_epochs``, and its MLflow
 run is closed as STOPPED at that rung. The test is on the result itself, not on which
-scheduler stopped it, so it holds after ``--resume`` too.
+scheduler stopped it, so it holds after ``--resume`` too. A trial Optuna has already ended is
+not told again: a killed driver told it, then died before Tune saved the trial as ended, and
+the resumed study ends the trial once more (the scheduler's first stop, or the finished
+trial's recorded result, study/worker.py).
 
 A trial that ran out of memory reports it once (``out_of_memory``, with the two objectives):
 its Optuna trial gets the violated constraint ``out_of_memory`` before it is told complete, as
@@ -33,6 +37,7 @@ from qstudy.tracking.writer import TrialTarget, mark_stopped
 log = logging.getLogger(__name__)
 
 STOPPED_AT_ATTR = "stopped_at_epochs"
+TRIAL_ID_ATTR = "trial_id"  # the Tune trial id, which names the trial's MLflow run and directories
 OUT_OF_MEMORY_CONSTRAINT = "out_of_memory"  # 1.0 (violated) on a trial that ran out of memory
 
 
@@ -44,19 +49,38 @@ class StudySearch(OptunaSearch):
         self.epochs = epochs
         self.target = target  # None: no MLflow (the replay benchmark)
 
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return config
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and result.get(OUT_OF_MEMORY_KEY) and trial_id not in self._completed_trials:
-            self._ot_trials[trial_id].set_constraint(OUT_OF_MEMORY_CONSTRAINT, 1.0)
+        if trial_id in self._completed_trials:  # a trial the scheduler ended on resume, which Tune then stops
+            return
+        told = self._ended_in_optuna(trial_id)
         completed = int(result[EPOCH]) + 1 if result and EPOCH in result else None
-        if error or completed is None or completed >= self.epochs or trial_id in self._completed_trials:
+        if error or completed is None or completed >= self.epochs:
+            if told:
+                self._completed_trials.add(trial_id)
+                return
+            if result and result.get(OUT_OF_MEMORY_KEY):
+                self._ot_trials[trial_id].set_constraint(OUT_OF_MEMORY_CONSTRAINT, 1.0)
             super().on_trial_complete(trial_id, result, error)
             return
-        trial = self._ot_trials[trial_id]
-        trial.set_user_attr(STOPPED_AT_ATTR, completed)
-        self._ot_study.tell(trial, state=TrialState.PRUNED)
+        if not told:
+            trial = self._ot_trials[trial_id]
+            trial.set_user_attr(STOPPED_AT_ATTR, completed)
+            self._ot_study.tell(trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
-        if self.target is not None:
+        if self.target is not None:  # closing an already STOPPED run again leaves it as it was
             mark_stopped(self.target, trial_id, completed, result)
+
+    def _ended_in_optuna(self, trial_id: str) -> bool:
+        number = self._ot_trials[trial_id].number
+        ended = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                   TrialState.FAIL))
+        return any(trial.number == number for trial in ended)
 
 
 # Sized for the studies a space runs (SpaceFile.trials defaults to 8), not Optuna's defaults,

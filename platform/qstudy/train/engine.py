@@ -29,14 +29,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_process_group_env() -> None:
-    """A lone process (no launcher, no Ray Train) still needs the variables torch.distributed reads.
+def prepare_deepspeed_group() -> None:
+    """Ready this process for DeepSpeed to join its process group: the variables torch.distributed reads, and no
+    inference-only op to compile.
 
-    Without them DeepSpeed falls back to MPI discovery and fails on the missing mpi4py.
+    A lone process (no launcher, no Ray Train) gets the variables of a world of one; without them
+    DeepSpeed falls back to MPI discovery and fails on the missing mpi4py. On joining, DeepSpeed's
+    CPU backend compiles a shared-memory all-reduce (about a minute of C++ on a fresh machine)
+    that only its inference path calls; training's collectives go through torch.distributed, so
+    the op is marked unavailable (DeepSpeed keeps that table for such edits).
     """
+    import deepspeed
+
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def join_process_group() -> None:
@@ -125,7 +133,7 @@ def partitioned_build(config: TrainConfig) -> Iterator[None]:
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    ensure_process_group_env()  # zero.Init joins the process group
+    prepare_deepspeed_group()  # zero.Init joins the process group
     plan = HfDeepSpeedConfig(deepspeed_config(config))  # noqa: F841 - transformers holds it by a weak reference
     try:
         yield
@@ -221,7 +229,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, captioner: nn.Module, trainable: list[nn.Parameter], config: TrainConfig, total_steps: int):
         import deepspeed
 
-        ensure_process_group_env()
+        prepare_deepspeed_group()
         self.captioner = captioner
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         # DeepSpeed steps the scheduler inside model.step() and keeps it in its checkpoints.
