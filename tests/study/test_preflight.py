@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from servers import BIN, alive_nodes, free_port, stop, study, tiny_space, wait_until
 
-from qstudy.study.preflight import (Capacity, NodeChecks, NodeType, local_paths, probe_node, shape_problem,
-                                    stack_versions, tracking_problem, version_mismatch)
+from qstudy.study.preflight import (Capacity, NodeChecks, NodeType, health_problem, local_paths, probe_node,
+                                    shape_problem, stack_versions, tracking_problem, version_mismatch)
 from qstudy.study.storage import StudyStorage
 
 DRIVER = {"python": "3.11.7", "ray": "2.60.0", "torch": "2.13.0+cpu", "transformers": "5.25.0",
@@ -134,6 +136,26 @@ def test_the_probe_names_each_item_a_node_lacks(tmp_path):
                               "wrote there (a directory on one machine's disk is not shared)")
     node_disk.write_text(node_disk.path("probe"), checks.token)  # a shared disk: the driver's file is there
     assert len(probe_node(checks)["problems"]) == 2
+
+
+def test_a_port_that_answers_another_protocol_is_a_server_that_does_not_answer():
+    """Found when a node's own gRPC server held the MLflow server's port number in that node's network namespace."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+        def answer_in_http2_frames():
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00\x00\x04\x00@\x00\x00")
+
+        replier = threading.Thread(target=answer_in_http2_frames)
+        replier.start()
+        problem = health_problem(uri)
+        replier.join()
+    assert problem == f"the MLflow server {uri} does not answer /health from here (BadStatusLine: not an HTTP/1.1 reply)"
 
 
 LIVE = Capacity((NodeType("127.0.0.1 (head0000)", {}, 1), NodeType("127.0.0.1 (work0000)", {"CPU": 2.0}, 1)),

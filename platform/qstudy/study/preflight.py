@@ -22,6 +22,7 @@ loopback server URI names something else, or nothing, on every other node.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import math
 import os
@@ -102,7 +103,8 @@ def _java_problem() -> str | None:
     return None
 
 
-def _health_problem(uri: str) -> str | None:
+def health_problem(uri: str) -> str | None:
+    """Why the MLflow server at ``uri`` cannot be used from this node, as one line; None when it answers (or is no server)."""
     if not uri.startswith(("http://", "https://")):
         return None
     try:
@@ -112,6 +114,8 @@ def _health_problem(uri: str) -> str | None:
             reason = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as error:
         reason = str(getattr(error, "reason", error))
+    except http.client.HTTPException as error:  # e.g. a gRPC server that happens to hold that port on this node
+        reason = f"{type(error).__name__}: not an HTTP/1.1 reply"
     return f"the MLflow server {uri} does not answer /health from here ({reason})"
 
 
@@ -147,7 +151,7 @@ def _storage_problem(storage: StudyStorage, token: str) -> str | None:
 
 def probe_node(checks: NodeChecks) -> dict:
     """Run on a node: its stack's versions, and a line for each of ``checks`` that fails there."""
-    problems = [_java_problem(), _health_problem(checks.tracking_uri),
+    problems = [_java_problem(), health_problem(checks.tracking_uri),
                 *(_path_problem(field, path) for field, path in checks.paths),
                 _storage_problem(checks.storage, checks.token) if checks.storage else None]
     return {"versions": stack_versions(), "problems": [problem for problem in problems if problem]}
