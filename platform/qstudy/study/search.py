@@ -3,11 +3,11 @@ before its last epoch and infeasible for one that ran out of memory; the sampler
 
 Each Optuna trial carries its Tune trial id (user attribute ``trial_id``), the id of its
 MLflow run and directories. Ray's ``OptunaSearch`` tells Optuna every trial that ends without
-an error as COMPLETE with its last reported values. A trial the scheduler stopped at a rung would enter the study, and
-its Pareto front, with a low-fidelity CIDEr. Here a trial whose last result closes an epoch
-before the run's last is told PRUNED instead (Optuna's samplers and ``best_trials`` skip
-it), with the epochs it completed as the user attribute ``stopped_at_epochs``, and its MLflow
-run is closed as STOPPED at that rung. The test is on the result itself, not on which
+an error as COMPLETE with its last reported values. A trial the scheduler stopped at a rung
+would enter the study, and its Pareto front, with a low-fidelity CIDEr. Here a trial whose
+last result closes an epoch before the run's last is told PRUNED instead (Optuna's samplers
+and ``best_trials`` skip it), with the epochs it completed as the user attribute
+``stopped_at_epochs``, and its MLflow run is closed as STOPPED at that rung. The test is on the result itself, not on which
 scheduler stopped it, so it holds after ``--resume`` too. A trial Optuna has already ended is
 not told again: a killed driver told it, then died before Tune saved the trial as ended, and
 the resumed study ends the trial once more (the scheduler's first stop, or the finished
