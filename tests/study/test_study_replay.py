@@ -73,8 +73,8 @@ def test_budget_sampler_and_moasha_on_replayed_curves_resume_after_a_driver_kill
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     env = {**test_env, "QSTUDY_HOME": str(study_home)}
-    directory = study_home / "studies" / name
     files = StudyFiles(study_home, name)
+    directory = files.study_dir
     log = tmp_path / "killed-driver.log"
     with log.open("w") as out:
         # Tune's state saved every 0.25 s: a replayed trial lives about a second, so most are in it when stopped.
