@@ -23,6 +23,7 @@ from servers import BIN, metric_steps, mlflow_runs
 from shared_nothing import SharedNothingCluster, on, read_on
 
 from qstudy.config import RunConfig
+from qstudy.study.storage import EPOCH_METRICS
 from qstudy.tracking import schema
 from qstudy.train import recipe
 from qstudy.train.engine import cpu_threads
@@ -52,18 +53,19 @@ class StudyFiles:
             return None
 
     def checkpoints(self) -> dict[str, list[int]]:
-        """Per trial Tune knows of, the numbers of the checkpoints in storage (Tune's trial dirs)."""
+        """Per trial Tune knows of, the epochs its checkpoints in storage (Tune's trial dirs) hold, each read from the
+        checkpoint's own record: a restarted trial's checkpoints are numbered anew, so a name is no epoch."""
         if self.cluster is None:
             return {trial.name.removeprefix("trial_"): sorted(
-                int(path.name.removeprefix("checkpoint_")) for path in trial.glob("checkpoint_*"))
+                json.loads(record.read_text())["epoch"] for record in trial.glob(f"checkpoint_*/{EPOCH_METRICS}"))
                 for trial in (self.study_dir / "tune").glob("trial_*")}
-        found: dict[str, set[int]] = {}
+        found: dict[str, list[int]] = {}
         for key in self.cluster.s3_keys(f"{self.name}/tune/trial_"):
             trial, _, rest = key.removeprefix(f"{self.name}/tune/trial_").partition("/")
-            numbers = found.setdefault(trial, set())
-            if rest.startswith("checkpoint_"):
-                numbers.add(int(rest.split("/")[0].removeprefix("checkpoint_")))
-        return {trial: sorted(numbers) for trial, numbers in found.items()}
+            epochs = found.setdefault(trial, [])
+            if rest.startswith("checkpoint_") and rest.endswith(f"/{EPOCH_METRICS}"):
+                epochs.append(json.loads(self.cluster.s3_text(key))["epoch"])
+        return {trial: sorted(epochs) for trial, epochs in found.items()}
 
     def tune_trials(self):
         """Tune's saved experiment state: its trials."""
@@ -213,13 +215,13 @@ def assert_resumed_without_repeats(before: dict, saved: set[str], runs: dict, fi
             assert after == state["outputs"] and not restarted_since, trial_id
             covered += trial_id in saved
         elif state["checkpoints"] and trial_id in saved and run.data.tags[schema.STATUS_TAG] == "FINISHED":
-            tag = run.data.tags.get(schema.RESTARTED_FROM_TAG)
-            restarted = int(tag.removeprefix("checkpoint_")) if tag else -1  # -1: trained from scratch
-            assert restarted >= state["checkpoints"][-1] - 1, (trial_id, restarted, state["checkpoints"])
-            # Its second life trained only the epochs after that checkpoint (its first life's checkpoint_N is epoch N).
+            # Its last life trained the epochs after the checkpoint it restarted from, to the end (none after the last
+            # epoch's), and that checkpoint held the newest epoch persisted before the kill, or the one before it.
             resumed = [epoch["epoch"] for epoch in json.loads(after)["epochs"]]
-            assert resumed == list(range(restarted + 1, epochs)), (trial_id, restarted, resumed)
-            covered += restarted >= 0
+            first = resumed[0] if resumed else epochs
+            assert resumed == list(range(first, epochs)), (trial_id, resumed)
+            assert first - 1 >= state["checkpoints"][-1] - 1, (trial_id, resumed, state["checkpoints"])
+            covered += schema.RESTARTED_FROM_TAG in run.data.tags
         if run.data.tags[schema.STATUS_TAG] == "FINISHED":
             assert set(metric_steps(uri, run.info.run_id, "val_cider")) == set(range(epochs)), trial_id
     return covered

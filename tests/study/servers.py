@@ -118,6 +118,12 @@ class S3Server:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
+    def text(self, key: str) -> str:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **self.credentials)
+        return client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode()
+
 
 @dataclass(frozen=True)
 class MlflowServer:

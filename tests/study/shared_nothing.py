@@ -69,6 +69,10 @@ class SharedNothingCluster:
         root = f"{STORAGE_PREFIX}/"
         return [key.removeprefix(root) for key in self.storage.keys(root + prefix)]
 
+    def s3_text(self, key: str) -> str:
+        """One object of the shared storage (``key`` relative to the storage root)."""
+        return self.storage.text(f"{STORAGE_PREFIX}/{key}")
+
 
 def _node(root: Path, workspace: Path, ray_start: list[str], env: dict, log: Path) -> subprocess.Popen:
     """A node: ``ray start --block ...`` in a mount namespace of its own, in a session of its own."""
