@@ -61,7 +61,6 @@ def servers(test_env, tmp_path_factory):
          "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp_dir),
          "--disable-usage-stats"],
         env=ray_env, stdout=ray_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    import boto3
     from moto.server import ThreadedMotoServer
 
     database_dir = Path(tempfile.mkdtemp(prefix="qspg", dir="/tmp"))  # the server's socket lives here too
@@ -73,8 +72,7 @@ def servers(test_env, tmp_path_factory):
     try:
         artifacts = S3Server(endpoint="http://{}:{}".format(*s3.get_host_and_port()), bucket="qstudy-artifacts",
                              credentials={"aws_access_key_id": "moto", "aws_secret_access_key": "moto"})
-        boto3.client("s3", endpoint_url=artifacts.endpoint, region_name="us-east-1",
-                     **artifacts.credentials).create_bucket(Bucket=artifacts.bucket)
+        artifacts.client.create_bucket(Bucket=artifacts.bucket)
         if initdb.wait(60) != 0:
             raise RuntimeError(f"initdb failed ({database_dir / 'initdb.log'})")
         postgres_port = free_port()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -111,18 +112,19 @@ class S3Server:
     bucket: str
     credentials: dict
 
-    def keys(self, prefix: str = "") -> list[str]:
+    @functools.cached_property
+    def client(self):
+        """One boto3 client (making one costs more than a request to moto): tests poll storage twice a second."""
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **self.credentials)
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **self.credentials)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def text(self, key: str) -> str:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **self.credentials)
-        return client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode()
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode()
 
 
 @dataclass(frozen=True)

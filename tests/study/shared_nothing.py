@@ -104,15 +104,12 @@ def shared_nothing_cluster(client_env: dict, workspace: Path, s3: S3Server, logs
     ``client_env``: the study tests' process environment; ``s3``: the session's moto endpoint and
     credentials, where a bucket for the nodes' storage is created; ``logs``: where the nodes' output goes.
     """
-    import boto3
-
     if os.geteuid() != 0:
         raise RuntimeError("the shared-nothing cluster needs root: each node mounts tmpfs in a mount namespace of "
                            "its own (unshare --mount)")
     started = time.monotonic()
     storage = S3Server(endpoint=s3.endpoint, bucket=STORAGE_BUCKET, credentials=s3.credentials)
-    boto3.client("s3", endpoint_url=storage.endpoint, region_name="us-east-1",
-                 **storage.credentials).create_bucket(Bucket=storage.bucket)
+    storage.client.create_bucket(Bucket=storage.bucket)
     root = Path(tempfile.mkdtemp(prefix="qssn", dir="/tmp"))  # a mount point on each node; Ray's sockets below it
     home, temp_dir = root / "home", root / "ray"
     token = secrets.token_hex(32)
